@@ -1,0 +1,7 @@
+//! Raw mlx-c bindings, generated at build time against the installed MLX wheel (see build.rs).
+#![allow(non_upper_case_globals)]
+#![allow(non_camel_case_types)]
+#![allow(non_snake_case)]
+#![allow(clippy::all)]
+
+include!(concat!(env!("OUT_DIR"), "/bindings.rs"));
