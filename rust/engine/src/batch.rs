@@ -1,0 +1,125 @@
+//! One step's input tensors, built once per step from the scheduled chunks of every request.
+
+use anyhow::{bail, Result};
+use mlx_rs::Array;
+
+/// The tokens of one request that run this step.
+#[derive(Debug, Clone)]
+pub struct SeqChunk<'a> {
+    /// Tokens of the request already in the KV cache (position of the chunk's first token).
+    pub start: usize,
+    pub tokens: &'a [i32],
+    /// The request's whole block table.
+    pub block_ids: &'a [i32],
+}
+
+/// Requests whose queries attend together in one padded `[R, Q]` x `[R, P * block_size]` call.
+pub struct AttnGroup {
+    pub num_seqs: i32,
+    pub max_q: i32,
+    pub max_pages: i32,
+    /// `[R * Q]`: the flat token feeding each padded query row (padding repeats a real row).
+    pub q_index: Array,
+    /// `[R * P]`: each request's pages, padded with block 0 (masked out).
+    pub block_table: Array,
+    /// `[R, 1, Q, P * block_size]`: key position <= query position.
+    pub mask: Array,
+}
+
+pub struct StepBatch {
+    pub num_tokens: usize,
+    pub token_ids: Array,
+    pub positions: Array,
+    pub slots: Array,
+    pub groups: Vec<AttnGroup>,
+    /// `[T]`: row of each flat token in the concatenated padded group outputs.
+    pub out_index: Array,
+}
+
+impl StepBatch {
+    /// Decode chunks (one token) share one group; each prefill chunk gets its own, so a long
+    /// prompt does not pad every decode row to its length.
+    pub fn build(chunks: &[SeqChunk], block_size: usize) -> Result<Self> {
+        let mut token_ids = Vec::new();
+        let mut positions = Vec::new();
+        let mut slots = Vec::new();
+        let mut offsets = Vec::with_capacity(chunks.len());
+        for (r, c) in chunks.iter().enumerate() {
+            if c.tokens.is_empty() {
+                bail!("batch entry {r} has no tokens");
+            }
+            offsets.push(token_ids.len());
+            let end = c.start + c.tokens.len();
+            let pages = end.div_ceil(block_size);
+            if pages > c.block_ids.len() {
+                bail!(
+                    "batch entry {r}: positions up to {end} need {pages} blocks, block table has {}",
+                    c.block_ids.len()
+                );
+            }
+            for (i, &t) in c.tokens.iter().enumerate() {
+                let p = c.start + i;
+                token_ids.push(t);
+                positions.push(p as i32);
+                slots.push(c.block_ids[p / block_size] * block_size as i32 + (p % block_size) as i32);
+            }
+        }
+        let decode: Vec<usize> = (0..chunks.len()).filter(|&r| chunks[r].tokens.len() == 1).collect();
+        let mut members: Vec<Vec<usize>> = Vec::new();
+        if !decode.is_empty() {
+            members.push(decode);
+        }
+        members.extend((0..chunks.len()).filter(|&r| chunks[r].tokens.len() > 1).map(|r| vec![r]));
+
+        let mut out_index = vec![0i32; token_ids.len()];
+        let mut groups = Vec::with_capacity(members.len());
+        let mut row_base = 0usize;
+        for m in &members {
+            let q = m.iter().map(|&r| chunks[r].tokens.len()).max().unwrap();
+            let p = m
+                .iter()
+                .map(|&r| (chunks[r].start + chunks[r].tokens.len()).div_ceil(block_size))
+                .max()
+                .unwrap();
+            let mut q_index = Vec::with_capacity(m.len() * q);
+            let mut q_pos = Vec::with_capacity(m.len() * q);
+            let mut table = Vec::with_capacity(m.len() * p);
+            for (row, &r) in m.iter().enumerate() {
+                let c = &chunks[r];
+                let n = c.tokens.len();
+                for i in 0..q {
+                    let i_real = i.min(n - 1);
+                    q_index.push((offsets[r] + i_real) as i32);
+                    q_pos.push((c.start + i_real) as i32);
+                }
+                for i in 0..n {
+                    out_index[offsets[r] + i] = (row_base + row * q + i) as i32;
+                }
+                let pages = (c.start + n).div_ceil(block_size);
+                table.extend_from_slice(&c.block_ids[..pages]);
+                table.extend(std::iter::repeat(0).take(p - pages));
+            }
+            let (rq, qi, pi) = (m.len() as i32, q as i32, p as i32);
+            let kpos = Array::from_iter(0..pi * block_size as i32, &[1, 1, 1, pi * block_size as i32]);
+            let qpos = Array::from_slice(&q_pos, &[rq, 1, qi, 1]);
+            groups.push(AttnGroup {
+                num_seqs: rq,
+                max_q: qi,
+                max_pages: pi,
+                q_index: Array::from_slice(&q_index, &[rq * qi]),
+                block_table: Array::from_slice(&table, &[rq * pi]),
+                mask: kpos.le(&qpos)?,
+            });
+            row_base += m.len() * q;
+        }
+        let t = token_ids.len() as i32;
+        Ok(Self {
+            num_tokens: token_ids.len(),
+            token_ids: Array::from_slice(&token_ids, &[t]),
+            positions: Array::from_slice(&positions, &[t]),
+            slots: Array::from_slice(&slots, &[t]),
+            groups,
+            out_index: Array::from_slice(&out_index, &[t]),
+        })
+    }
+}

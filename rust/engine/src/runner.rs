@@ -1,0 +1,426 @@
+//! The model runner: per-request state, one step = schedule in, tensors built once, forward,
+//! sample, out. Usable from vLLM (through the PyO3 surface) and alone (`generate`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use mlx_rs::{transforms::eval, Array, Dtype};
+
+use crate::batch::{SeqChunk, StepBatch};
+use crate::config::ModelConfig;
+use crate::device::{self, DeviceKind};
+use crate::kv_cache::PagedKvCache;
+use crate::models::{self, CausalLm};
+use crate::nn::{dtype_name, parse_dtype};
+use crate::sampler::{mix_seed, sample, SamplingParams};
+use crate::weights::{WeightSource, Weights};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunnerOptions {
+    pub block_size: usize,
+    /// None: the GPU when MLX has one, else the CPU.
+    pub device: Option<DeviceKind>,
+    /// None: float32 on CPU, the checkpoint's dtype on GPU.
+    pub dtype: Option<String>,
+}
+
+/// A request the scheduler sends for the first time (or again after it was dropped).
+#[derive(Debug, Clone)]
+pub struct NewRequest {
+    pub req_id: String,
+    pub prompt_token_ids: Vec<i32>,
+    pub block_ids: Vec<i32>,
+    /// > 0 when a prefix of the prompt is already cached.
+    pub num_computed_tokens: usize,
+    pub sampling: SamplingParams,
+}
+
+/// A request the runner already knows.
+#[derive(Debug, Clone)]
+pub struct CachedRequest {
+    pub req_id: String,
+    /// Preempted and scheduled again: `new_block_ids` replaces the block table.
+    pub resumed: bool,
+    pub new_block_ids: Option<Vec<i32>>,
+    pub num_computed_tokens: usize,
+    pub num_output_tokens: usize,
+    /// The request's full token list, when the scheduler sends it (resumed requests).
+    pub all_token_ids: Option<Vec<i32>>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SchedulerStep {
+    pub new_requests: Vec<NewRequest>,
+    pub cached_requests: Vec<CachedRequest>,
+    /// (req_id, tokens to run this step), in the order the runner processes them.
+    pub num_scheduled_tokens: Vec<(String, usize)>,
+    pub finished_req_ids: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    pub req_ids: Vec<String>,
+    /// Per request: the sampled token, or nothing when its chunk did not reach the end of its tokens.
+    pub sampled_token_ids: Vec<Vec<i32>>,
+}
+
+struct RequestState {
+    tokens: Vec<i32>,
+    num_prompt: usize,
+    block_ids: Vec<i32>,
+    num_computed: usize,
+    sampling: SamplingParams,
+}
+
+pub struct ModelRunner {
+    pub config: ModelConfig,
+    pub block_size: usize,
+    pub device: DeviceKind,
+    pub dtype: Dtype,
+    pub weights_nbytes: usize,
+    model: Box<dyn CausalLm>,
+    cache: Option<PagedKvCache>,
+    requests: HashMap<String, RequestState>,
+    /// Draws of requests without their own seed come from this stream.
+    seed: u64,
+    draws: u64,
+}
+
+impl ModelRunner {
+    pub fn load(model_path: &Path, opts: &RunnerOptions) -> Result<Self> {
+        let start = std::time::Instant::now();
+        ensure!(opts.block_size > 0, "block_size must be positive");
+        let device = device::select(opts.device)?;
+        let config_dir = if model_path.is_file() { model_path.parent().unwrap_or(Path::new(".")) } else { model_path };
+        let config = ModelConfig::from_file(&config_dir.join("config.json"))?;
+        let source = WeightSource::locate(model_path)?;
+        let dtype = match device {
+            // MLX's CPU backend has fast (BLAS) matmul for float32 only.
+            DeviceKind::Cpu => {
+                if let Some(d) = &opts.dtype {
+                    if parse_dtype(d)? != Dtype::Float32 {
+                        log::info!("dtype {d} requested; the CPU backend computes in float32");
+                    }
+                }
+                Dtype::Float32
+            }
+            DeviceKind::Gpu => match opts.dtype.as_deref().or(config.checkpoint_dtype()) {
+                Some(d) => parse_dtype(d)?,
+                None => Dtype::Float16,
+            },
+        };
+        let group_size = config
+            .quantization
+            .as_ref()
+            .and_then(|q| q.get("group_size"))
+            .and_then(|g| g.as_i64())
+            .map(|g| g as i32);
+        let mut weights = Weights::load(
+            source.clone(),
+            dtype,
+            device == DeviceKind::Cpu,
+            config.num_attention_heads,
+            config.num_kv_heads(),
+            group_size,
+        )?;
+        let model = models::load(&config, &mut weights)
+            .with_context(|| format!("building the model from {}", model_path.display()))?;
+        let leftover = weights.leftover();
+        if !leftover.is_empty() {
+            log::warn!("{} checkpoint tensors unused, e.g. {}", leftover.len(), leftover[0]);
+        }
+        drop(weights);
+        let mut arrays: Vec<&Array> = model.parameters().iter().flat_map(|l| l.arrays()).collect();
+        arrays.extend(model.norms().iter().map(|n| &n.weight));
+        eval(arrays.iter().copied()).context("materialising weights")?;
+        let weights_nbytes = model.parameters().iter().map(|l| l.nbytes()).sum::<usize>()
+            + model.norms().iter().map(|n| n.weight.nbytes()).sum::<usize>();
+        log::info!(
+            "loaded {} ({:?}) from {:?} on {:?}: {} layers, {} in {}, {:.1} MiB, {:.2}s",
+            config.architectures.first().map(String::as_str).unwrap_or("?"),
+            model_path,
+            match &source { WeightSource::Gguf(_) => "gguf", WeightSource::Safetensors(_) => "safetensors" },
+            device,
+            config.num_hidden_layers,
+            if model.parameters().iter().any(|l| l.quant.is_some()) { "quantized" } else { "dense" },
+            dtype_name(dtype),
+            weights_nbytes as f64 / (1 << 20) as f64,
+            start.elapsed().as_secs_f64()
+        );
+        Ok(Self {
+            config,
+            block_size: opts.block_size,
+            device,
+            dtype,
+            weights_nbytes,
+            model,
+            cache: None,
+            requests: HashMap::new(),
+            seed: 0,
+            draws: 0,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    pub fn kv_bytes_per_block(&self) -> usize {
+        PagedKvCache::bytes_per_block(
+            self.num_layers(),
+            self.block_size,
+            self.config.num_kv_heads(),
+            self.config.head_dim(),
+            self.dtype,
+        )
+    }
+
+    /// Seed for draws of requests without their own seed.
+    pub fn set_seed(&mut self, seed: u64) {
+        self.seed = seed;
+        self.draws = 0;
+    }
+
+    pub fn allocate_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
+        self.cache = None;
+        self.cache = Some(PagedKvCache::new(
+            self.num_layers(),
+            num_blocks,
+            self.block_size,
+            self.config.num_kv_heads(),
+            self.config.head_dim(),
+            self.dtype,
+        )?);
+        log::info!(
+            "KV cache: {num_blocks} blocks of {} tokens, {:.1} MiB",
+            self.block_size,
+            (num_blocks * self.kv_bytes_per_block()) as f64 / (1 << 20) as f64
+        );
+        Ok(())
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.num_blocks)
+    }
+
+    fn cache_mut(&mut self) -> Result<&mut PagedKvCache> {
+        self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))
+    }
+
+    /// Bytes MLX allocates beyond the weights for one forward of `num_tokens` tokens (one request).
+    pub fn profile_peak_memory(&mut self, num_tokens: usize) -> Result<usize> {
+        ensure!(num_tokens > 0, "profile needs at least one token");
+        let saved = self.cache.take();
+        mlx_rs::memory::clear_cache()?;
+        mlx_rs::memory::reset_peak_memory()?;
+        let base = mlx_rs::memory::active_memory()?;
+        let blocks = num_tokens.div_ceil(self.block_size);
+        let result = (|| -> Result<usize> {
+            self.allocate_kv_cache(blocks)?;
+            let tokens = vec![0i32; num_tokens];
+            let block_ids: Vec<i32> = (0..blocks as i32).collect();
+            let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
+            let batch = StepBatch::build(&[chunk], self.block_size)?;
+            let cache = self.cache.as_mut().unwrap();
+            let hidden = self.model.forward(&batch, cache)?;
+            let last = hidden.take_axis(&Array::from_slice(&[num_tokens as i32 - 1], &[1]), 0)?;
+            let logits = self.model.logits(&last)?;
+            eval([&logits].into_iter().chain(cache.arrays()))?;
+            Ok(mlx_rs::memory::peak_memory()?.saturating_sub(base))
+        })();
+        self.cache = saved;
+        mlx_rs::memory::clear_cache()?;
+        result
+    }
+
+    /// One scheduler step: update request state, run the scheduled tokens, sample where due.
+    pub fn execute(&mut self, step: &SchedulerStep) -> Result<StepOutput> {
+        for id in &step.finished_req_ids {
+            self.requests.remove(id);
+        }
+        for r in &step.new_requests {
+            self.requests.insert(
+                r.req_id.clone(),
+                RequestState {
+                    tokens: r.prompt_token_ids.clone(),
+                    num_prompt: r.prompt_token_ids.len(),
+                    block_ids: r.block_ids.clone(),
+                    num_computed: r.num_computed_tokens,
+                    sampling: r.sampling.clone(),
+                },
+            );
+        }
+        for c in &step.cached_requests {
+            let state = self
+                .requests
+                .get_mut(&c.req_id)
+                .ok_or_else(|| anyhow!("scheduler refers to unknown request {}", c.req_id))?;
+            if let Some(all) = &c.all_token_ids {
+                state.tokens = all.clone();
+            }
+            match (&c.new_block_ids, c.resumed) {
+                (Some(ids), true) => state.block_ids = ids.clone(),
+                (Some(ids), false) => state.block_ids.extend_from_slice(ids),
+                (None, _) => {}
+            }
+            state.num_computed = c.num_computed_tokens;
+            // Outputs the scheduler no longer counts (e.g. rejected) are dropped.
+            let known = state.num_prompt + c.num_output_tokens;
+            if state.tokens.len() > known {
+                state.tokens.truncate(known);
+            }
+        }
+        if step.num_scheduled_tokens.is_empty() {
+            return Ok(StepOutput::default());
+        }
+
+        let mut chunks = Vec::with_capacity(step.num_scheduled_tokens.len());
+        let mut sample_rows = Vec::new(); // (index in batch, flat index of its last token)
+        let mut flat = 0usize;
+        for (i, (id, n)) in step.num_scheduled_tokens.iter().enumerate() {
+            let s = self
+                .requests
+                .get(id)
+                .ok_or_else(|| anyhow!("scheduled request {id} was never sent"))?;
+            let end = s.num_computed + n;
+            if end > s.tokens.len() {
+                bail!(
+                    "request {id}: {n} tokens scheduled from position {} but only {} are known",
+                    s.num_computed,
+                    s.tokens.len()
+                );
+            }
+            chunks.push(SeqChunk { start: s.num_computed, tokens: &s.tokens[s.num_computed..end], block_ids: &s.block_ids });
+            flat += n;
+            if end == s.tokens.len() {
+                sample_rows.push((i, flat - 1));
+            }
+        }
+        let batch = StepBatch::build(&chunks, self.block_size)?;
+        drop(chunks);
+
+        let rows: Vec<i32> = sample_rows.iter().map(|&(_, f)| f as i32).collect();
+        let mut keys = Vec::with_capacity(rows.len());
+        for &(i, _) in &sample_rows {
+            let s = &self.requests[&step.num_scheduled_tokens[i].0];
+            let key = match s.sampling.seed {
+                Some(seed) => mix_seed(seed, (s.tokens.len() - s.num_prompt) as u64),
+                None => {
+                    self.draws += 1;
+                    mix_seed(self.seed, self.draws)
+                }
+            };
+            keys.push(key);
+        }
+
+        let model = &self.model;
+        let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
+        let hidden = model.forward(&batch, cache)?;
+        let sampled: Vec<i32> = if rows.is_empty() {
+            eval(cache.arrays())?;
+            Vec::new()
+        } else {
+            let last = hidden.take_axis(&Array::from_slice(&rows, &[rows.len() as i32]), 0)?;
+            let logits = model.logits(&last)?;
+            let params: Vec<(&SamplingParams, u64)> = sample_rows
+                .iter()
+                .zip(&keys)
+                .map(|(&(i, _), &k)| (&self.requests[&step.num_scheduled_tokens[i].0].sampling, k))
+                .collect();
+            let ids = sample(&logits, &params)?;
+            eval([&ids].into_iter().chain(cache.arrays()))?;
+            ids.as_slice::<i32>().to_vec()
+        };
+
+        let mut out = StepOutput {
+            req_ids: step.num_scheduled_tokens.iter().map(|(id, _)| id.clone()).collect(),
+            sampled_token_ids: vec![Vec::new(); step.num_scheduled_tokens.len()],
+        };
+        for (id, n) in &step.num_scheduled_tokens {
+            self.requests.get_mut(id).unwrap().num_computed += n;
+        }
+        for (&(i, _), &tok) in sample_rows.iter().zip(&sampled) {
+            self.requests.get_mut(&step.num_scheduled_tokens[i].0).unwrap().tokens.push(tok);
+            out.sampled_token_ids[i].push(tok);
+        }
+        Ok(out)
+    }
+
+    /// Logits of every token of a batch of explicit chunks (req_id is informational). For tests of
+    /// the paged path: KV of positions before each chunk's start must already be in its blocks.
+    pub fn step_logits(&mut self, chunks: &[SeqChunk]) -> Result<Array> {
+        let batch = StepBatch::build(chunks, self.block_size)?;
+        let model = &self.model;
+        let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
+        let hidden = model.forward(&batch, cache)?;
+        let logits = model.logits(&hidden)?;
+        eval([&logits].into_iter().chain(cache.arrays()))?;
+        Ok(logits)
+    }
+
+    /// Engine-alone generation: all prompts batched, one block table each, `max_tokens` new tokens
+    /// (fewer for a prompt that emits a stop token).
+    pub fn generate(
+        &mut self,
+        prompts: &[Vec<i32>],
+        max_tokens: usize,
+        sampling: &SamplingParams,
+        stop_token_ids: &[i32],
+    ) -> Result<Vec<Vec<i32>>> {
+        let bs = self.block_size;
+        let num_blocks = self.cache_mut()?.num_blocks;
+        let mut next_block = 0i32;
+        let mut step = SchedulerStep::default();
+        for (i, p) in prompts.iter().enumerate() {
+            ensure!(!p.is_empty(), "prompt {i} is empty");
+            let need = (p.len() + max_tokens).div_ceil(bs) as i32;
+            ensure!(
+                (next_block + need) as usize <= num_blocks,
+                "generate: the KV cache has {num_blocks} blocks, too few for these prompts and max_tokens"
+            );
+            let id = format!("generate-{i}");
+            step.new_requests.push(NewRequest {
+                req_id: id.clone(),
+                prompt_token_ids: p.clone(),
+                block_ids: (next_block..next_block + need).collect(),
+                num_computed_tokens: 0,
+                sampling: sampling.clone(),
+            });
+            step.num_scheduled_tokens.push((id, p.len()));
+            next_block += need;
+        }
+        let mut outputs: Vec<Vec<i32>> = vec![Vec::new(); prompts.len()];
+        let mut done = vec![max_tokens == 0; prompts.len()];
+        while !done.iter().all(|&d| d) {
+            let out = self.execute(&step)?;
+            let mut next = SchedulerStep::default();
+            for (id, toks) in out.req_ids.iter().zip(&out.sampled_token_ids) {
+                let i: usize = id["generate-".len()..].parse().unwrap();
+                outputs[i].extend_from_slice(toks);
+                if outputs[i].len() >= max_tokens || toks.iter().any(|t| stop_token_ids.contains(t)) {
+                    done[i] = true;
+                    next.finished_req_ids.push(id.clone());
+                } else {
+                    let s = &self.requests[id];
+                    next.cached_requests.push(CachedRequest {
+                        req_id: id.clone(),
+                        resumed: false,
+                        new_block_ids: None,
+                        num_computed_tokens: s.num_computed,
+                        num_output_tokens: outputs[i].len(),
+                        all_token_ids: None,
+                    });
+                    next.num_scheduled_tokens.push((id.clone(), 1));
+                }
+            }
+            step = next;
+        }
+        self.execute(&step)?; // drop finished requests
+        Ok(outputs)
+    }
+
+    pub fn dtype_name(&self) -> &'static str {
+        dtype_name(self.dtype)
+    }
+}

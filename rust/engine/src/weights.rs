@@ -1,0 +1,274 @@
+//! Checkpoint loading: safetensors (single or sharded) and GGUF, into HF-named MLX arrays.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use mlx_rs::{ops, Array, Dtype};
+
+use crate::nn::{Linear, Quantization, RmsNorm};
+
+/// GGUF tensor types MLX's loader turns into arrays we run.
+pub const GGUF_SUPPORTED: &str = "Q4_0, Q4_1, Q8_0, F16, F32";
+
+/// Where a model's weights are.
+#[derive(Debug, Clone)]
+pub enum WeightSource {
+    Safetensors(Vec<PathBuf>),
+    Gguf(PathBuf),
+}
+
+impl WeightSource {
+    /// Find the weights of a model directory (or a `.gguf` path).
+    pub fn locate(model_path: &Path) -> Result<Self> {
+        if model_path.is_file() {
+            if model_path.extension().is_some_and(|e| e == "gguf") {
+                return Ok(Self::Gguf(model_path.to_path_buf()));
+            }
+            bail!("{} is not a model directory or a .gguf file", model_path.display());
+        }
+        let index = model_path.join("model.safetensors.index.json");
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("reading {}", index.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", index.display()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| anyhow!("{} has no weight_map", index.display()))?;
+            let files: BTreeSet<&str> = map.values().filter_map(|v| v.as_str()).collect();
+            let paths: Vec<PathBuf> = files.iter().map(|f| model_path.join(f)).collect();
+            for p in &paths {
+                if !p.is_file() {
+                    bail!("missing safetensors shard {} (listed in {})", p.display(), index.display());
+                }
+            }
+            return Ok(Self::Safetensors(paths));
+        }
+        let mut safetensors = Vec::new();
+        let mut ggufs = Vec::new();
+        for entry in std::fs::read_dir(model_path)
+            .with_context(|| format!("reading model directory {}", model_path.display()))?
+        {
+            let path = entry?.path();
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("safetensors") => safetensors.push(path),
+                Some("gguf") => ggufs.push(path),
+                _ => {}
+            }
+        }
+        safetensors.sort();
+        ggufs.sort();
+        match (safetensors.is_empty(), ggufs.len()) {
+            (false, _) => Ok(Self::Safetensors(safetensors)),
+            (true, 1) => Ok(Self::Gguf(ggufs.remove(0))),
+            (true, 0) => bail!(
+                "no weights in {}: expected *.safetensors (or model.safetensors.index.json) or one .gguf file",
+                model_path.display()
+            ),
+            (true, _) => bail!("several .gguf files in {}: pass the path of one", model_path.display()),
+        }
+    }
+}
+
+/// Tensors by HF name, taken out as the model is built so leftovers can be reported.
+pub struct Weights {
+    tensors: HashMap<String, Array>,
+    /// Compute dtype for floating-point weights.
+    pub dtype: Dtype,
+    /// Dequantize packed weights at load (the CPU backend has fast matmul for float32 only).
+    pub dequantize: bool,
+    /// Group size of MLX-quantized checkpoints (GGUF quants use 32).
+    pub group_size: i32,
+    pub source: WeightSource,
+}
+
+impl Weights {
+    pub fn load(source: WeightSource, dtype: Dtype, dequantize: bool, num_heads: usize, num_kv_heads: usize, group_size: Option<i32>) -> Result<Self> {
+        let tensors = match &source {
+            WeightSource::Safetensors(files) => {
+                let mut all = HashMap::new();
+                for f in files {
+                    let part = Array::load_safetensors(f).map_err(|e| {
+                        anyhow!("cannot load safetensors file {}: {e} (missing, truncated or corrupt?)", f.display())
+                    })?;
+                    all.extend(part);
+                }
+                all
+            }
+            WeightSource::Gguf(path) => load_gguf(path, num_heads, num_kv_heads)?,
+        };
+        Ok(Self { tensors, dtype, dequantize, group_size: group_size.unwrap_or(32), source })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn take_raw(&mut self, name: &str) -> Result<Array> {
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| anyhow!("checkpoint has no tensor {name:?}"))
+    }
+
+    /// A floating-point tensor in the compute dtype.
+    pub fn take(&mut self, name: &str) -> Result<Array> {
+        let a = self.take_raw(name)?;
+        if !a.dtype().is_float() {
+            bail!("tensor {name:?} has dtype {:?}, expected floating point", a.dtype());
+        }
+        Ok(if a.dtype() == self.dtype { a } else { a.as_dtype(self.dtype)? })
+    }
+
+    pub fn rms_norm(&mut self, prefix: &str, eps: f32) -> Result<RmsNorm> {
+        Ok(RmsNorm { weight: self.take(&format!("{prefix}.weight"))?, eps })
+    }
+
+    /// A linear layer `prefix.weight` (+ `.scales`/`.biases` when quantized, + `.bias` when `bias`).
+    pub fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
+        let bias = if bias { Some(self.take(&format!("{prefix}.bias"))?) } else { None };
+        let scales_name = format!("{prefix}.scales");
+        if !self.contains(&scales_name) {
+            return Ok(Linear { weight: self.take(&format!("{prefix}.weight"))?, bias, quant: None });
+        }
+        let weight = self.take_raw(&format!("{prefix}.weight"))?;
+        let scales = self.take_raw(&scales_name)?;
+        let biases = self.tensors.remove(&format!("{prefix}.biases"));
+        let group_size = self.group_size;
+        // Packed uint32 columns * 32 bits = input features = scale columns * group size.
+        let packed = weight.shape()[weight.ndim() - 1];
+        let groups = scales.shape()[scales.ndim() - 1];
+        let bits = packed * 32 / (groups * group_size);
+        if weight.dtype() != Dtype::Uint32 || ![2, 3, 4, 5, 6, 8].contains(&bits) {
+            bail!("tensor {prefix:?}: unsupported quantized layout (dtype {:?}, {bits} bits)", weight.dtype());
+        }
+        if self.dequantize {
+            let w = ops::dequantize(&weight, &scales, biases.as_ref(), group_size, bits)?;
+            return Ok(Linear { weight: w.as_dtype(self.dtype)?, bias, quant: None });
+        }
+        let scales = scales.as_dtype(self.dtype)?;
+        let biases = biases.map(|b| b.as_dtype(self.dtype)).transpose()?;
+        Ok(Linear { weight, bias, quant: Some(Quantization { scales, biases, group_size, bits }) })
+    }
+
+    /// Names not used by the model (reported, not fatal: e.g. rotary caches in old checkpoints).
+    pub fn leftover(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.tensors.keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+/// llama.cpp tensor names -> Hugging Face names.
+fn gguf_to_hf(name: &str) -> Option<String> {
+    let fixed = match name {
+        "token_embd.weight" => Some("model.embed_tokens.weight"),
+        "output_norm.weight" => Some("model.norm.weight"),
+        "output.weight" => Some("lm_head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let (part, suffix) = rest.split_once('.')?;
+    let hf = match part {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// Row order that undoes llama.cpp's Q/K permutation. llama.cpp stores each head's rows with the two
+/// rotary halves interleaved (for "traditional" RoPE); HF Llama keeps them as two halves.
+fn unpermute_rows(num_heads: usize, rows: usize) -> Vec<i32> {
+    let head_dim = rows / num_heads;
+    let half = head_dim / 2;
+    let mut order = Vec::with_capacity(rows);
+    for h in 0..num_heads {
+        for j in 0..2 {
+            for i in 0..half {
+                // HF row (h, j, i) is stored at GGUF row (h, i, j).
+                order.push((h * head_dim + i * 2 + j) as i32);
+            }
+        }
+    }
+    order
+}
+
+fn load_gguf(path: &Path, num_heads: usize, num_kv_heads: usize) -> Result<HashMap<String, Array>> {
+    let file = mlx_rs::io::GgufFile::load(path).map_err(|e| {
+        anyhow!(
+            "cannot load GGUF {}: {e} (supported tensor types: {GGUF_SUPPORTED})",
+            path.display()
+        )
+    })?;
+    let arrays = file
+        .arrays()
+        .map_err(|e| anyhow!("reading tensors of GGUF {}: {e}", path.display()))?;
+    let mut out = HashMap::new();
+    for (name, array) in arrays {
+        let Some(hf) = gguf_to_hf(&name) else {
+            log::debug!("GGUF tensor {name} is not used");
+            continue;
+        };
+        let heads = if hf.contains("self_attn.q_proj.") {
+            Some(num_heads)
+        } else if hf.contains("self_attn.k_proj.") {
+            Some(num_kv_heads)
+        } else {
+            None
+        };
+        // weight, scales and biases of a quantized tensor are all permuted by row: exact, no requantization.
+        let array = match heads {
+            Some(h) => {
+                let rows = array.shape()[0] as usize;
+                let order = Array::from_slice(&unpermute_rows(h, rows), &[rows as i32]);
+                array.take_axis(&order, 0)?
+            }
+            None => array,
+        };
+        out.insert(hf, array);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gguf_names_map_to_hf() {
+        assert_eq!(gguf_to_hf("blk.3.attn_q.scales").unwrap(), "model.layers.3.self_attn.q_proj.scales");
+        assert_eq!(gguf_to_hf("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert!(gguf_to_hf("rope_freqs.weight").is_none());
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permutation() {
+        // llama.cpp: w.reshape(heads, 2, half, ...).swapaxes(1, 2): GGUF row (h, i, j) = HF row (h, j, i).
+        let (heads, head_dim) = (3, 8);
+        let half = head_dim / 2;
+        let mut gguf_rows = vec![0; heads * head_dim]; // gguf position -> hf row
+        for h in 0..heads {
+            for i in 0..half {
+                for j in 0..2 {
+                    gguf_rows[h * head_dim + i * 2 + j] = h * head_dim + j * half + i;
+                }
+            }
+        }
+        let order = unpermute_rows(heads, heads * head_dim);
+        let recovered: Vec<usize> = order.iter().map(|&g| gguf_rows[g as usize]).collect();
+        assert_eq!(recovered, (0..heads * head_dim).collect::<Vec<_>>());
+    }
+}
