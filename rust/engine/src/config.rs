@@ -34,6 +34,8 @@ pub struct ModelConfig {
     #[serde(default = "default_theta")]
     pub rope_theta: f32,
     pub rope_scaling: Option<RopeScaling>,
+    /// transformers 5 spelling of rope_theta + rope_scaling in one object.
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default)]
     pub tie_word_embeddings: bool,
     #[serde(default)]
@@ -66,9 +68,25 @@ impl ModelConfig {
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(text).context("parsing config.json")?;
+        let mut config: Self = serde_json::from_str(text).context("parsing config.json")?;
+        config.normalize_rope()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// Fold transformers 5's `rope_parameters` into `rope_theta` / `rope_scaling`.
+    fn normalize_rope(&mut self) -> Result<()> {
+        let Some(params) = self.rope_parameters.take() else { return Ok(()) };
+        if let Some(theta) = params.get("rope_theta").and_then(|t| t.as_f64()) {
+            self.rope_theta = theta as f32;
+        }
+        let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(|t| t.as_str());
+        if self.rope_scaling.is_none() && kind.is_some_and(|k| k != "default") {
+            self.rope_scaling =
+                Some(serde_json::from_value(params.clone()).context("parsing rope_parameters")?);
+        }
+        self.rope_parameters = Some(params);
+        Ok(())
     }
 
     /// The one architecture this config asks for, if we run it.
@@ -155,6 +173,16 @@ mod tests {
         assert_eq!(c.num_kv_heads(), 2);
         assert_eq!(c.rope_theta, 10000.0);
         assert!(!c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn reads_transformers5_rope_parameters() {
+        let text = LLAMA.replace("\"rms_norm_eps\"", "\"rope_parameters\":{\"rope_type\":\"llama3\",\"rope_theta\":500000.0,\"factor\":8.0,\"original_max_position_embeddings\":64},\"rms_norm_eps\"");
+        let c = ModelConfig::from_json(&text).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        let rs = c.rope_scaling.unwrap();
+        assert_eq!(rs.rope_type.as_deref(), Some("llama3"));
+        assert_eq!(rs.factor, Some(8.0));
     }
 
     #[test]

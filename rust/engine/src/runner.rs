@@ -137,9 +137,9 @@ impl ModelRunner {
         let weights_nbytes = model.parameters().iter().map(|l| l.nbytes()).sum::<usize>()
             + model.norms().iter().map(|n| n.weight.nbytes()).sum::<usize>();
         log::info!(
-            "loaded {} ({:?}) from {:?} on {:?}: {} layers, {} in {}, {:.1} MiB, {:.2}s",
+            "loaded {} from {} ({}) on {:?}: {} layers, {} in {}, {:.1} MiB, {:.2}s",
             config.architectures.first().map(String::as_str).unwrap_or("?"),
-            model_path,
+            model_path.display(),
             match &source { WeightSource::Gguf(_) => "gguf", WeightSource::Safetensors(_) => "safetensors" },
             device,
             config.num_hidden_layers,

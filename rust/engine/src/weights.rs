@@ -162,31 +162,30 @@ impl Weights {
 
 /// llama.cpp tensor names -> Hugging Face names.
 fn gguf_to_hf(name: &str) -> Option<String> {
-    let fixed = match name {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
+    // Quantized tensors come as `<base>.weight`, `<base>.scales`, `<base>.biases`.
+    let (base, suffix) = name.rsplit_once('.')?;
+    let hf = match base {
+        "token_embd" => "model.embed_tokens".to_string(),
+        "output_norm" => "model.norm".to_string(),
+        "output" => "lm_head".to_string(),
+        _ => {
+            let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
+            let part = match part {
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "attn_norm" => "input_layernorm",
+                "ffn_norm" => "post_attention_layernorm",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                _ => return None,
+            };
+            format!("model.layers.{layer}.{part}")
+        }
     };
-    if let Some(f) = fixed {
-        return Some(f.to_string());
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let (part, suffix) = rest.split_once('.')?;
-    let hf = match part {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{suffix}"))
+    Some(format!("{hf}.{suffix}"))
 }
 
 /// Row order that undoes llama.cpp's Q/K permutation. llama.cpp stores each head's rows with the two
@@ -251,6 +250,8 @@ mod tests {
     fn gguf_names_map_to_hf() {
         assert_eq!(gguf_to_hf("blk.3.attn_q.scales").unwrap(), "model.layers.3.self_attn.q_proj.scales");
         assert_eq!(gguf_to_hf("token_embd.weight").unwrap(), "model.embed_tokens.weight");
+        assert_eq!(gguf_to_hf("token_embd.scales").unwrap(), "model.embed_tokens.scales");
+        assert_eq!(gguf_to_hf("output.biases").unwrap(), "lm_head.biases");
         assert!(gguf_to_hf("rope_freqs.weight").is_none());
     }
 

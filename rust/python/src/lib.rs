@@ -1,1 +1,335 @@
+//! `vllm_metal_rs._core`: the PyO3 surface of the engine.
+//!
+//! Once per step the worker hands vLLM's `SchedulerOutput` to `ModelRunner.execute_model`; its
+//! fields are read here, in Rust, and the step runs without touching Python again.
 
+use std::path::PathBuf;
+use std::sync::{Mutex, OnceLock};
+
+use engine::batch::SeqChunk;
+use engine::device::DeviceKind;
+use engine::runner::{self, CachedRequest, NewRequest, RunnerOptions, SchedulerStep};
+use engine::sampler::SamplingParams;
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::PyRuntimeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PySet};
+
+create_exception!(_core, EngineError, PyRuntimeError, "An error of the vllm-metal-rs engine.");
+
+/// One line: the error and its causes, outermost first.
+fn engine_err(e: anyhow::Error) -> PyErr {
+    EngineError::new_err(format!("{e:#}"))
+}
+
+// ---- logging: Rust `log` records go to Python's `logging` (vLLM's handlers) ----
+
+struct PyLogger;
+static LOGGER: PyLogger = PyLogger;
+static PY_LOGGER: OnceLock<Py<PyAny>> = OnceLock::new();
+
+impl log::Log for PyLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let Some(logger) = PY_LOGGER.get() else { return };
+        let level = match record.level() {
+            log::Level::Error => 40,
+            log::Level::Warn => 30,
+            log::Level::Info => 20,
+            log::Level::Debug | log::Level::Trace => 10,
+        };
+        let msg = record.args().to_string();
+        Python::attach(|py| {
+            let _ = logger.call_method1(py, "log", (level, msg));
+        });
+    }
+
+    fn flush(&self) {}
+}
+
+/// Route the engine's log records to `logging.getLogger("vllm.vllm_metal_rs.engine")`.
+#[pyfunction]
+#[pyo3(signature = (debug = false))]
+fn init_logging(py: Python<'_>, debug: bool) -> PyResult<()> {
+    if PY_LOGGER.get().is_none() {
+        let logger = py
+            .import("logging")?
+            .call_method1("getLogger", ("vllm.vllm_metal_rs.engine",))?
+            .unbind();
+        let _ = PY_LOGGER.set(logger);
+        let _ = log::set_logger(&LOGGER);
+    }
+    log::set_max_level(if debug { log::LevelFilter::Debug } else { log::LevelFilter::Info });
+    Ok(())
+}
+
+/// The MLX backend of this process: backend, device, blas, memory_size.
+#[pyfunction]
+fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    let backend = engine::device::backend();
+    d.set_item("backend", backend)?;
+    d.set_item("device", if backend == "cpu" { "cpu" } else { "gpu" })?;
+    let blas = engine::blas::active_blas();
+    d.set_item("blas_fast", engine::blas::is_fast(&blas))?;
+    d.set_item("blas", blas)?;
+    d.set_item("memory_size", engine::device::memory_size())?;
+    Ok(d)
+}
+
+// ---- reading vLLM objects ----
+
+fn block_ids_of(groups: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
+    // One list per KV-cache group; every layer of our models is in the one full-attention group.
+    let groups: Vec<Vec<i32>> = groups.extract()?;
+    match groups.len() {
+        1 => Ok(groups.into_iter().next().unwrap()),
+        0 => Ok(Vec::new()),
+        n => Err(EngineError::new_err(format!("expected one KV-cache group, got {n}"))),
+    }
+}
+
+fn sampling_of(params: &Bound<'_, PyAny>) -> PyResult<SamplingParams> {
+    if params.is_none() {
+        return Ok(SamplingParams::default());
+    }
+    let seed: Option<i64> = params.getattr("seed")?.extract()?;
+    Ok(SamplingParams {
+        temperature: params.getattr("temperature")?.extract()?,
+        top_k: params.getattr("top_k")?.extract()?,
+        top_p: params.getattr("top_p")?.extract()?,
+        seed: seed.map(|s| s as u64),
+    })
+}
+
+fn scheduler_step(so: &Bound<'_, PyAny>) -> PyResult<SchedulerStep> {
+    let mut step = SchedulerStep::default();
+    for id in so.getattr("finished_req_ids")?.try_iter()? {
+        step.finished_req_ids.push(id?.extract()?);
+    }
+    let num_sched = so.getattr("num_scheduled_tokens")?;
+    let num_sched = num_sched.cast::<PyDict>()?;
+    for r in so.getattr("scheduled_new_reqs")?.cast::<PyList>()?.iter() {
+        let req_id: String = r.getattr("req_id")?.extract()?;
+        let prompt: Option<Vec<i32>> = r.getattr("prompt_token_ids")?.extract()?;
+        let prompt = prompt.ok_or_else(|| {
+            EngineError::new_err(format!("request {req_id}: prompt embeddings are not supported, send token ids"))
+        })?;
+        step.new_requests.push(NewRequest {
+            prompt_token_ids: prompt,
+            block_ids: block_ids_of(&r.getattr("block_ids")?)?,
+            num_computed_tokens: r.getattr("num_computed_tokens")?.extract()?,
+            sampling: sampling_of(&r.getattr("sampling_params")?)?,
+            req_id,
+        });
+    }
+    let cached = so.getattr("scheduled_cached_reqs")?;
+    let ids: Vec<String> = cached.getattr("req_ids")?.extract()?;
+    if !ids.is_empty() {
+        let resumed = cached.getattr("resumed_req_ids")?;
+        let resumed = resumed.cast::<PySet>()?;
+        let all_tokens = cached.getattr("all_token_ids")?;
+        let all_tokens = all_tokens.cast::<PyDict>()?;
+        let new_blocks = cached.getattr("new_block_ids")?;
+        let computed: Vec<usize> = cached.getattr("num_computed_tokens")?.extract()?;
+        let outputs: Vec<usize> = cached.getattr("num_output_tokens")?.extract()?;
+        for (i, req_id) in ids.into_iter().enumerate() {
+            let blocks = new_blocks.get_item(i)?;
+            step.cached_requests.push(CachedRequest {
+                resumed: resumed.contains(&req_id)?,
+                new_block_ids: if blocks.is_none() { None } else { Some(block_ids_of(&blocks)?) },
+                num_computed_tokens: computed[i],
+                num_output_tokens: outputs[i],
+                all_token_ids: all_tokens.get_item(&req_id)?.map(|t| t.extract()).transpose()?,
+                req_id,
+            });
+        }
+    }
+    // Runner order: new requests, then cached ones, as the scheduler listed them.
+    let order = step
+        .new_requests
+        .iter()
+        .map(|r| &r.req_id)
+        .chain(step.cached_requests.iter().map(|r| &r.req_id));
+    let mut scheduled = Vec::with_capacity(num_sched.len());
+    for id in order {
+        if let Some(n) = num_sched.get_item(id)? {
+            scheduled.push((id.clone(), n.extract::<usize>()?));
+        }
+    }
+    if scheduled.len() != num_sched.len() {
+        return Err(EngineError::new_err(
+            "scheduler output schedules a request that is neither new nor cached",
+        ));
+    }
+    step.num_scheduled_tokens = scheduled;
+    Ok(step)
+}
+
+// ---- the runner ----
+
+/// The Rust model runner: weights, paged KV cache, per-request state, sampling.
+#[pyclass(name = "ModelRunner", module = "vllm_metal_rs._core")]
+struct PyModelRunner {
+    inner: Mutex<runner::ModelRunner>,
+    num_layers: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    vocab_size: usize,
+    block_size: usize,
+    kv_cache_dtype: &'static str,
+    weights_nbytes: usize,
+    max_position_embeddings: Option<usize>,
+    device: &'static str,
+}
+
+impl PyModelRunner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, runner::ModelRunner> {
+        // A panic inside a step poisons the lock; the state is still consistent enough to report.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[pymethods]
+impl PyModelRunner {
+    #[new]
+    #[pyo3(signature = (model_path, *, block_size = 16, device = None, dtype = None))]
+    fn new(py: Python<'_>, model_path: PathBuf, block_size: usize, device: Option<String>, dtype: Option<String>) -> PyResult<Self> {
+        let device = device.map(|d| d.parse::<DeviceKind>()).transpose().map_err(engine_err)?;
+        let opts = RunnerOptions { block_size, device, dtype };
+        let r = py
+            .detach(|| runner::ModelRunner::load(&model_path, &opts))
+            .map_err(engine_err)?;
+        Ok(Self {
+            num_layers: r.num_layers(),
+            num_kv_heads: r.config.num_kv_heads(),
+            head_dim: r.config.head_dim(),
+            vocab_size: r.config.vocab_size,
+            block_size: r.block_size,
+            kv_cache_dtype: r.dtype_name(),
+            weights_nbytes: r.weights_nbytes,
+            max_position_embeddings: r.config.max_position_embeddings,
+            device: match r.device {
+                DeviceKind::Cpu => "cpu",
+                DeviceKind::Gpu => "gpu",
+            },
+            inner: Mutex::new(r),
+        })
+    }
+
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+    #[getter]
+    fn num_kv_heads(&self) -> usize {
+        self.num_kv_heads
+    }
+    #[getter]
+    fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    #[getter]
+    fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+    #[getter]
+    fn kv_cache_dtype(&self) -> &'static str {
+        self.kv_cache_dtype
+    }
+    #[getter]
+    fn weights_nbytes(&self) -> usize {
+        self.weights_nbytes
+    }
+    #[getter]
+    fn max_position_embeddings(&self) -> Option<usize> {
+        self.max_position_embeddings
+    }
+    #[getter]
+    fn device(&self) -> &'static str {
+        self.device
+    }
+    #[getter]
+    fn num_blocks(&self) -> usize {
+        self.lock().num_blocks()
+    }
+
+    fn kv_bytes_per_block(&self) -> usize {
+        self.lock().kv_bytes_per_block()
+    }
+
+    fn set_seed(&self, seed: u64) {
+        self.lock().set_seed(seed)
+    }
+
+    fn profile_peak_memory(&self, py: Python<'_>, num_tokens: usize) -> PyResult<usize> {
+        py.detach(|| self.lock().profile_peak_memory(num_tokens)).map_err(engine_err)
+    }
+
+    fn allocate_kv_cache(&self, py: Python<'_>, num_blocks: usize) -> PyResult<()> {
+        py.detach(|| self.lock().allocate_kv_cache(num_blocks)).map_err(engine_err)
+    }
+
+    /// One vLLM step: `(req_ids, sampled_token_ids)`.
+    fn execute_model(&self, py: Python<'_>, scheduler_output: &Bound<'_, PyAny>) -> PyResult<(Vec<String>, Vec<Vec<i32>>)> {
+        let step = scheduler_step(scheduler_output)?;
+        let out = py.detach(|| self.lock().execute(&step)).map_err(engine_err)?;
+        Ok((out.req_ids, out.sampled_token_ids))
+    }
+
+    /// Logits `[T, vocab]` (float32) of every token of explicit `(req_id, tokens, start, block_ids)` chunks.
+    fn step_logits<'py>(&self, py: Python<'py>, batch: Vec<(String, Vec<i32>, usize, Vec<i32>)>) -> PyResult<Bound<'py, PyAny>> {
+        let (data, shape) = py
+            .detach(|| -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
+                let chunks: Vec<SeqChunk> = batch
+                    .iter()
+                    .map(|(_, tokens, start, blocks)| SeqChunk { start: *start, tokens, block_ids: blocks })
+                    .collect();
+                let logits = self.lock().step_logits(&chunks)?;
+                let shape = logits.shape().iter().map(|&d| d as usize).collect();
+                Ok((logits.as_slice::<f32>().to_vec(), shape))
+            })
+            .map_err(engine_err)?;
+        Ok(PyArray1::from_vec(py, data).reshape(shape)?.into_any())
+    }
+
+    /// Engine-alone generation (no vLLM): all prompts batched; greedy when temperature == 0.
+    #[pyo3(signature = (prompts, max_tokens, *, temperature = 0.0, top_k = -1, top_p = 1.0, seed = None, stop_token_ids = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        py: Python<'_>,
+        prompts: Vec<Vec<i32>>,
+        max_tokens: usize,
+        temperature: f32,
+        top_k: i32,
+        top_p: f32,
+        seed: Option<u64>,
+        stop_token_ids: Option<Vec<i32>>,
+    ) -> PyResult<Vec<Vec<i32>>> {
+        let params = SamplingParams { temperature, top_k, top_p, seed };
+        let stops = stop_token_ids.unwrap_or_default();
+        py.detach(|| self.lock().generate(&prompts, max_tokens, &params, &stops))
+            .map_err(engine_err)
+    }
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("EngineError", m.py().get_type::<EngineError>())?;
+    m.add_class::<PyModelRunner>()?;
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add_function(wrap_pyfunction!(backend_info, m)?)?;
+    Ok(())
+}
