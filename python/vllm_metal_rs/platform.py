@@ -1,0 +1,280 @@
+"""The vLLM platform whose model execution is the Rust engine on MLX."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.platforms.interface import Platform, PlatformEnum
+
+from vllm_metal_rs import envs
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+logger = logging.getLogger("vllm.vllm_metal_rs.platform")
+
+WORKER_CLS = "vllm_metal_rs.worker.MetalWorker"
+_V2_RUNNER_VAR = "VLLM_USE_V2_MODEL_RUNNER"
+
+# Order matters: vLLM maps a float32 checkpoint under dtype="auto" to the first entry, and we
+# want such a checkpoint to stay float32. bf16/f16 checkpoints keep their own dtype.
+_SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Known to vLLM as soon as this module loads, even if the entry point was bypassed.
+envs.register_with_vllm()
+
+
+def device_total_memory(device: str) -> int:
+    """Bytes of memory behind the MLX device: physical RAM for "cpu", the GPU's for "gpu".
+
+    Metal GPUs share RAM with the CPU, so RAM is also the fallback when MLX reports no size.
+    """
+    if device == "gpu":
+        import mlx.core as mx
+
+        info = mx.device_info(mx.gpu)
+        for key in ("memory_size", "total_memory"):
+            value = info.get(key)
+            if isinstance(value, int) and value > 0:
+                return value
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def _v2_runner_requested() -> bool:
+    raw = os.environ.get(_V2_RUNNER_VAR)
+    try:
+        return raw is not None and int(raw) != 0
+    except ValueError:
+        return False
+
+
+class _Unsupported(ValueError):
+    """A configuration this platform cannot honour; the message is one line."""
+
+
+def _reject(condition: bool, message: str) -> None:
+    if condition:
+        raise _Unsupported(f"vllm-metal-rs: {message}")
+
+
+class MetalPlatform(Platform):
+    _enum = PlatformEnum.OOT
+    device_name: str = "metal"
+    # Tensors crossing the vLLM boundary are host tensors; the engine owns device memory.
+    device_type: str = "cpu"
+    dispatch_key: str = "CPU"
+    ray_device_key: str = ""
+    dist_backend: str = "gloo"
+    additional_env_vars: list[str] = list(envs.environment_variables)
+
+    @property
+    def supported_dtypes(self) -> list[torch.dtype]:
+        return list(_SUPPORTED_DTYPES)
+
+    # --- kernels and attention: the Rust engine does all of it -------------------------------
+
+    @classmethod
+    def import_kernels(cls) -> None:
+        # The default imports vllm._C, a CUDA/CPU extension we never call.
+        return None
+
+    @classmethod
+    def import_ir_kernels(cls) -> None:
+        # The default imports vllm.kernels (triton, aiter, ...); vLLM's "native" IR ops suffice
+        # because no torch model runs on this platform.
+        return None
+
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None) -> str:
+        # Only torch attention layers ask for this, and this platform builds none.
+        raise NotImplementedError(
+            "vllm-metal-rs: attention runs inside the Rust engine; there is no torch attention "
+            "backend on the metal platform"
+        )
+
+    @classmethod
+    def update_block_size_for_backend(cls, vllm_config: VllmConfig) -> None:
+        # The default asks torch attention backends; check_and_update_config already chose.
+        return None
+
+    @classmethod
+    def support_hybrid_kv_cache(cls) -> bool:
+        return False
+
+    # --- device ------------------------------------------------------------------------------
+
+    @classmethod
+    def get_device_name(cls, device_id: int = 0) -> str:
+        try:
+            import mlx.core as mx
+
+            dev = mx.gpu if envs.mlx_device() == "gpu" else mx.cpu
+            name = mx.device_info(dev).get("device_name")
+            return f"MLX {name}" if name else "MLX"
+        except Exception:
+            return "MLX"
+
+    @classmethod
+    def get_device_total_memory(cls, device_id: int = 0) -> int:
+        return device_total_memory(envs.mlx_device())
+
+    @classmethod
+    def get_current_memory_usage(cls, device: Any = None) -> float:
+        import mlx.core as mx
+
+        return float(mx.get_active_memory())
+
+    @classmethod
+    def is_pin_memory_available(cls) -> bool:
+        return False
+
+    @classmethod
+    def inference_mode(cls):
+        # no_grad works both as a context manager and a decorator; torch barely runs here.
+        return torch.no_grad()
+
+    @classmethod
+    def set_device(cls, device: torch.device) -> None:
+        # MLX picks its device once, when the engine is built.
+        return None
+
+    @classmethod
+    def manual_seed_all(cls, seed: int) -> None:
+        import mlx.core as mx
+
+        mx.random.seed(int(seed) % (1 << 64))
+
+    @classmethod
+    def check_if_supports_dtype(cls, dtype: torch.dtype) -> None:
+        if dtype not in _SUPPORTED_DTYPES:
+            raise ValueError(
+                f"vllm-metal-rs: dtype {dtype} is not supported; use float32, bfloat16 or float16"
+            )
+
+    # --- configuration -----------------------------------------------------------------------
+
+    @classmethod
+    def check_and_update_config(cls, vllm_config: VllmConfig) -> None:
+        # Bad VLLM_METAL_* values fail here, in the front-end process, before anything starts.
+        envs.validate_all()
+
+        cls._reject_unsupported(vllm_config)
+
+        parallel_config = vllm_config.parallel_config
+        if parallel_config.worker_cls == "auto":
+            parallel_config.worker_cls = WORKER_CLS
+
+        cache_config = vllm_config.cache_config
+        if cache_config is not None and not cache_config.user_specified_block_size:
+            cache_config.block_size = envs.block_size()
+
+        # The Rust engine executes eagerly; torch.compile and CUDA graphs have nothing to act on.
+        from vllm.config import CompilationMode, CUDAGraphMode
+
+        compilation_config = vllm_config.compilation_config
+        compilation_config.mode = CompilationMode.NONE
+        compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+        compilation_config.cudagraph_capture_sizes = []
+        compilation_config.max_cudagraph_capture_size = 0
+
+        if vllm_config.model_config is not None:
+            vllm_config.model_config.enforce_eager = True
+
+        # The worker returns each step's output synchronously (no futures, no overlap).
+        scheduler_config = vllm_config.scheduler_config
+        if scheduler_config.async_scheduling:
+            logger.debug("vllm-metal-rs: async scheduling is not supported; disabled")
+        scheduler_config.async_scheduling = False
+
+        # The scheduler shapes its output for the "V1" or "V2" model runner (resumed requests as
+        # cached requests vs. as new requests with prefill_token_ids), and picks V2 wherever
+        # Triton is usable. The engine reads the V1 shape; vLLM offers no config field for this,
+        # only the variable, which the engine-core process inherits from this one.
+        os.environ[_V2_RUNNER_VAR] = "0"
+        # Some features (watermarking, HiSparse) force V2 regardless of the variable.
+        _reject(
+            bool(getattr(vllm_config, "use_v2_model_runner", False)),
+            "this configuration needs vLLM's V2 model runner, which the engine does not serve",
+        )
+
+    @classmethod
+    def _reject_unsupported(cls, vllm_config: VllmConfig) -> None:
+        pc = vllm_config.parallel_config
+        one_process = "the metal platform runs the model in one process"
+        _reject(
+            pc.tensor_parallel_size > 1,
+            f"tensor_parallel_size={pc.tensor_parallel_size} is not supported ({one_process}); "
+            "use tensor_parallel_size=1",
+        )
+        _reject(
+            pc.pipeline_parallel_size > 1,
+            f"pipeline_parallel_size={pc.pipeline_parallel_size} is not supported "
+            f"({one_process}); use pipeline_parallel_size=1",
+        )
+        _reject(
+            pc.data_parallel_size > 1,
+            f"data_parallel_size={pc.data_parallel_size} is not supported ({one_process}); "
+            "use data_parallel_size=1",
+        )
+        _reject(
+            getattr(pc, "decode_context_parallel_size", 1) > 1
+            or getattr(pc, "prefill_context_parallel_size", 1) > 1,
+            "context parallelism is not supported",
+        )
+        _reject(
+            _v2_runner_requested(),
+            f"{_V2_RUNNER_VAR}=1 is not supported; the engine reads the V1 scheduler output",
+        )
+        _reject(vllm_config.lora_config is not None, "LoRA is not supported")
+        _reject(
+            vllm_config.speculative_config is not None, "speculative decoding is not supported"
+        )
+        _reject(
+            getattr(vllm_config, "kv_transfer_config", None) is not None,
+            "KV cache transfer (kv_transfer_config) is not supported",
+        )
+
+        cache_config = vllm_config.cache_config
+        if cache_config is not None:
+            _reject(
+                cache_config.cache_dtype != "auto",
+                f"kv_cache_dtype={cache_config.cache_dtype!r} is not supported; the KV cache "
+                "uses the model dtype (kv_cache_dtype='auto')",
+            )
+
+        mc = vllm_config.model_config
+        if mc is None:
+            return
+        _reject(
+            mc.runner_type == "pooling",
+            "pooling/embedding models are not supported; only text generation runs here",
+        )
+        mm = mc.multimodal_config
+        _reject(
+            mm is not None and not getattr(mm, "language_model_only", False),
+            "multimodal models are not supported; only text generation runs here",
+        )
+        _reject(
+            mc.quantization is not None,
+            f"quantization={mc.quantization!r} is not supported; the engine reads the "
+            "checkpoint's own weights (safetensors or GGUF) and no vLLM quantization method",
+        )
+        _reject(getattr(mc, "enable_prompt_embeds", False), "prompt embeddings are not supported")
+        cls.check_if_supports_dtype(mc.dtype)
+
+    @classmethod
+    def validate_request(cls, processed_inputs: Any, params: Any) -> None:
+        # The engine returns sampled token ids only and samples without a grammar bitmask, so
+        # these would otherwise be silently ignored or come back empty.
+        _reject(
+            getattr(params, "structured_outputs", None) is not None,
+            "structured outputs (guided decoding) are not supported",
+        )
+        fields = ("logprobs", "prompt_logprobs", "logprob_token_ids", "prompt_logprob_token_ids")
+        for field in fields:
+            _reject(getattr(params, field, None) is not None, f"{field} are not supported")

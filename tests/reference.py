@@ -1,0 +1,530 @@
+"""Reference helpers for the correctness tests.
+
+Everything in here is independent of the Rust engine: it builds tiny random checkpoints with
+transformers, runs transformers as the oracle, and compares results. The engine under test is only
+ever fed the files these helpers write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+# --------------------------------------------------------------------------------------------------
+# Tolerances (documented once, used everywhere)
+# --------------------------------------------------------------------------------------------------
+
+#: Relative error bound for float32 logits: rel_err(a, b) = max|a - b| / max|b| over a logits row.
+LOGITS_REL_TOL = 1e-4
+#: A greedy token may differ from transformers' only at a near-tie: top-1 minus top-2 logit below this.
+NEAR_TIE_GAP = 1e-3
+
+#: Special tokens of the tiny tokenizer (ids fixed so that configs can refer to them).
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+NUM_SPECIAL = 3
+NUM_BYTES = 256
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random Llama checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Shape and options of a tiny random Llama checkpoint."""
+
+    seed: int = 0
+    vocab_size: int = 320
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    tie_word_embeddings: bool = False
+    rope_theta: float = 20000.0
+    #: None, or a transformers rope dict without rope_theta, e.g. {"rope_type": "linear", "factor": 4.0}
+    rope_scaling: dict | None = None
+    #: "hf5": config.json exactly as transformers 5 save_pretrained writes it (`rope_parameters`);
+    #: "legacy": rewritten to the pre-5 layout (`rope_theta` + `rope_scaling`) that most published
+    #: Llama checkpoints still carry.
+    config_format: str = "hf5"
+    #: save_pretrained max_shard_size (e.g. "100KB") to get a sharded checkpoint with an index.
+    max_shard_size: str | None = None
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-5
+    #: std of the random weights; larger than Llama's 0.02 so that attention is sharp and
+    #: position/rope mistakes show up in the logits.
+    init_std: float = 0.08
+    architecture: str = "LlamaForCausalLM"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def kv_bytes_per_block(self, block_size: int, dtype_bytes: int = 4) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes * block_size
+
+
+#: Named variants used across the test-suite.
+TINY_VARIANTS: dict[str, TinySpec] = {
+    # GQA (4 query heads over 2 KV heads), untied lm_head.
+    "gqa_untied": TinySpec(seed=1),
+    # Tied embeddings (no lm_head.weight in the checkpoint).
+    "tied": TinySpec(seed=2, tie_word_embeddings=True),
+    # Plain multi-head attention.
+    "mha": TinySpec(seed=3, num_kv_heads=4, num_layers=2),
+    # Llama 3 rope scaling. head_dim 16 and theta 20000 give wavelengths 6.3 .. ~36000 positions;
+    # with original_max_position_embeddings=64, low_freq_factor=1, high_freq_factor=4 the
+    # wavelengths < 16 are kept, those > 64 are divided by factor 8, and the ones in between are
+    # smoothed: all three regimes of the llama3 formula are exercised at every position > 0.
+    "llama3": TinySpec(
+        seed=4,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "llama3_legacy": TinySpec(
+        seed=4,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+        config_format="legacy",
+    ),
+    "linear": TinySpec(seed=5, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "linear_legacy": TinySpec(
+        seed=5, rope_scaling={"rope_type": "linear", "factor": 4.0}, config_format="legacy"
+    ),
+    # Sharded safetensors with model.safetensors.index.json.
+    "sharded": TinySpec(seed=6, max_shard_size="100KB"),
+}
+
+
+def chat_template() -> str:
+    return (
+        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant:{% endif %}"
+    )
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer without merges: one token per byte, plus specials and fillers.
+
+    Ids: 0 <pad>, 1 <s>, 2 </s>, 3..258 the 256 bytes, 259..vocab_size-1 <extra_i> fillers, so the
+    tokenizer covers exactly the model's vocabulary (every id a random model samples decodes).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < NUM_SPECIAL + NUM_BYTES:
+        raise ValueError(f"vocab_size {vocab_size} < {NUM_SPECIAL + NUM_BYTES}")
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab: dict[str, int] = {s: i for i, s in enumerate(specials)}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    extras = [f"<extra_{i}>" for i in range(vocab_size - len(vocab))]
+    for e in extras:
+        vocab[e] = len(vocab)
+    assert len(vocab) == vocab_size
+
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials + extras])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        chat_template=chat_template(),
+        model_max_length=4096,
+    )
+    return fast
+
+
+def _llama_config(spec: TinySpec):
+    from transformers import LlamaConfig
+
+    rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if spec.rope_scaling is not None:
+        rope = dict(spec.rope_scaling, rope_theta=spec.rope_theta)
+    return LlamaConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=spec.rms_norm_eps,
+        tie_word_embeddings=spec.tie_word_embeddings,
+        rope_parameters=rope,
+        initializer_range=spec.init_std,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+
+
+def randomize_(model, spec: TinySpec) -> None:
+    """Deterministic random weights, including non-trivial RMSNorm gains."""
+    import torch
+
+    gen = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(spec.init_std * torch.randn(p.shape, generator=gen))
+
+
+def make_tiny_llama(out_dir: str | os.PathLike, spec: TinySpec) -> Path:
+    """Write a tiny random checkpoint (float32 safetensors, tokenizer, generation config)."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(spec.seed)
+    config = _llama_config(spec)
+    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    randomize_(model, spec)
+    if spec.tie_word_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    kwargs = {}
+    if spec.max_shard_size:
+        kwargs["max_shard_size"] = spec.max_shard_size
+    model.save_pretrained(out, **kwargs)
+    GenerationConfig(
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, do_sample=False
+    ).save_pretrained(out)
+    build_tokenizer(spec.vocab_size).save_pretrained(out)
+
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if spec.architecture != "LlamaForCausalLM":
+        cfg["architectures"] = [spec.architecture]
+    if spec.config_format == "legacy":
+        rope = dict(cfg.pop("rope_parameters"))
+        cfg["rope_theta"] = rope.pop("rope_theta")
+        if rope.get("rope_type", "default") != "default":
+            cfg["rope_scaling"] = rope
+        cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    elif spec.config_format != "hf5":
+        raise ValueError(spec.config_format)
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def load_hf(model_dir: str | os.PathLike):
+    """transformers' own model from the files on disk (float32, eval)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model.eval()
+
+
+def hf_logits(model, token_ids: Sequence[int]) -> np.ndarray:
+    """transformers' logits for every position of one full sequence: float32 [T, vocab]."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.tensor([list(token_ids)], dtype=torch.long), use_cache=False)
+    return out.logits[0].float().numpy()
+
+
+def rel_err(a: np.ndarray, b: np.ndarray) -> float:
+    """max|a - b| / max|b| (b is the reference)."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, f"shape mismatch {a.shape} vs reference {b.shape}"
+    denom = float(np.max(np.abs(b)))
+    assert denom > 0, "reference logits are all zero"
+    return float(np.max(np.abs(a - b))) / denom
+
+
+def rowwise_rel_err(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """rel_err per row (per token): max_v|a - b| / max_v|b|."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    assert a.shape == b.shape, f"shape mismatch {a.shape} vs reference {b.shape}"
+    return np.max(np.abs(a - b), axis=-1) / np.max(np.abs(b), axis=-1)
+
+
+def hf_greedy(model, prompt: Sequence[int], max_new_tokens: int):
+    """transformers' greedy continuation (model.generate, do_sample=False, EOS disabled).
+
+    Returns (new_token_ids, per-step logits [max_new_tokens, vocab]).
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        eos_token_id=None,
+        pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0,
+        num_beams=1,
+    )
+    # generate() fills unset options from the model's own generation config (which names an EOS):
+    # take that away for the call.
+    saved = model.generation_config
+    model.generation_config = GenerationConfig(pad_token_id=gc.pad_token_id)
+    try:
+        with torch.no_grad():
+            out = model.generate(
+                torch.tensor([list(prompt)], dtype=torch.long),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                generation_config=gc,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+    finally:
+        model.generation_config = saved
+    new = out.sequences[0, len(prompt):].tolist()
+    logits = torch.stack([step[0] for step in out.logits]).float().numpy()
+    assert len(new) == max_new_tokens, (
+        f"transformers stopped after {len(new)} of {max_new_tokens} tokens (EOS not disabled?)"
+    )
+    return new, logits
+
+
+def top2_gap(row: np.ndarray) -> float:
+    top = np.sort(np.asarray(row, dtype=np.float64))[-2:]
+    return float(top[1] - top[0])
+
+
+def check_greedy_match(
+    ours: Sequence[int],
+    ref: Sequence[int],
+    ref_logits: np.ndarray,
+    *,
+    what: str,
+    gap: float = NEAR_TIE_GAP,
+) -> str | None:
+    """Compare a greedy continuation with transformers' token by token.
+
+    Identical -> None. At the first differing step the reference's top-1/top-2 logit gap must be
+    below `gap` and our token must be one of the reference's two best (a near-tie that float
+    rounding may break either way); then a short note is returned (the sequences legitimately
+    diverge after that step). Anything else raises AssertionError with the details.
+    """
+    ours = list(ours)
+    ref = list(ref)
+    assert len(ours) == len(ref), f"{what}: got {len(ours)} tokens, transformers {len(ref)}: {ours} vs {ref}"
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        if a == b:
+            continue
+        row = ref_logits[i]
+        g = top2_gap(row)
+        best2 = set(np.argsort(row)[-2:].tolist())
+        assert g < gap and a in best2, (
+            f"{what}: token {i} differs: ours {a} vs transformers {b} "
+            f"(transformers logits: ours' {row[a]:.6f}, its own {row[b]:.6f}, top-2 gap {g:.3g} "
+            f">= {gap} or ours not in top-2)\n ours: {ours}\n  ref: {ref}"
+        )
+        return f"{what}: near-tie at step {i} (gap {g:.2e}), compared up to there"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# transformers GGUF loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_hf_gguf(gguf_path: str | os.PathLike):
+    """transformers' model from a GGUF file (dequantized to float32, llama.cpp's Q/K row permutation
+    undone by transformers' GGUF loader).
+
+    transformers requires `accelerate` for GGUF loading, but only as an install check: the load path
+    of a GGUF file on CPU without device_map does not use it. If accelerate is missing we bypass that
+    one check for this call only.
+    """
+    import torch
+    import transformers.modeling_utils as mu
+    from transformers import AutoModelForCausalLM
+
+    p = Path(gguf_path).resolve()
+    orig = mu.is_accelerate_available
+    try:
+        if not orig():
+            mu.is_accelerate_available = lambda *a, **k: True
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    finally:
+        mu.is_accelerate_available = orig
+    return model.eval()
+
+
+def load_hf_gguf_tokenizer(gguf_path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    p = Path(gguf_path).resolve()
+    return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny GGUF writer (for loader tests)
+# --------------------------------------------------------------------------------------------------
+
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's GGUF layout of q_proj/k_proj rows: within each head, the rotate-half pairs
+    (i, i + d/2) become adjacent rows (2i, 2i + 1). transformers' GGUF loader undoes this."""
+    out_dim, in_dim = w.shape
+    d = out_dim // n_head
+    return w.reshape(n_head, 2, d // 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+def write_tiny_gguf(
+    out_path: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    *,
+    override_types: dict[str, "object"] | None = None,
+) -> Path:
+    """Write the tiny safetensors checkpoint in `model_dir` as a llama GGUF (F32 tensors).
+
+    `override_types` maps a GGUF tensor name (e.g. "blk.0.ffn_down.weight") to a
+    gguf.GGMLQuantizationType to store that tensor in (quantized with gguf-py where it can, else raw
+    bytes of the right size). Validate the F32 output with `load_hf_gguf` before relying on it.
+    """
+    import gguf
+    from safetensors.numpy import load_file
+
+    model_dir = Path(model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    tensors: dict[str, np.ndarray] = {}
+    index = model_dir / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
+    for f in files:
+        tensors.update(load_file(str(model_dir / f)))
+
+    rope = cfg.get("rope_parameters") or {}
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+
+    w = gguf.GGUFWriter(str(out_path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_rope_dimension_count(head_dim)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_rope_freq_base(theta)
+    w.add_vocab_size(cfg["vocab_size"])
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        for k, v in per_layer.items():
+            names[f"model.layers.{i}.{k}"] = f"blk.{i}.{v}"
+
+    override_types = override_types or {}
+    for hf_name in sorted(tensors):
+        if hf_name not in names:
+            raise KeyError(f"unexpected tensor {hf_name}")
+        g_name = names[hf_name]
+        arr = np.ascontiguousarray(tensors[hf_name].astype(np.float32))
+        if hf_name.endswith("q_proj.weight"):
+            arr = _llama_cpp_permute(arr, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            arr = _llama_cpp_permute(arr, n_kv)
+        qtype = override_types.get(g_name)
+        if qtype is None or qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(g_name, arr)
+            continue
+        try:
+            data = gguf.quants.quantize(arr, qtype)
+        except Exception:  # gguf-py cannot quantize this type: right-sized raw bytes
+            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+            rows, cols = arr.shape
+            assert cols % block == 0, f"{g_name}: {cols} columns not a multiple of {block}"
+            rng = np.random.default_rng(0)
+            data = rng.integers(0, 256, size=(rows, cols // block * type_size), dtype=np.uint8)
+        w.add_tensor(g_name, data, raw_dtype=qtype)
+    missing_override = set(override_types) - set(names.values())
+    if missing_override:
+        raise KeyError(f"no such GGUF tensor: {sorted(missing_override)}")
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(out_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paged-attention schedule helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PagedRequest:
+    """A request fed to ModelRunner.step_logits chunk by chunk (teacher-forced tokens)."""
+
+    req_id: str
+    tokens: list[int]
+    blocks: list[int]
+    block_size: int
+    pos: int = 0
+    #: pass the whole allocation every step (True) or only the blocks covering positions so far.
+    full_table: bool = False
+    logits: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def chunk(self, n: int):
+        assert self.pos + n <= len(self.tokens), f"{self.req_id}: schedule runs past the sequence"
+        start = self.pos
+        ids = self.tokens[start : start + n]
+        needed = -(-(start + n) // self.block_size)
+        assert needed <= len(self.blocks), f"{self.req_id}: needs {needed} blocks, has {len(self.blocks)}"
+        table = list(self.blocks) if self.full_table else list(self.blocks[:needed])
+        return (self.req_id, ids, start, table)
+
+    def advance(self, n: int, rows: np.ndarray) -> None:
+        for i in range(n):
+            self.logits[self.pos + i] = rows[i]
+        self.pos += n
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    shutil.copytree(src, dst, symlinks=False)
+    return Path(dst)
