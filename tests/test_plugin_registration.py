@@ -1,6 +1,6 @@
 """The plugin as vLLM sees it: registration, platform selection, env variables, config checks.
 
-None of these tests needs the Rust extension. Those that resolve vLLM's current platform through
+Only the last test needs the Rust extension. Those that resolve vLLM's current platform through
 the entry point run only once the package is installed (the entry point comes with install).
 """
 
@@ -377,8 +377,7 @@ def test_requests_the_engine_cannot_honour_are_rejected():
             MetalPlatform.validate_request({}, params)
 
 
-def test_metal_model_runner_is_the_rust_runner():
-    core = pytest.importorskip("vllm_metal_rs._core")
+def test_metal_model_runner_is_the_rust_runner(core):
     from vllm_metal_rs import worker
 
     assert worker.MetalModelRunner is core.ModelRunner

@@ -143,12 +143,14 @@ impl Weights {
         if weight.dtype() != Dtype::Uint32 || ![2, 3, 4, 5, 6, 8].contains(&bits) {
             bail!("tensor {prefix:?}: unsupported quantized layout (dtype {:?}, {bits} bits)", weight.dtype());
         }
-        if self.dequantize {
-            let w = ops::dequantize(&weight, &scales, biases.as_ref(), group_size, bits)?;
-            return Ok(Linear { weight: w.as_dtype(self.dtype)?, bias, quant: None });
-        }
+        // Scales and biases in the compute dtype first: dequantizing in the checkpoint's float16
+        // would round every weight to float16.
         let scales = scales.as_dtype(self.dtype)?;
         let biases = biases.map(|b| b.as_dtype(self.dtype)).transpose()?;
+        if self.dequantize {
+            let w = ops::dequantize(&weight, &scales, biases.as_ref(), group_size, bits)?;
+            return Ok(Linear { weight: w, bias, quant: None });
+        }
         Ok(Linear { weight, bias, quant: Some(Quantization { scales, biases, group_size, bits }) })
     }
 
