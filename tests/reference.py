@@ -281,6 +281,8 @@ def hf_greedy(model, prompt: Sequence[int], max_new_tokens: int):
         eos_token_id=None,
         pad_token_id=model.config.pad_token_id if model.config.pad_token_id is not None else 0,
         num_beams=1,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
     # generate() fills unset options from the model's own generation config (which names an EOS):
     # take that away for the call.
@@ -292,8 +294,6 @@ def hf_greedy(model, prompt: Sequence[int], max_new_tokens: int):
                 torch.tensor([list(prompt)], dtype=torch.long),
                 attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                 generation_config=gc,
-                output_logits=True,
-                return_dict_in_generate=True,
             )
     finally:
         model.generation_config = saved
@@ -360,14 +360,23 @@ def load_hf_gguf(gguf_path: str | os.PathLike):
     import transformers.modeling_utils as mu
     from transformers import AutoModelForCausalLM
 
+    import functools
+
+    import gguf
+
     p = Path(gguf_path).resolve()
     orig = mu.is_accelerate_available
+    orig_name_map = gguf.get_tensor_name_map
     try:
         if not orig():
             mu.is_accelerate_available = lambda *a, **k: True
+        # transformers rebuilds the same (pure) name map once per module of the model, ~8 s for
+        # SmolLM2; the answer does not change, so memoize it for this call.
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(orig_name_map)
         model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
     finally:
         mu.is_accelerate_available = orig
+        gguf.get_tensor_name_map = orig_name_map
     return model.eval()
 
 
@@ -395,11 +404,13 @@ def write_tiny_gguf(
     out_path: str | os.PathLike,
     model_dir: str | os.PathLike,
     *,
+    weight_type=None,
     override_types: dict[str, "object"] | None = None,
 ) -> Path:
-    """Write the tiny safetensors checkpoint in `model_dir` as a llama GGUF (F32 tensors).
+    """Write the tiny safetensors checkpoint in `model_dir` as a llama GGUF.
 
-    `override_types` maps a GGUF tensor name (e.g. "blk.0.ffn_down.weight") to a
+    2-D weights are stored as `weight_type` (a gguf.GGMLQuantizationType, default F32); the RMSNorm
+    gains always as F32, as llama.cpp does. `override_types` maps a GGUF tensor name (e.g. "blk.0.ffn_down.weight") to a
     gguf.GGMLQuantizationType to store that tensor in (quantized with gguf-py where it can, else raw
     bytes of the right size). Validate the F32 output with `load_hf_gguf` before relying on it.
     """
@@ -468,9 +479,12 @@ def write_tiny_gguf(
             arr = _llama_cpp_permute(arr, n_head)
         elif hf_name.endswith("k_proj.weight"):
             arr = _llama_cpp_permute(arr, n_kv)
-        qtype = override_types.get(g_name)
+        qtype = override_types.get(g_name, weight_type if arr.ndim == 2 else None)
         if qtype is None or qtype == gguf.GGMLQuantizationType.F32:
             w.add_tensor(g_name, arr)
+            continue
+        if qtype == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(g_name, arr.astype(np.float16))
             continue
         try:
             data = gguf.quants.quantize(arr, qtype)

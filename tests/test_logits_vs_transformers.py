@@ -278,3 +278,51 @@ def test_generate_sampling_options(core, tiny_models):
     assert k is not None, f"test bug: no fresh token in {g}"
     stopped = runner.generate([prompts[0]], 16, stop_token_ids=[g[k]])[0]
     assert stopped in (g[:k], g[: k + 1]), f"stop at {g[k]} (step {k}): got {stopped}, greedy {g}"
+
+
+# --------------------------------------------------------------------------------------------------
+# GGUF files of the tiny model (llama.cpp layout, Q/K rows permuted) against transformers' own GGUF
+# loader, which dequantizes to float32 and undoes the permutation.
+# --------------------------------------------------------------------------------------------------
+
+
+def _gguf_model_dir(tiny_models, tmp_dir: Path, variant: str, qtype) -> Path:
+    src = tiny_models.path(variant)
+    out = tmp_dir / f"{variant}-{qtype.name}"
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            (out / f.name).write_bytes(f.read_bytes())
+    R.write_tiny_gguf(out / "model.gguf", src, weight_type=qtype)
+    return out
+
+
+def test_gguf_writer_roundtrip(tiny_models, tmp_path):
+    """The F32 GGUF written by the test helper is, for transformers, the safetensors model."""
+    import gguf
+
+    for variant in ["gqa_untied", "tied"]:
+        d = _gguf_model_dir(tiny_models, tmp_path, variant, gguf.GGMLQuantizationType.F32)
+        ids = _rand_ids(9, 40, 320)
+        err = R.rel_err(R.hf_logits(R.load_hf_gguf(d / "model.gguf"), ids), R.hf_logits(tiny_models.hf(variant), ids))
+        assert err == 0.0, f"{variant}: transformers reads the written GGUF differently (rel err {err})"
+
+
+@pytest.mark.parametrize(
+    "variant,qtype_name",
+    [("gqa_untied", t) for t in ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]] + [("tied", "F32"), ("tied", "Q4_1")],
+)
+def test_tiny_gguf_logits(core, tiny_models, tmp_path, variant, qtype_name):
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    d = _gguf_model_dir(tiny_models, tmp_path, variant, qtype)
+    ref_model = R.load_hf_gguf(d / "model.gguf")
+    ids = _rand_ids(10, 50, 320)
+    runner = core.ModelRunner(str(d), block_size=BLOCK_SIZE)
+    runner.allocate_kv_cache(8)
+    ours = runner.step_logits([("g", ids, 0, [5, 2, 7, 0])])
+    err = R.rowwise_rel_err(ours, R.hf_logits(ref_model, ids))
+    assert err.max() <= R.LOGITS_REL_TOL, (
+        f"{variant} {qtype_name} GGUF: max rel err {err.max():.3g} at position {int(np.argmax(err))}"
+    )

@@ -363,6 +363,7 @@ def test_unsupported_features_are_rejected(monkeypatch, changes, fragment):
 
 
 def test_requests_the_engine_cannot_honour_are_rejected():
+    from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
     from vllm_metal_rs.platform import MetalPlatform
@@ -373,8 +374,10 @@ def test_requests_the_engine_cannot_honour_are_rejected():
         SamplingParams(prompt_logprobs=1),
         SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+")),
     ):
-        with pytest.raises(ValueError, match="not supported"):
+        # A ValueError for offline callers; a client error (HTTP 400) for the server.
+        with pytest.raises(ValueError, match="not supported") as excinfo:
             MetalPlatform.validate_request({}, params)
+        assert isinstance(excinfo.value, VLLMClientError)
 
 
 def test_metal_model_runner_is_the_rust_runner(core):

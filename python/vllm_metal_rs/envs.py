@@ -15,7 +15,10 @@ VLLM_METAL_BLOCK_SIZE = "VLLM_METAL_BLOCK_SIZE"
 VLLM_MLX_DEVICE = "VLLM_MLX_DEVICE"
 VLLM_METAL_DEBUG = "VLLM_METAL_DEBUG"
 
+# GPU backends (unified memory on Macs): half of the device. The CPU backend gets less: its KV
+# cache lives in ordinary RAM beside everything else, and zero-filling a large cache costs seconds.
 DEFAULT_MEMORY_FRACTION = 0.5
+DEFAULT_MEMORY_FRACTION_CPU = 0.2
 DEFAULT_BLOCK_SIZE = 16
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -34,7 +37,7 @@ def memory_fraction() -> float:
     """Fraction of total device memory for weights + activations + KV cache."""
     raw = _raw(VLLM_METAL_MEMORY_FRACTION)
     if raw is None:
-        return DEFAULT_MEMORY_FRACTION
+        return DEFAULT_MEMORY_FRACTION if mlx_device() == "gpu" else DEFAULT_MEMORY_FRACTION_CPU
     try:
         value = float(raw)
     except ValueError:

@@ -7,6 +7,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import torch
+from vllm.exceptions import VLLMValidationError
 from vllm.platforms.interface import Platform, PlatformEnum
 
 from vllm_metal_rs import envs
@@ -55,6 +56,10 @@ def _v2_runner_requested() -> bool:
 
 class _Unsupported(ValueError):
     """A configuration this platform cannot honour; the message is one line."""
+
+
+class _UnsupportedRequest(VLLMValidationError, ValueError):
+    """A request this platform cannot honour: HTTP 400 from the server, ValueError offline."""
 
 
 def _reject(condition: bool, message: str) -> None:
@@ -271,10 +276,32 @@ class MetalPlatform(Platform):
     def validate_request(cls, processed_inputs: Any, params: Any) -> None:
         # The engine returns sampled token ids only and samples without a grammar bitmask, so
         # these would otherwise be silently ignored or come back empty.
-        _reject(
-            getattr(params, "structured_outputs", None) is not None,
-            "structured outputs (guided decoding) are not supported",
-        )
-        fields = ("logprobs", "prompt_logprobs", "logprob_token_ids", "prompt_logprob_token_ids")
-        for field in fields:
-            _reject(getattr(params, field, None) is not None, f"{field} are not supported")
+        for field, what in (
+            ("structured_outputs", "structured outputs (guided decoding) are"),
+            ("logprobs", "logprobs are"),
+            ("prompt_logprobs", "prompt_logprobs are"),
+            ("logprob_token_ids", "logprob_token_ids are"),
+            ("prompt_logprob_token_ids", "prompt_logprob_token_ids are"),
+        ):
+            if getattr(params, field, None) is not None:
+                raise _UnsupportedRequest(f"vllm-metal-rs: {what} not supported", parameter=field)
+        # The sampler runs temperature, top_k, top_p and seed; other token-choice options are
+        # refused rather than ignored (a model's generation_config.json can set some of them:
+        # serve with `--generation-config vllm` to drop those defaults).
+        for field, neutral in (
+            ("min_p", 0.0),
+            ("presence_penalty", 0.0),
+            ("frequency_penalty", 0.0),
+            ("repetition_penalty", 1.0),
+            ("min_tokens", 0),
+        ):
+            value = getattr(params, field, neutral)
+            if value is not None and value != neutral:
+                raise _UnsupportedRequest(
+                    f"vllm-metal-rs: {field}={value} is not supported yet", parameter=field
+                )
+        for field in ("logit_bias", "allowed_token_ids", "bad_words"):
+            if getattr(params, field, None):
+                raise _UnsupportedRequest(
+                    f"vllm-metal-rs: {field} is not supported yet", parameter=field
+                )

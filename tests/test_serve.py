@@ -1,0 +1,182 @@
+"""`vllm serve` on the default model, exercised with the OpenAI client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+MODEL_NAME = "smollm2-test"
+STARTUP_TIMEOUT_S = float(os.environ.get("VMR_SERVE_STARTUP_TIMEOUT", "300"))
+KV_CACHE_BYTES = 256 * 1024 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _vllm_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "vllm"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def _tail(path: Path, n: int = 8000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError as e:
+        return f"<no log: {e}>"
+
+
+def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def server(default_model_dir, tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    cmd = _vllm_cmd() + [
+        "serve", str(default_model_dir),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--served-model-name", MODEL_NAME,
+        "--max-model-len", "2048",
+        "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
+        "--seed", "0",
+    ]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up:\n{_tail(log_path)}")
+            if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
+                pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{_tail(log_path)}")
+            try:
+                status, _ = _get(base + "/health", timeout=2)
+                if status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(1.0)
+        print(f"vllm serve healthy after {time.monotonic() - t0:.1f}s")
+        yield {"base": base, "proc": proc, "log": log_path}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server["base"] + "/v1", api_key="unused", timeout=120.0, max_retries=0)
+
+
+@pytest.fixture
+def check_alive(server):
+    yield
+    assert server["proc"].poll() is None, f"vllm serve died:\n{_tail(server['log'])}"
+
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_models_lists_the_model(client, check_alive):
+    ids = [m.id for m in client.models.list().data]
+    assert MODEL_NAME in ids, f"/v1/models lists {ids}"
+
+
+def test_chat_completion_stream_equals_non_stream(client, check_alive):
+    resp = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, temperature=0.0, max_tokens=32)
+    choice = resp.choices[0]
+    text = choice.message.content
+    assert text and text.strip(), f"empty chat completion: {resp}"
+    assert "Paris" in text, f"greedy SmolLM2 answer does not mention Paris: {text!r}"
+    assert choice.finish_reason in ("stop", "length"), choice.finish_reason
+    assert resp.usage.completion_tokens > 0 and resp.usage.prompt_tokens > 0, resp.usage
+
+    pieces, finish = [], None
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, temperature=0.0, max_tokens=32, stream=True
+    )
+    for chunk in stream:
+        for c in chunk.choices:
+            if c.delta and c.delta.content:
+                pieces.append(c.delta.content)
+            if c.finish_reason:
+                finish = c.finish_reason
+    streamed = "".join(pieces)
+    assert len(pieces) > 1, f"stream came in {len(pieces)} piece(s)"
+    assert streamed == text, f"stream {streamed!r}\n!= non-stream {text!r}"
+    assert finish == choice.finish_reason, (finish, choice.finish_reason)
+
+
+def test_completion_stream_equals_non_stream(client, check_alive):
+    prompt = "The three primary colors are"
+    resp = client.completions.create(model=MODEL_NAME, prompt=prompt, temperature=0.0, max_tokens=24)
+    text = resp.choices[0].text
+    assert text and text.strip(), f"empty completion: {resp}"
+    assert resp.usage.completion_tokens > 0, resp.usage
+    streamed = "".join(
+        c.text
+        for chunk in client.completions.create(
+            model=MODEL_NAME, prompt=prompt, temperature=0.0, max_tokens=24, stream=True
+        )
+        for c in chunk.choices
+    )
+    assert streamed == text, f"stream {streamed!r}\n!= non-stream {text!r}"
+
+
+def test_concurrent_requests_match_sequential(client, check_alive):
+    """Greedy answers do not depend on what else the server is batching."""
+    questions = ["Name a fruit.", "What is 2 + 2?", "Say hello in French.", "What color is the sky?"]
+
+    def ask(q):
+        r = client.chat.completions.create(
+            model=MODEL_NAME, messages=[{"role": "user", "content": q}], temperature=0.0, max_tokens=20
+        )
+        return r.choices[0].message.content
+
+    sequential = [ask(q) for q in questions]
+    with ThreadPoolExecutor(max_workers=len(questions)) as pool:
+        concurrent = list(pool.map(ask, questions))
+    assert all(s and s.strip() for s in sequential), sequential
+    assert concurrent == sequential, f"concurrent {concurrent}\n!= sequential {sequential}"
+
+
+def test_metrics_endpoint(server, client, check_alive):
+    # make sure at least one request has been served before reading the counters
+    client.completions.create(model=MODEL_NAME, prompt="Hello", temperature=0.0, max_tokens=4)
+    status, body = _get(server["base"] + "/metrics")
+    assert status == 200
+    lines = [line for line in body.splitlines() if line.startswith("vllm:")]
+    assert lines, f"/metrics has no vllm: metrics:\n{body[:2000]}"
+    assert any(line.startswith("# TYPE vllm:") for line in body.splitlines()), "no Prometheus TYPE lines"
+    gen = [line for line in lines if line.startswith("vllm:generation_tokens_total")]
+    assert gen, f"no vllm:generation_tokens_total in /metrics:\n{body[:2000]}"
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in gen) > 0, gen
