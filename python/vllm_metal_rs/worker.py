@@ -161,6 +161,8 @@ class MetalWorker(WorkerBase):
             dtype=dtype,
         )
         r = self.model_runner
+        # Draws of requests without their own seed follow the engine seed, as on other platforms.
+        r.set_seed(mc.seed or 0)
         logger.info(
             "vllm-metal-rs: loaded %s: %d layers, %d KV heads x %d, %s, weights %.2f GiB",
             path,
