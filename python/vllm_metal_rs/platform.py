@@ -67,6 +67,26 @@ def _reject(condition: bool, message: str) -> None:
         raise _Unsupported(f"vllm-metal-rs: {message}")
 
 
+def _spawn_if_mlx_ran() -> None:
+    """Start vLLM's engine process with spawn when this process has already run MLX work.
+
+    MLX runs work on threads it starts on first use; a forked child inherits their locks but not
+    the threads, and its first evaluation waits forever. Fork stays the default otherwise (it
+    starts faster), as vLLM itself does for CUDA.
+    """
+    method_var = "VLLM_WORKER_MULTIPROC_METHOD"
+    if os.environ.get(method_var):
+        return
+    import mlx.core as mx
+
+    if mx.get_peak_memory() > 0:
+        logger.info(
+            "vllm-metal-rs: MLX already ran in this process; starting the engine with spawn "
+            "(a forked engine would deadlock in MLX)"
+        )
+        os.environ[method_var] = "spawn"
+
+
 class MetalPlatform(Platform):
     _enum = PlatformEnum.OOT
     device_name: str = "metal"
@@ -195,6 +215,8 @@ class MetalPlatform(Platform):
         if scheduler_config.async_scheduling:
             logger.debug("vllm-metal-rs: async scheduling is not supported; disabled")
         scheduler_config.async_scheduling = False
+
+        _spawn_if_mlx_ran()
 
         # The scheduler shapes its output for the "V1" or "V2" model runner (resumed requests as
         # cached requests vs. as new requests with prefill_token_ids), and picks V2 wherever
