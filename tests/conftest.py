@@ -24,6 +24,10 @@ os.environ.setdefault("HF_HOME", str(_SESSION_ROOT / "hf-home"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# vLLM forks its engine-core process by default, and a process that has already run MLX (as this
+# one does in every test that uses ModelRunner in-process) cannot be forked safely: the platform
+# must switch to spawn then. The suite relies on that (test_llm_e2e.py checks it on its own in a
+# fresh process); the per-test watchdog below turns a hang into a failure.
 if not os.environ.get("VMR_TESTS_KEEP_TMP"):
     atexit.register(shutil.rmtree, _SESSION_ROOT, ignore_errors=True)
 
@@ -37,8 +41,37 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 REPO_DEFAULT_MODEL = REPO_ROOT / "models" / "SmolLM2-135M-Instruct"
 
 
+#: Per-test watchdog (seconds, set-up and tear-down included): past it the whole run stops with
+#: every thread's traceback instead of hanging CI. VMR_TEST_TIMEOUT=0 disables it.
+TEST_TIMEOUT_S = float(os.environ.get("VMR_TEST_TIMEOUT", "600"))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "vllm: starts a vLLM engine or server (slow)")
+
+
+def _real_stderr_fd(config):
+    """The un-captured stderr that pytest's faulthandler plugin keeps (captured output is lost
+    when the watchdog ends the process)."""
+    try:
+        from _pytest.faulthandler import fault_handler_stderr_fd_key
+
+        return config.stash[fault_handler_stderr_fd_key]
+    except Exception:
+        return sys.__stderr__.fileno()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    import faulthandler
+
+    if TEST_TIMEOUT_S > 0:
+        faulthandler.dump_traceback_later(TEST_TIMEOUT_S, exit=True, file=_real_stderr_fd(item.config))
+    try:
+        yield
+    finally:
+        if TEST_TIMEOUT_S > 0:
+            faulthandler.cancel_dump_traceback_later()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -537,8 +536,3 @@ class PagedRequest:
         for i in range(n):
             self.logits[self.pos + i] = rows[i]
         self.pos += n
-
-
-def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
-    shutil.copytree(src, dst, symlinks=False)
-    return Path(dst)

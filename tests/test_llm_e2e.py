@@ -199,3 +199,58 @@ def test_default_model_chat_greedy_matches_engine_alone(default_llm, core, defau
     alone = runner.generate(prompts, 24, temperature=0.0)
     got = [list(o.outputs[0].token_ids) for o in outs]
     assert got == alone, f"vLLM {got}\n!= engine alone {alone}"
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM's default (fork) start of the engine core, from a process that has already used MLX
+# --------------------------------------------------------------------------------------------------
+
+_FORK_SCRIPT = r"""
+import json, sys
+import vllm_metal_rs._core as core
+path, kv_bytes = sys.argv[1], int(sys.argv[2])
+runner = core.ModelRunner(path, block_size=16)
+runner.allocate_kv_cache(8)
+prompt = [5, 17, 42, 99, 7, 3, 250]
+runner.step_logits([("warm", prompt, 0, [3])])  # MLX has now run in this process
+alone = runner.generate([prompt], 6)[0]
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+llm = LLM(model=path, dtype="float32", max_model_len=128, block_size=16, kv_cache_memory_bytes=kv_bytes, seed=0)
+out = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                   SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+print("RESULT " + json.dumps({"alone": alone, "vllm": list(out[0].outputs[0].token_ids)}), flush=True)
+"""
+
+
+def test_llm_after_mlx_use_in_parent(tiny_models, tmp_path):
+    """A user who ran the engine (or anything MLX) before creating vllm.LLM, with vLLM's default
+    multiprocessing method: the engine core must start and generate, not hang."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    spec = R.TINY_VARIANTS[TINY]
+    kv_bytes = 17 * spec.kv_bytes_per_block(BLOCK_SIZE)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_WORKER_MULTIPROC_METHOD"}
+    log = tmp_path / "fork.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _FORK_SCRIPT, str(tiny_models.path(TINY)), str(kv_bytes)],
+            stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        try:
+            rc = proc.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            pytest.fail(
+                "vllm.LLM hung (240 s) after MLX had run in the parent process (engine core forked "
+                f"with live MLX threads?):\n{log.read_text()[-4000:]}"
+            )
+    text = log.read_text()
+    assert rc == 0, f"subprocess failed (rc {rc}):\n{text[-4000:]}"
+    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["vllm"] == result["alone"], result

@@ -18,8 +18,9 @@ import pytest
 import reference as R
 
 NEW_TOKENS = 32
-#: Prompt-logits bound for the 30-layer real model (float32 both sides): rel err per row.
-GGUF_LOGITS_REL_TOL = 1e-3
+#: Prompt-logits bound for the 30-layer real model (float32 both sides): rel err per row, as for the
+#: tiny models (measured: ~1e-5 here, ~1e-6 on the tiny models).
+GGUF_LOGITS_REL_TOL = 1e-4
 
 CHAT_PROMPTS = [
     [{"role": "user", "content": "What is the capital of France?"}],

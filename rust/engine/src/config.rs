@@ -60,6 +60,17 @@ fn default_theta() -> f32 {
     10000.0
 }
 
+fn check_architecture(architectures: &[String]) -> Result<&str> {
+    let arch = architectures.first().map(String::as_str).unwrap_or("");
+    if !SUPPORTED_ARCHITECTURES.contains(&arch) {
+        bail!(
+            "unsupported model architecture {architectures:?}: vllm-metal-rs runs {}",
+            SUPPORTED_ARCHITECTURES.join(", ")
+        );
+    }
+    Ok(arch)
+}
+
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -68,7 +79,15 @@ impl ModelConfig {
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
-        let mut config: Self = serde_json::from_str(text).context("parsing config.json")?;
+        let value: serde_json::Value = serde_json::from_str(text).context("parsing config.json")?;
+        // The architecture first: another family's config lacks fields ours need, and "missing
+        // field" would hide the real reason.
+        let archs: Vec<String> = value
+            .get("architectures")
+            .and_then(|a| serde_json::from_value(a.clone()).ok())
+            .unwrap_or_default();
+        check_architecture(&archs)?;
+        let mut config: Self = serde_json::from_value(value).context("parsing config.json")?;
         config.normalize_rope()?;
         config.validate()?;
         Ok(config)
@@ -91,15 +110,7 @@ impl ModelConfig {
 
     /// The one architecture this config asks for, if we run it.
     pub fn architecture(&self) -> Result<&str> {
-        let arch = self.architectures.first().map(String::as_str).unwrap_or("");
-        if !SUPPORTED_ARCHITECTURES.contains(&arch) {
-            bail!(
-                "unsupported model architecture {:?}: vllm-metal-rs runs {}",
-                self.architectures,
-                SUPPORTED_ARCHITECTURES.join(", ")
-            );
-        }
-        Ok(arch)
+        check_architecture(&self.architectures)
     }
 
     fn validate(&self) -> Result<()> {
@@ -187,7 +198,8 @@ mod tests {
 
     #[test]
     fn rejects_unknown_architecture() {
-        let text = LLAMA.replace("LlamaForCausalLM", "GPT2LMHeadModel");
+        // A real GPT-2 config: no hidden_size / intermediate_size; the architecture is the news.
+        let text = r#"{"architectures":["GPT2LMHeadModel"],"n_embd":64,"n_layer":2,"vocab_size":100}"#;
         let err = ModelConfig::from_json(&text).unwrap_err();
         assert!(format!("{err:#}").contains("unsupported model architecture"));
     }

@@ -208,6 +208,7 @@ fn unpermute_rows(num_heads: usize, rows: usize) -> Vec<i32> {
 }
 
 fn load_gguf(path: &Path, num_heads: usize, num_kv_heads: usize) -> Result<HashMap<String, Array>> {
+    crate::gguf::check_supported(path)?;
     let file = mlx_rs::io::GgufFile::load(path).map_err(|e| {
         anyhow!(
             "cannot load GGUF {}: {e} (supported tensor types: {GGUF_SUPPORTED})",
