@@ -163,6 +163,24 @@ def test_seeded_sampling_is_reproducible(tiny_llm, tiny_prompts):
     assert a != greedy, "temperature-1 sampling returned exactly the greedy tokens for 48 tokens"
 
 
+def test_seeded_request_same_alone_and_in_mixed_batch(tiny_llm, tiny_prompts):
+    """A seeded request's tokens do not depend on which other requests share its steps."""
+    from vllm import SamplingParams
+
+    prompts = _token_prompts(tiny_prompts)
+    target = SamplingParams(temperature=0.9, top_k=50, max_tokens=12, seed=77, ignore_eos=True)
+    others = [
+        SamplingParams(temperature=0.0, max_tokens=5 + i, ignore_eos=True) if i % 3 == 0
+        else SamplingParams(temperature=1.2, top_p=0.8, max_tokens=9, seed=i, ignore_eos=True) if i % 3 == 1
+        else SamplingParams(temperature=0.7, max_tokens=14, presence_penalty=0.5, ignore_eos=True)
+        for i in range(15)
+    ]
+    alone = _token_ids(tiny_llm.generate(prompts[:1], target, use_tqdm=False))[0]
+    batch_prompts = [prompts[1 + i % (len(prompts) - 1)] for i in range(15)]
+    mixed = tiny_llm.generate(prompts[:1] + batch_prompts, [target] + others, use_tqdm=False)
+    assert _token_ids(mixed)[0] == alone, "a seeded request changed when batched with 15 others"
+
+
 # --------------------------------------------------------------------------------------------------
 # The default model through vllm.LLM
 # --------------------------------------------------------------------------------------------------

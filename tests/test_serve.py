@@ -169,6 +169,38 @@ def test_concurrent_requests_match_sequential(client, check_alive):
     assert concurrent == sequential, f"concurrent {concurrent}\n!= sequential {sequential}"
 
 
+def test_logit_bias_forces_a_token(client, check_alive, default_model_dir):
+    """A +100 bias on one token makes greedy decoding emit nothing else."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(default_model_dir))
+    forced = tok.encode(" banana", add_special_tokens=False)[0]
+    resp = client.completions.create(
+        model=MODEL_NAME, prompt="My favourite", temperature=0.0, max_tokens=6,
+        logit_bias={str(forced): 100}, extra_body={"return_token_ids": True},
+    )
+    ids = resp.choices[0].token_ids
+    assert ids and all(t == forced for t in ids), f"logit_bias {forced}: got {ids}"
+
+
+def test_min_tokens_respected(client, check_alive):
+    """The chat answer normally stops early; with min_tokens it cannot stop before that."""
+    short = client.chat.completions.create(model=MODEL_NAME, messages=CHAT, temperature=0.0, max_tokens=64)
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 40, short.usage
+    long = client.chat.completions.create(
+        model=MODEL_NAME, messages=CHAT, temperature=0.0, max_tokens=64, extra_body={"min_tokens": 40}
+    )
+    assert long.usage.completion_tokens >= 40, long.usage
+
+
+def test_penalties_change_greedy_output(client, check_alive):
+    kw = dict(model=MODEL_NAME, prompt="one one one one one", temperature=0.0, max_tokens=16)
+    plain = client.completions.create(**kw).choices[0].text
+    penalised = client.completions.create(**kw, frequency_penalty=2.0, presence_penalty=1.0).choices[0].text
+    assert plain != penalised, f"penalties had no effect: {plain!r}"
+    assert penalised.lower().count("one") < plain.lower().count("one"), (plain, penalised)
+
+
 def test_metrics_endpoint(server, client, check_alive):
     # make sure at least one request has been served before reading the counters
     client.completions.create(model=MODEL_NAME, prompt="Hello", temperature=0.0, max_tokens=4)

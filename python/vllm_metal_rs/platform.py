@@ -307,23 +307,4 @@ class MetalPlatform(Platform):
         ):
             if getattr(params, field, None) is not None:
                 raise _UnsupportedRequest(f"vllm-metal-rs: {what} not supported", parameter=field)
-        # The sampler runs temperature, top_k, top_p and seed; other token-choice options are
-        # refused rather than ignored (a model's generation_config.json can set some of them:
-        # serve with `--generation-config vllm` to drop those defaults).
-        for field, neutral in (
-            ("min_p", 0.0),
-            ("presence_penalty", 0.0),
-            ("frequency_penalty", 0.0),
-            ("repetition_penalty", 1.0),
-            ("min_tokens", 0),
-        ):
-            value = getattr(params, field, neutral)
-            if value is not None and value != neutral:
-                raise _UnsupportedRequest(
-                    f"vllm-metal-rs: {field}={value} is not supported yet", parameter=field
-                )
-        for field in ("logit_bias", "allowed_token_ids", "bad_words"):
-            if getattr(params, field, None):
-                raise _UnsupportedRequest(
-                    f"vllm-metal-rs: {field} is not supported yet", parameter=field
-                )
+

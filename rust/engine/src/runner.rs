@@ -13,7 +13,7 @@ use crate::device::{self, DeviceKind};
 use crate::kv_cache::PagedKvCache;
 use crate::models::{self, CausalLm};
 use crate::nn::{dtype_name, parse_dtype};
-use crate::sampler::{mix_seed, sample, SamplingParams};
+use crate::sampler::{mix_seed, sample, Row, SamplingParams};
 use crate::weights::{WeightSource, Weights};
 
 #[derive(Debug, Clone, Default)]
@@ -323,12 +323,20 @@ impl ModelRunner {
         } else {
             let last = hidden.take_axis(&Array::from_slice(&rows, &[rows.len() as i32]), 0)?;
             let logits = model.logits(&last)?;
-            let params: Vec<(&SamplingParams, u64)> = sample_rows
+            let rows: Vec<Row> = sample_rows
                 .iter()
                 .zip(&keys)
-                .map(|(&(i, _), &k)| (&self.requests[&step.num_scheduled_tokens[i].0].sampling, k))
+                .map(|(&(i, _), &key)| {
+                    let s = &self.requests[&step.num_scheduled_tokens[i].0];
+                    Row {
+                        params: &s.sampling,
+                        key,
+                        prompt: &s.tokens[..s.num_prompt],
+                        output: &s.tokens[s.num_prompt..],
+                    }
+                })
                 .collect();
-            let ids = sample(&logits, &params)?;
+            let ids = sample(&logits, &rows)?;
             eval([&ids].into_iter().chain(cache.arrays()))?;
             ids.as_slice::<i32>().to_vec()
         };

@@ -9,7 +9,7 @@ use std::sync::{Mutex, OnceLock};
 use engine::batch::SeqChunk;
 use engine::device::DeviceKind;
 use engine::runner::{self, CachedRequest, NewRequest, RunnerOptions, SchedulerStep};
-use engine::sampler::SamplingParams;
+use engine::sampler::{self, Row, SamplingParams};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
 use pyo3::exceptions::PyRuntimeError;
@@ -96,17 +96,133 @@ fn block_ids_of(groups: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
     }
 }
 
+/// Attribute of a vLLM object, or key of a dict (tests and benchmarks pass dicts); None if absent.
+fn field<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<Option<Bound<'py, PyAny>>> {
+    let value = match obj.cast::<PyDict>() {
+        Ok(d) => d.get_item(name)?,
+        Err(_) => obj.getattr_opt(name)?,
+    };
+    Ok(value.filter(|v| !v.is_none()))
+}
+
+fn field_or<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(obj: &Bound<'py, PyAny>, name: &str, default: T) -> PyResult<T> {
+    match field(obj, name)? {
+        Some(v) => v.extract().map_err(Into::into),
+        None => Ok(default),
+    }
+}
+
+/// vLLM's `SamplingParams` (or a dict with the same field names).
 fn sampling_of(params: &Bound<'_, PyAny>) -> PyResult<SamplingParams> {
     if params.is_none() {
         return Ok(SamplingParams::default());
     }
-    let seed: Option<i64> = params.getattr("seed")?.extract()?;
+    let d = SamplingParams::default();
+    let logit_bias: Vec<(i32, f32)> = match field(params, "logit_bias")? {
+        Some(b) => {
+            let map: std::collections::HashMap<i32, f32> = b.extract()?;
+            let mut v: Vec<(i32, f32)> = map.into_iter().collect();
+            v.sort_by_key(|&(t, _)| t);
+            v
+        }
+        None => Vec::new(),
+    };
+    // vLLM keeps EOS (and generation-config EOS ids) with the stop ids in all_stop_token_ids (a set).
+    let ints = |name: &str| -> PyResult<Vec<i32>> {
+        match field(params, name)? {
+            Some(v) => v.try_iter()?.map(|t| t?.extract::<i32>()).collect(),
+            None => Ok(Vec::new()),
+        }
+    };
+    let mut stop = ints("all_stop_token_ids")?;
+    if stop.is_empty() {
+        stop = ints("stop_token_ids")?;
+    }
+    stop.sort_unstable();
+    let bad_words = match field(params, "bad_words_token_ids")? {
+        Some(b) => b.extract()?,
+        None => field_or(params, "bad_words", Vec::new())?,
+    };
     Ok(SamplingParams {
-        temperature: params.getattr("temperature")?.extract()?,
-        top_k: params.getattr("top_k")?.extract()?,
-        top_p: params.getattr("top_p")?.extract()?,
-        seed: seed.map(|s| s as u64),
+        temperature: field_or(params, "temperature", 1.0)?,
+        top_k: field_or(params, "top_k", d.top_k)?,
+        top_p: field_or(params, "top_p", d.top_p)?,
+        min_p: field_or(params, "min_p", d.min_p)?,
+        seed: field_or::<Option<i64>>(params, "seed", None)?.map(|s| s as u64),
+        presence_penalty: field_or(params, "presence_penalty", d.presence_penalty)?,
+        frequency_penalty: field_or(params, "frequency_penalty", d.frequency_penalty)?,
+        repetition_penalty: field_or(params, "repetition_penalty", d.repetition_penalty)?,
+        logit_bias,
+        allowed_token_ids: field_or(params, "allowed_token_ids", None)?,
+        bad_words,
+        min_tokens: field_or(params, "min_tokens", 0)?,
+        stop_token_ids: stop,
     })
+}
+
+/// Rows of a standalone sampling call: dicts of SamplingParams fields plus "prompt", "output"
+/// (token lists) and "key" (PRNG key seed).
+fn rows_of(rows: &Bound<'_, PyList>) -> PyResult<Vec<(SamplingParams, u64, Vec<i32>, Vec<i32>)>> {
+    rows.iter()
+        .map(|r| {
+            Ok((
+                sampling_of(&r)?,
+                field_or(&r, "key", 0u64)?,
+                field_or(&r, "prompt", Vec::new())?,
+                field_or(&r, "output", Vec::new())?,
+            ))
+        })
+        .collect()
+}
+
+/// Apply `f` to `logits` (`[R, V]` float32 numpy) and the rows; float32 numpy back.
+fn with_rows<'py>(
+    py: Python<'py>,
+    logits: numpy::PyReadonlyArray2<'py, f32>,
+    rows: &Bound<'py, PyList>,
+    f: impl FnOnce(&mlx_rs::Array, &[Row]) -> anyhow::Result<mlx_rs::Array> + Send,
+) -> PyResult<mlx_rs::Array> {
+    let view = logits.as_array();
+    let shape = view.shape().to_vec();
+    let data: Vec<f32> = view.iter().copied().collect();
+    let owned = rows_of(rows)?;
+    py.detach(|| {
+        let x = mlx_rs::Array::from_slice(&data, &[shape[0] as i32, shape[1] as i32]);
+        let rows: Vec<Row> = owned
+            .iter()
+            .map(|(params, key, prompt, output)| Row { params, key: *key, prompt, output })
+            .collect();
+        let out = f(&x, &rows)?;
+        out.eval()?;
+        Ok(out)
+    })
+    .map_err(engine_err)
+}
+
+fn to_numpy_f32<'py>(py: Python<'py>, a: &mlx_rs::Array) -> PyResult<Bound<'py, PyAny>> {
+    let shape: Vec<usize> = a.shape().iter().map(|&d| d as usize).collect();
+    Ok(PyArray1::from_vec(py, a.as_slice::<f32>().to_vec()).reshape(shape)?.into_any())
+}
+
+/// Logits after allowed tokens, bad words, logit bias, min_tokens and penalties.
+#[pyfunction]
+fn process_logits<'py>(py: Python<'py>, logits: numpy::PyReadonlyArray2<'py, f32>, rows: &Bound<'py, PyList>) -> PyResult<Bound<'py, PyAny>> {
+    let out = with_rows(py, logits, rows, |x, r| sampler::process_logits(x, r))?;
+    to_numpy_f32(py, &out)
+}
+
+/// The logits a random draw uses: processed, divided by temperature, min_p / top-k / top-p applied.
+#[pyfunction]
+fn filter_logits<'py>(py: Python<'py>, logits: numpy::PyReadonlyArray2<'py, f32>, rows: &Bound<'py, PyList>) -> PyResult<Bound<'py, PyAny>> {
+    let out = with_rows(py, logits, rows, |x, r| sampler::filter_logits(&sampler::process_logits(x, r)?, r))?;
+    to_numpy_f32(py, &out)
+}
+
+/// One token per row, as the engine would choose it.
+#[pyfunction]
+fn sample_tokens<'py>(py: Python<'py>, logits: numpy::PyReadonlyArray2<'py, f32>, rows: &Bound<'py, PyList>) -> PyResult<Vec<i32>> {
+    let out = with_rows(py, logits, rows, |x, r| sampler::sample(x, r))?;
+    Ok(out.as_slice::<i32>().to_vec())
 }
 
 fn scheduler_step(so: &Bound<'_, PyAny>) -> PyResult<SchedulerStep> {
@@ -318,7 +434,7 @@ impl PyModelRunner {
         seed: Option<u64>,
         stop_token_ids: Option<Vec<i32>>,
     ) -> PyResult<Vec<Vec<i32>>> {
-        let params = SamplingParams { temperature, top_k, top_p, seed };
+        let params = SamplingParams { temperature, top_k, top_p, seed, ..Default::default() };
         let stops = stop_token_ids.unwrap_or_default();
         py.detach(|| self.lock().generate(&prompts, max_tokens, &params, &stops))
             .map_err(engine_err)
@@ -331,5 +447,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyModelRunner>()?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(backend_info, m)?)?;
+    m.add_function(wrap_pyfunction!(process_logits, m)?)?;
+    m.add_function(wrap_pyfunction!(filter_logits, m)?)?;
+    m.add_function(wrap_pyfunction!(sample_tokens, m)?)?;
     Ok(())
 }

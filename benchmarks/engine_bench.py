@@ -1,0 +1,644 @@
+"""Engine speed, side by side with mlx-lm: same weights, same MLX device, one process, alternating.
+
+For every model and weight format this measures, for our engine and for mlx-lm in turn:
+- decode tok/s at each batch size after a 128-token prompt (greedy);
+- prefill tok/s and time to first token of one 1024-token prompt;
+- peak memory: the side's weights plus the peak MLX allocation above the level before the run
+  (KV cache and activations). Both sides share one libmlx, so the counters are the same.
+
+Models: `smollm2` (the real SmolLM2-135M weights of `--smollm2-dir`; a GGUF is dequantized) and
+`llama1b` (random weights of the Llama-3.2-1B shape: decode speed does not depend on the values).
+Both are written once as safetensors directories under `--cache-dir` (outside the repository) and
+then loaded by both engines, so both run the very same tensors:
+- `f32`: float32, the only format the CPU backend runs fast (BLAS); used on `--device cpu`;
+- `bf16`: bfloat16; `q4`: MLX affine 4-bit (group 64) quantization of the bf16 weights, as
+  mlx-lm's converter writes it; both used on `--device gpu`.
+
+    python benchmarks/engine_bench.py --device cpu --models smollm2 --quick
+    python benchmarks/engine_bench.py --device gpu --out results-gpu.json
+
+mlx-lm is optional (`pip install mlx-lm==0.32.2`); without it only our engine is measured.
+vLLM is not needed: the engine module is imported directly.
+
+How each side is timed:
+- ours: `ModelRunner.generate` (engine alone, all prompts batched). The decode step time is
+  (time of generate(N + 1 tokens) - time of generate(1 token)) / N; both calls run the same
+  prefill, and every step returns its sampled ids to the host (as in serving).
+- mlx-lm: the model with `make_prompt_cache`, greedy argmax, the loop of mlx-lm's own generator:
+  step i + 1 is queued with `mx.async_eval` before the ids of step i are read to the host.
+  The prompt goes through the model without its last token (evaluating only the cache), then the
+  last token gives the first sampled id, as mlx-lm's generator does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SMOLLM2 = REPO / "models" / "SmolLM2-135M-Instruct"
+DEFAULT_CACHE = Path(
+    os.environ.get("VLLM_METAL_RS_BENCH_CACHE", Path.home() / ".cache" / "vllm-metal-rs-bench")
+)
+MLX_LM_PIN = "mlx-lm==0.32.2"
+CACHE_FORMAT = 1  # bump when the prepared directories change
+Q_GROUP, Q_BITS = 64, 4
+
+LLAMA1B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "max_position_embeddings": 131072,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
+
+VARIANT_DTYPE = {"f32": "float32", "bf16": "bfloat16", "q4": "bfloat16"}
+
+
+# ---------------------------------------------------------------------------------------------
+# imports
+
+
+def import_engine():
+    """mlx.core and our `_core`, with vllm_metal_rs imported first (it puts OpenBLAS ahead of the
+    reference BLAS before libmlx loads, on Linux). Falls back to the repository's python/ dir."""
+    try:
+        import vllm_metal_rs  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(REPO / "python"))
+        import vllm_metal_rs  # noqa: F401
+    import mlx.core as mx
+
+    from vllm_metal_rs import _core
+
+    return mx, _core
+
+
+def import_mlx_lm():
+    try:
+        import mlx_lm
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.utils import load_model
+    except ImportError as e:
+        print(
+            f"note: mlx-lm is not importable ({e}); measuring our engine only. "
+            f"To compare, install it: pip install {MLX_LM_PIN}",
+            file=sys.stderr,
+        )
+        return None
+    return mlx_lm.__version__, load_model, make_prompt_cache
+
+
+# ---------------------------------------------------------------------------------------------
+# weights: one safetensors directory per (model, variant), shared by both engines
+
+
+def _unpermute_order(num_heads: int, rows: int) -> list[int]:
+    """Row order undoing llama.cpp's per-head interleave of the rotary halves of Q/K."""
+    head_dim = rows // num_heads
+    half = head_dim // 2
+    return [h * head_dim + i * 2 + j for h in range(num_heads) for j in range(2) for i in range(half)]
+
+
+_GGUF_PARTS = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def _gguf_hf_name(base: str) -> str | None:
+    if base in _GGUF_TOP:
+        return _GGUF_TOP[base]
+    if not base.startswith("blk."):
+        return None
+    layer, _, part = base[4:].partition(".")
+    return f"model.layers.{layer}.{_GGUF_PARTS[part]}" if part in _GGUF_PARTS else None
+
+
+def float32_from_gguf(mx, path: Path, config: dict) -> dict:
+    """HF-named float32 tensors of a GGUF checkpoint (MLX's loader; its quants dequantized)."""
+    raw = mx.load(str(path))
+    heads = {"self_attn.q_proj": config["num_attention_heads"],
+             "self_attn.k_proj": config.get("num_key_value_heads", config["num_attention_heads"])}
+    out = {}
+    for name in sorted(raw):
+        base, _, suffix = name.rpartition(".")
+        if suffix != "weight":
+            continue
+        hf = _gguf_hf_name(base)
+        if hf is None:
+            continue
+        w = raw[name]
+        if f"{base}.scales" in raw:
+            scales = raw[f"{base}.scales"].astype(mx.float32)
+            biases = raw.get(f"{base}.biases")
+            biases = None if biases is None else biases.astype(mx.float32)
+            # GGUF quants are groups of 32; the bits follow from the packed width.
+            bits = w.shape[-1] * 32 // (scales.shape[-1] * 32)
+            w = mx.dequantize(w, scales, biases, group_size=32, bits=bits)
+        w = w.astype(mx.float32)
+        for part, n in heads.items():
+            if hf.endswith(part):
+                w = w[mx.array(_unpermute_order(n, w.shape[0]))]
+        out[f"{hf}.weight"] = w
+        mx.eval(w)
+    return out
+
+
+def float32_from_safetensors(mx, model_dir: Path) -> dict:
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update({k: v.astype(mx.float32) for k, v in mx.load(str(f)).items()})
+    return out
+
+
+def random_llama_bf16(mx, config: dict, seed: int = 0) -> dict:
+    """Random bfloat16 weights of a Llama config (std 0.02, unit norms)."""
+    d, f = config["hidden_size"], config["intermediate_size"]
+    hd = config["head_dim"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], d), "model.norm.weight": (d,)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes.update({
+            f"{p}.input_layernorm.weight": (d,),
+            f"{p}.post_attention_layernorm.weight": (d,),
+            f"{p}.self_attn.q_proj.weight": (q, d),
+            f"{p}.self_attn.k_proj.weight": (kv, d),
+            f"{p}.self_attn.v_proj.weight": (kv, d),
+            f"{p}.self_attn.o_proj.weight": (d, q),
+            f"{p}.mlp.gate_proj.weight": (f, d),
+            f"{p}.mlp.up_proj.weight": (f, d),
+            f"{p}.mlp.down_proj.weight": (d, f),
+        })
+    if not config.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (config["vocab_size"], d)
+    out = {}
+    for i, (name, shape) in enumerate(sorted(shapes.items())):
+        if len(shape) == 1:
+            out[name] = mx.ones(shape, dtype=mx.bfloat16)
+        else:
+            out[name] = mx.random.normal(shape, dtype=mx.bfloat16, scale=0.02, key=mx.random.key(seed * 100003 + i))
+        mx.eval(out[name])
+    return out
+
+
+def write_variant(mx, dest: Path, config: dict, weights: dict, variant: str, source: dict) -> None:
+    """Write `weights` (float) as `variant` into `dest`: config.json, model.safetensors, bench.json."""
+    tmp = dest.with_name(dest.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config", "torch_dtype", "dtype")}
+    cfg["torch_dtype"] = VARIANT_DTYPE[variant]
+    tensors = {}
+    for name, w in weights.items():
+        w = w.astype(mx.float32 if variant == "f32" else mx.bfloat16)
+        # Every 2-D weight is a linear layer or the embedding: what mlx-lm's quantizer converts.
+        if variant == "q4" and w.ndim == 2:
+            wq, scales, biases = mx.quantize(w, group_size=Q_GROUP, bits=Q_BITS)
+            base = name[: -len(".weight")]
+            tensors.update({name: wq, f"{base}.scales": scales, f"{base}.biases": biases})
+        else:
+            tensors[name] = w
+    if variant == "q4":
+        cfg["quantization"] = {"group_size": Q_GROUP, "bits": Q_BITS}
+    mx.eval(list(tensors.values()))
+    mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    (tmp / "bench.json").write_text(json.dumps({"format": CACHE_FORMAT, "variant": variant, "source": source}) + "\n")
+    if dest.exists():
+        for p in dest.iterdir():
+            p.unlink()
+        dest.rmdir()
+    tmp.rename(dest)
+
+
+def _cached(dest: Path, source: dict) -> bool:
+    try:
+        meta = json.loads((dest / "bench.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("format") == CACHE_FORMAT and meta.get("source") == source
+
+
+def prepare(mx, model: str, variants: list[str], cache_dir: Path, smollm2_dir: Path) -> dict[str, Path]:
+    """The directory of each variant of `model`, written on first use."""
+    if model == "smollm2":
+        src = smollm2_dir.resolve()
+        ggufs = sorted(src.glob("*.gguf"))
+        files = ggufs[:1] or sorted(src.glob("*.safetensors"))
+        if not files:
+            raise SystemExit(f"no .gguf or .safetensors in {src} (pass --smollm2-dir)")
+        source = {"model": model, "files": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files]}
+    else:
+        source = {"model": model, "seed": 0, "config": LLAMA1B_CONFIG}
+    dirs = {v: cache_dir / f"{model}-{v}" for v in variants}
+    todo = [v for v in variants if not _cached(dirs[v], source)]
+    if todo:
+        t0 = time.perf_counter()
+        if model == "smollm2":
+            config = json.loads((src / "config.json").read_text())
+            weights = float32_from_gguf(mx, files[0], config) if ggufs else float32_from_safetensors(mx, src)
+        else:
+            config = dict(LLAMA1B_CONFIG)
+            weights = random_llama_bf16(mx, config)
+        for v in todo:
+            print(f"writing {model} {v} weights to {dirs[v]}", file=sys.stderr, flush=True)
+            write_variant(mx, dirs[v], config, weights, v, source)
+        del weights
+        gc.collect()
+        mx.clear_cache()
+        print(f"  prepared in {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+    return dirs
+
+
+# ---------------------------------------------------------------------------------------------
+# the two sides
+
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, mx, core, path: Path, device: str, dtype: str | None):
+        self.mx = mx
+        self.runner = core.ModelRunner(str(path), block_size=16, device=device, dtype=dtype)
+        self.weights_nbytes = self.runner.weights_nbytes
+        self.dtype = self.runner.kv_cache_dtype
+
+    def _window(self, blocks: int):
+        mx = self.mx
+        self.runner.allocate_kv_cache(1)  # drop the previous cache
+        gc.collect()
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        self.runner.allocate_kv_cache(blocks)
+        return base
+
+    def _blocks(self, prompts, max_tokens: int) -> int:
+        return sum(math.ceil((len(p) + max_tokens) / 16) for p in prompts)
+
+    def decode(self, prompts: list[list[int]], steps: int) -> dict:
+        base = self._window(self._blocks(prompts, steps + 1))
+        t0 = time.perf_counter()
+        self.runner.generate(prompts, 1)
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = self.runner.generate(prompts, steps + 1)
+        total = time.perf_counter() - t0
+        peak = max(0, self.mx.get_peak_memory() - base)
+        self.runner.allocate_kv_cache(1)
+        return {"step_s": (total - first) / steps, "ttft_s": first, "peak_run_bytes": peak, "tokens": out[0]}
+
+    def first_token(self, prompt: list[int]) -> dict:
+        base = self._window(self._blocks([prompt], 1))
+        t0 = time.perf_counter()
+        out = self.runner.generate([prompt], 1)
+        ttft = time.perf_counter() - t0
+        peak = max(0, self.mx.get_peak_memory() - base)
+        self.runner.allocate_kv_cache(1)
+        return {"ttft_s": ttft, "peak_run_bytes": peak, "tokens": out[0]}
+
+
+class MlxLm:
+    name = "mlx-lm"
+
+    def __init__(self, mx, mlx_lm, path: Path):
+        _, load_model, self.make_prompt_cache = mlx_lm
+        from mlx.utils import tree_flatten
+
+        self.mx = mx
+        self.model, _ = load_model(Path(path))
+        params = tree_flatten(self.model.parameters())
+        mx.eval([v for _, v in params])
+        self.weights_nbytes = sum(v.nbytes for _, v in params)
+        dtypes = {str(v.dtype) for k, v in params if k.endswith("norm.weight")}
+        self.dtype = ",".join(sorted(d.replace("mlx.core.", "") for d in dtypes))
+
+    def _window(self):
+        mx = self.mx
+        gc.collect()
+        mx.clear_cache()
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        return base
+
+    def _prefill(self, toks, cache):
+        """All but the last token fill the cache; the last gives the first token."""
+        mx = self.mx
+        if toks.shape[1] > 1:
+            self.model(toks[:, :-1], cache=cache)
+            mx.eval([c.state for c in cache])
+        logits = self.model(toks[:, -1:], cache=cache)
+        return mx.argmax(logits[:, -1, :], axis=-1)
+
+    def decode(self, prompts: list[list[int]], steps: int) -> dict:
+        mx = self.mx
+        base = self._window()
+        toks = mx.array(prompts, dtype=mx.int32)
+        cache = self.make_prompt_cache(self.model)
+        t0 = time.perf_counter()
+        y = self._prefill(toks, cache)
+        rows = [y.tolist()]
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(steps):
+            nxt = mx.argmax(self.model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+            mx.async_eval(nxt)
+            if i > 0:
+                rows.append(y.tolist())  # ids of the previous step, read while this one runs
+            y = nxt
+        rows.append(y.tolist())
+        total = time.perf_counter() - t0
+        peak = max(0, mx.get_peak_memory() - base)
+        del cache
+        return {"step_s": total / steps, "ttft_s": first, "peak_run_bytes": peak, "tokens": [r[0] for r in rows]}
+
+    def first_token(self, prompt: list[int]) -> dict:
+        mx = self.mx
+        base = self._window()
+        toks = mx.array([prompt], dtype=mx.int32)
+        cache = self.make_prompt_cache(self.model)
+        t0 = time.perf_counter()
+        y = self._prefill(toks, cache).tolist()
+        ttft = time.perf_counter() - t0
+        peak = max(0, mx.get_peak_memory() - base)
+        del cache
+        return {"ttft_s": ttft, "peak_run_bytes": peak, "tokens": y}
+
+
+# ---------------------------------------------------------------------------------------------
+# measuring
+
+
+def prompts_for(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(length)] for _ in range(batch)]
+
+
+def agree(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def summarize(side, samples: list[dict], tokens_per_run: int | None) -> dict:
+    out = {"weights_bytes": side.weights_nbytes, "compute_dtype": side.dtype}
+    if "step_s" in samples[0]:
+        step = statistics.median(s["step_s"] for s in samples)
+        out.update({"step_ms": step * 1e3, "tok_s": tokens_per_run / step, "samples_step_ms": [s["step_s"] * 1e3 for s in samples]})
+    ttft = statistics.median(s["ttft_s"] for s in samples)
+    out["ttft_ms"] = ttft * 1e3
+    out["samples_ttft_ms"] = [s["ttft_s"] * 1e3 for s in samples]
+    out["peak_bytes"] = side.weights_nbytes + max(s["peak_run_bytes"] for s in samples)
+    return out
+
+
+def alternate(sides, fn, reps: int) -> dict[str, list[dict]]:
+    """`reps` runs of each side, alternating, the order flipped every repetition."""
+    got = {s.name: [] for s in sides}
+    for r in range(reps):
+        for s in sides if r % 2 == 0 else sides[::-1]:
+            got[s.name].append(fn(s))
+    return got
+
+
+def bench_variant(mx, core, mlx_lm, model: str, variant: str, path: Path, args) -> list[dict]:
+    device = args.device
+    dtype = None if device == "cpu" else VARIANT_DTYPE[variant]
+    mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
+    sides = [Ours(mx, core, path, device, dtype)]
+    if mlx_lm is not None:
+        sides.append(MlxLm(mx, mlx_lm, path))
+    vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    label = {"model": model, "weights": variant}
+    for s in sides:
+        print(f"{model} {variant}: {s.name} weights {s.weights_nbytes / 2**20:.1f} MiB, computes {s.dtype}", file=sys.stderr, flush=True)
+    rows = []
+    for b in args.batches:
+        prompts = prompts_for(b, args.prompt_len, vocab, seed=b)
+        for s in sides:  # warm-up: kernels, allocator
+            s.decode(prompts, 2)
+        got = alternate(sides, lambda s: s.decode(prompts, args.steps), args.reps)
+        row = {**label, "kind": "decode", "batch": b, "prompt_len": args.prompt_len, "steps": args.steps}
+        for s in sides:
+            row[s.name] = summarize(s, got[s.name], b)
+        if mlx_lm is not None:
+            row["ratio"] = row["ours"]["tok_s"] / row["mlx-lm"]["tok_s"]
+            row["greedy_agree"] = f"{agree(got['ours'][0]['tokens'], got['mlx-lm'][0]['tokens'])}/{args.steps + 1}"
+        rows.append(row)
+        print_progress(row)
+    if args.prefill_len > 0:
+        prompt = prompts_for(1, args.prefill_len, vocab, seed=1000)[0]
+        for s in sides:
+            s.first_token(prompt)
+        got = alternate(sides, lambda s: s.first_token(prompt), args.reps)
+        row = {**label, "kind": "prefill", "batch": 1, "prompt_len": args.prefill_len}
+        for s in sides:
+            row[s.name] = summarize(s, got[s.name], None)
+            row[s.name]["tok_s"] = args.prefill_len / (row[s.name]["ttft_ms"] / 1e3)
+        if mlx_lm is not None:
+            row["ratio"] = row["ours"]["tok_s"] / row["mlx-lm"]["tok_s"]
+            row["greedy_agree"] = f"{agree(got['ours'][0]['tokens'], got['mlx-lm'][0]['tokens'])}/1"
+        rows.append(row)
+        print_progress(row)
+    del sides
+    gc.collect()
+    mx.clear_cache()
+    return rows
+
+
+def print_progress(row: dict) -> None:
+    parts = [f"{row['model']} {row['weights']} {row['kind']} B={row['batch']} L={row['prompt_len']}:"]
+    for side in ("ours", "mlx-lm"):
+        if side in row:
+            r = row[side]
+            parts.append(f"{side} {r['tok_s']:.1f} tok/s" + (f" ({r['step_ms']:.2f} ms/step)" if "step_ms" in r else f" (TTFT {r['ttft_ms']:.1f} ms)"))
+    if "ratio" in row:
+        parts.append(f"ratio {row['ratio']:.2f}, greedy agree {row['greedy_agree']}")
+    print(" ".join(parts), file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _f(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _cell(row: dict, side: str, key: str, scale: float = 1.0) -> str:
+    return _f(row[side][key] * scale) if side in row else "-"
+
+
+def markdown(result: dict) -> str:
+    rows = result["rows"]
+    mib = 1 / 2**20
+    m = result["meta"]
+    lines = [
+        f"Device {m['device']} ({m['backend']['backend']} backend, BLAS {m['backend']['blas']}), MLX {m['mlx']}, "
+        f"mlx-lm {m['mlx_lm'] or 'not installed'}; {m['note']}",
+        f"Load average before / after: {m['load_before']} / {m['load_after']}; command: `{m['command']}`",
+        "",
+        f"Decode after a {rows[0]['prompt_len'] if rows else '?'}-token prompt, greedy "
+        f"(median of {m['reps']} runs of {m['steps']} steps). Peak = weights + peak MLX allocation of the run.",
+        "",
+        "| model | weights | batch | ours tok/s | mlx-lm tok/s | ours / mlx-lm | ours ms/step | mlx-lm ms/step | ours peak MiB | mlx-lm peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["kind"] == "decode"):
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+        lines.append(
+            f"| {r['model']} | {r['weights']} | {r['batch']} | {_cell(r, 'ours', 'tok_s')} | {_cell(r, 'mlx-lm', 'tok_s')} | "
+            f"{ratio} | {_cell(r, 'ours', 'step_ms')} | {_cell(r, 'mlx-lm', 'step_ms')} | "
+            f"{_cell(r, 'ours', 'peak_bytes', mib)} | {_cell(r, 'mlx-lm', 'peak_bytes', mib)} |"
+        )
+    pre = [r for r in rows if r["kind"] == "prefill"]
+    if pre:
+        lines += [
+            "",
+            f"Prefill of one {pre[0]['prompt_len']}-token prompt: tok/s = prompt length / time to first token.",
+            "",
+            "| model | weights | prompt | ours tok/s | mlx-lm tok/s | ours / mlx-lm | ours TTFT ms | mlx-lm TTFT ms | ours peak MiB | mlx-lm peak MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in pre:
+            ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+            lines.append(
+                f"| {r['model']} | {r['weights']} | {r['prompt_len']} | {_cell(r, 'ours', 'tok_s')} | {_cell(r, 'mlx-lm', 'tok_s')} | "
+                f"{ratio} | {_cell(r, 'ours', 'ttft_ms')} | {_cell(r, 'mlx-lm', 'ttft_ms')} | "
+                f"{_cell(r, 'ours', 'peak_bytes', mib)} | {_cell(r, 'mlx-lm', 'peak_bytes', mib)} |"
+            )
+    return "\n".join(lines)
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "gpu"], help="MLX device (default: the GPU when MLX has one)")
+    ap.add_argument("--models", default="smollm2,llama1b", help="comma-separated: smollm2, llama1b")
+    ap.add_argument("--variants", help="comma-separated weight formats: f32, bf16, q4 (default: f32 on cpu, bf16,q4 on gpu)")
+    ap.add_argument("--batches", type=_ints, help="decode batch sizes (default 1,4,16,64)")
+    ap.add_argument("--steps", type=int, help="decode steps per timed run (default 128)")
+    ap.add_argument("--prompt-len", type=int, default=128, help="prompt length before decode (default 128)")
+    ap.add_argument("--prefill-len", type=int, help="prompt length of the prefill / TTFT run (default 1024; 0 skips)")
+    ap.add_argument("--reps", type=int, help="timed runs per side and row, alternating (default 3)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: batches 1,4, 8 steps, prefill 256, 1 rep")
+    ap.add_argument("--no-mlx-lm", action="store_true", help="measure our engine only")
+    ap.add_argument("--smollm2-dir", type=Path, default=DEFAULT_SMOLLM2, help="SmolLM2-135M dir (GGUF or safetensors + config.json)")
+    ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where prepared weights are kept (default %(default)s)")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args()
+    quick = {"batches": [1, 4], "steps": 8, "prefill_len": 256, "reps": 1}
+    full = {"batches": [1, 4, 16, 64], "steps": 128, "prefill_len": 1024, "reps": 3}
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+    load_before = _load()
+    mx, core = import_engine()
+    info = dict(core.backend_info())
+    if args.device is None:
+        args.device = info["device"]
+    if args.device == "gpu" and info["device"] != "gpu":
+        raise SystemExit("--device gpu: this MLX has no GPU backend (on CUDA: pip install 'mlx[cuda13]')")
+    variants = (args.variants or ("f32" if args.device == "cpu" else "bf16,q4")).split(",")
+    for v in variants:
+        if v not in VARIANT_DTYPE:
+            raise SystemExit(f"unknown weight format {v!r}: use f32, bf16, q4")
+    models = args.models.split(",")
+    for m in models:
+        if m not in ("smollm2", "llama1b"):
+            raise SystemExit(f"unknown model {m!r}: use smollm2, llama1b")
+    mlx_lm = None if args.no_mlx_lm else import_mlx_lm()
+
+    if args.device == "cpu":
+        note = "CPU device: both compute float32 (our engine always does on CPU; mlx-lm is given float32 weights)"
+        if variants != ["f32"]:
+            note = ("CPU device: our engine computes float32 whatever the weights, mlx-lm computes the weights' "
+                    "dtype; only the f32 rows compare like with like")
+    else:
+        note = ("GPU device: both compute in the weights' dtype (bf16; q4 = MLX affine 4-bit, group 64, "
+                "bf16 scales and activations)")
+    print(note, file=sys.stderr)
+    rows = []
+    for model in models:
+        dirs = prepare(mx, model, variants, args.cache_dir.expanduser(), args.smollm2_dir)
+        for v in variants:
+            rows += bench_variant(mx, core, mlx_lm, model, v, dirs[v], args)
+
+    result = {
+        "meta": {
+            "device": args.device,
+            "backend": info,
+            "mlx": mx.__version__,
+            "mlx_lm": mlx_lm[0] if mlx_lm else None,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "note": note,
+            "steps": args.steps,
+            "reps": args.reps,
+            "load_before": load_before,
+            "load_after": _load(),
+            "command": " ".join(["python", "benchmarks/engine_bench.py", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "rows": rows,
+    }
+    print(markdown(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
