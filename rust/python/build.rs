@@ -7,7 +7,9 @@ fn main() {
     } else {
         println!("cargo:rustc-link-arg=-Wl,-rpath,$ORIGIN/../mlx/lib");
     }
-    // `cargo test` of this crate (not used by the package) can still find the wheel's library.
+    // Second choice, the build environment's wheel: an editable install (`maturin develop`, as
+    // install.sh does) keeps the module in python/vllm_metal_rs/, where the relative path above
+    // does not reach site-packages.
     if let Ok(dir) = std::env::var("DEP_MLX_LIBDIR") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{dir}");
     }
