@@ -456,8 +456,9 @@ def bench_variant(mx, core, mlx_lm, model: str, variant: str, path: Path, args) 
     rows = []
     for b in args.batches:
         prompts = prompts_for(b, args.prompt_len, vocab, seed=b)
-        for s in sides:  # warm-up: kernels, allocator
-            s.decode(prompts, 2)
+        # Warm-up: allocator, and on a GPU the kernels of every shape the timed runs meet.
+        for s in sides:
+            s.decode(prompts, args.steps if device == "gpu" else 2)
         got = alternate(sides, lambda s: s.decode(prompts, args.steps), args.reps)
         row = {**label, "kind": "decode", "batch": b, "prompt_len": args.prompt_len, "steps": args.steps}
         for s in sides:
@@ -515,7 +516,9 @@ def markdown(result: dict) -> str:
     mib = 1 / 2**20
     m = result["meta"]
     lines = [
-        f"Device {m['device']} ({m['backend']['backend']} backend, BLAS {m['backend']['blas']}), MLX {m['mlx']}, "
+        f"Device {m['device']}: {m.get('device_name', '?')} ({m['backend']['backend']} backend"
+        + (f", BLAS {m['backend']['blas']}" if m["device"] == "cpu" else "")
+        + f"), MLX {m['mlx']}, "
         f"mlx-lm {m['mlx_lm'] or 'not installed'}; {m['note']}",
         f"Load average before / after: {m['load_before']} / {m['load_after']}; command: `{m['command']}`",
         "",
@@ -560,6 +563,14 @@ def _load() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def _device_name(mx, device: str) -> str:
+    try:
+        info = mx.device_info(mx.Device(mx.cpu if device == "cpu" else mx.gpu))
+        return str(info.get("device_name", "?"))
+    except Exception:  # older MLX: no device_info
+        return "?"
 
 
 def main() -> None:
@@ -620,6 +631,7 @@ def main() -> None:
         "meta": {
             "device": args.device,
             "backend": info,
+            "device_name": _device_name(mx, args.device),
             "mlx": mx.__version__,
             "mlx_lm": mlx_lm[0] if mlx_lm else None,
             "python": platform.python_version(),

@@ -30,21 +30,25 @@ def main() -> None:
         raise SystemExit("plot_decode.py needs matplotlib (not a project dependency): pip install matplotlib")
 
     # (model) -> list of (label, batches, ours tok/s, mlx-lm tok/s or None)
-    panels: dict[str, list] = {}
+    series: dict[tuple[str, str, str, str], list[dict]] = {}  # (model, weights, device, file) -> rows
     for path in args.results:
         result = json.loads(path.read_text())
-        meta = result["meta"]
-        tag = meta["device"] if len(args.results) == 1 else f"{path.stem} ({meta['device']})"
-        series: dict[tuple[str, str], list[dict]] = {}
+        device = result["meta"]["device"]
         for row in result["rows"]:
             if row["kind"] == "decode":
-                series.setdefault((row["model"], row["weights"]), []).append(row)
-        for (model, weights), rows in series.items():
-            rows.sort(key=lambda r: r["batch"])
-            mlx = [r["mlx-lm"]["tok_s"] for r in rows] if all("mlx-lm" in r for r in rows) else None
-            panels.setdefault(model, []).append(
-                (f"{weights}, {tag}", [r["batch"] for r in rows], [r["ours"]["tok_s"] for r in rows], mlx)
-            )
+                series.setdefault((row["model"], row["weights"], device, path.stem), []).append(row)
+    # Name the file only where one model, format and device comes from several files.
+    seen: dict[tuple[str, str, str], int] = {}
+    for model, weights, device, _ in series:
+        seen[(model, weights, device)] = seen.get((model, weights, device), 0) + 1
+    panels: dict[str, list] = {}
+    for (model, weights, device, stem), rows in series.items():
+        rows.sort(key=lambda r: r["batch"])
+        mlx = [r["mlx-lm"]["tok_s"] for r in rows] if all("mlx-lm" in r for r in rows) else None
+        label = f"{weights}, {device}" + (f", {stem}" if seen[(model, weights, device)] > 1 else "")
+        panels.setdefault(model, []).append(
+            (label, [r["batch"] for r in rows], [r["ours"]["tok_s"] for r in rows], mlx)
+        )
     if not panels:
         raise SystemExit("no decode rows in " + ", ".join(map(str, args.results)))
 
