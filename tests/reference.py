@@ -70,6 +70,18 @@ class TinySpec:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes * block_size
 
 
+# Llama 3 rope scaling. head_dim 16 and theta 20000 give wavelengths 6.3 .. ~36000 positions;
+# with original_max_position_embeddings=64, low_freq_factor=1, high_freq_factor=4 the
+# wavelengths < 16 are kept, those > 64 are divided by factor 8, and the ones in between are
+# smoothed: all three regimes of the llama3 formula are exercised at every position > 0.
+_LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
 #: Named variants used across the test-suite.
 TINY_VARIANTS: dict[str, TinySpec] = {
     # GQA (4 query heads over 2 KV heads), untied lm_head.
@@ -78,31 +90,8 @@ TINY_VARIANTS: dict[str, TinySpec] = {
     "tied": TinySpec(seed=2, tie_word_embeddings=True),
     # Plain multi-head attention.
     "mha": TinySpec(seed=3, num_kv_heads=4, num_layers=2),
-    # Llama 3 rope scaling. head_dim 16 and theta 20000 give wavelengths 6.3 .. ~36000 positions;
-    # with original_max_position_embeddings=64, low_freq_factor=1, high_freq_factor=4 the
-    # wavelengths < 16 are kept, those > 64 are divided by factor 8, and the ones in between are
-    # smoothed: all three regimes of the llama3 formula are exercised at every position > 0.
-    "llama3": TinySpec(
-        seed=4,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
-    ),
-    "llama3_legacy": TinySpec(
-        seed=4,
-        rope_scaling={
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        },
-        config_format="legacy",
-    ),
+    "llama3": TinySpec(seed=4, rope_scaling=_LLAMA3_SCALING),
+    "llama3_legacy": TinySpec(seed=4, rope_scaling=_LLAMA3_SCALING, config_format="legacy"),
     "linear": TinySpec(seed=5, rope_scaling={"rope_type": "linear", "factor": 4.0}),
     "linear_legacy": TinySpec(
         seed=5, rope_scaling={"rope_type": "linear", "factor": 4.0}, config_format="legacy"

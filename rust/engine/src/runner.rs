@@ -131,10 +131,11 @@ impl ModelRunner {
             log::warn!("{} checkpoint tensors unused, e.g. {}", leftover.len(), leftover[0]);
         }
         drop(weights);
-        let mut arrays: Vec<&Array> = model.parameters().iter().flat_map(|l| l.arrays()).collect();
+        let linears = model.parameters();
+        let mut arrays: Vec<&Array> = linears.iter().flat_map(|l| l.arrays()).collect();
         arrays.extend(model.norms().iter().map(|n| &n.weight));
         eval(arrays.iter().copied()).context("materialising weights")?;
-        let weights_nbytes = model.parameters().iter().map(|l| l.nbytes()).sum::<usize>()
+        let weights_nbytes = linears.iter().map(|l| l.nbytes()).sum::<usize>()
             + model.norms().iter().map(|n| n.weight.nbytes()).sum::<usize>();
         log::info!(
             "loaded {} from {} ({}) on {:?}: {} layers, {} in {}, {:.1} MiB, {:.2}s",
@@ -143,7 +144,7 @@ impl ModelRunner {
             match &source { WeightSource::Gguf(_) => "gguf", WeightSource::Safetensors(_) => "safetensors" },
             device,
             config.num_hidden_layers,
-            if model.parameters().iter().any(|l| l.quant.is_some()) { "quantized" } else { "dense" },
+            if linears.iter().any(|l| l.quant.is_some()) { "quantized" } else { "dense" },
             dtype_name(dtype),
             weights_nbytes as f64 / (1 << 20) as f64,
             start.elapsed().as_secs_f64()

@@ -406,18 +406,16 @@ impl PyModelRunner {
 
     /// Logits `[T, vocab]` (float32) of every token of explicit `(req_id, tokens, start, block_ids)` chunks.
     fn step_logits<'py>(&self, py: Python<'py>, batch: Vec<(String, Vec<i32>, usize, Vec<i32>)>) -> PyResult<Bound<'py, PyAny>> {
-        let (data, shape) = py
-            .detach(|| -> anyhow::Result<(Vec<f32>, Vec<usize>)> {
+        let logits = py
+            .detach(|| {
                 let chunks: Vec<SeqChunk> = batch
                     .iter()
                     .map(|(_, tokens, start, blocks)| SeqChunk { start: *start, tokens, block_ids: blocks })
                     .collect();
-                let logits = self.lock().step_logits(&chunks)?;
-                let shape = logits.shape().iter().map(|&d| d as usize).collect();
-                Ok((logits.as_slice::<f32>().to_vec(), shape))
+                self.lock().step_logits(&chunks)
             })
             .map_err(engine_err)?;
-        Ok(PyArray1::from_vec(py, data).reshape(shape)?.into_any())
+        to_numpy_f32(py, &logits)
     }
 
     /// Engine-alone generation (no vLLM): all prompts batched; greedy when temperature == 0.
