@@ -319,6 +319,7 @@ def _fake_config(**changes) -> SimpleNamespace:
         multimodal_config=None,
         quantization=None,
         enable_prompt_embeds=False,
+        logits_processors=None,
         dtype=torch.float32,
     )
     cfg = SimpleNamespace(
@@ -350,6 +351,7 @@ def _fake_config(**changes) -> SimpleNamespace:
         ({"model_config__multimodal_config": SimpleNamespace()}, "multimodal"),
         ({"model_config__quantization": "awq"}, "quantization='awq'"),
         ({"cache_config__cache_dtype": "fp8"}, "kv_cache_dtype='fp8'"),
+        ({"model_config__logits_processors": ["my.Processor"]}, "logits_processors"),
     ],
 )
 def test_unsupported_features_are_rejected(monkeypatch, changes, fragment):
@@ -363,17 +365,22 @@ def test_unsupported_features_are_rejected(monkeypatch, changes, fragment):
     assert "\n" not in str(excinfo.value)
 
 
-def test_requests_the_engine_cannot_honour_are_rejected():
+def test_requests_the_engine_cannot_honour_are_rejected_the_rest_accepted():
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
     from vllm_metal_rs.platform import MetalPlatform
 
-    MetalPlatform.validate_request({}, SamplingParams(max_tokens=4))
     for params in (
-        SamplingParams(logprobs=2),
-        SamplingParams(prompt_logprobs=1),
+        SamplingParams(max_tokens=4),
+        SamplingParams(logprobs=2, prompt_logprobs=1),
         SamplingParams(structured_outputs=StructuredOutputsParams(regex="[0-9]+")),
+    ):
+        MetalPlatform.validate_request({}, params)
+    for params in (
+        SamplingParams(logprob_token_ids=[1, 2]),
+        SamplingParams(prompt_logprob_token_ids=[[1, 2]]),
+        SamplingParams(thinking_token_budget=8),
     ):
         # A ValueError for offline callers; a client error (HTTP 400) for the server.
         with pytest.raises(ValueError, match="not supported") as excinfo:

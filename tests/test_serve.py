@@ -13,6 +13,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.vllm
@@ -199,6 +200,108 @@ def test_penalties_change_greedy_output(client, check_alive):
     penalised = client.completions.create(**kw, frequency_penalty=2.0, presence_penalty=1.0).choices[0].text
     assert plain != penalised, f"penalties had no effect: {plain!r}"
     assert penalised.lower().count("one") < plain.lower().count("one"), (plain, penalised)
+
+
+def _check_top(chosen_logprob: float, top: list[tuple[str, float]], n: int) -> None:
+    """Greedy: the chosen token is the most likely one; the list is n long and descending."""
+    assert len(top) == n, f"{len(top)} top logprobs, asked for {n}"
+    values = [v for _, v in top]
+    assert values == sorted(values, reverse=True) and all(v <= 0 for v in values), top
+    assert abs(chosen_logprob - values[0]) < 1e-4, (chosen_logprob, top)
+
+
+def test_chat_logprobs_stream_and_non_stream(client, check_alive):
+    kw = dict(model=MODEL_NAME, messages=CHAT, temperature=0.0, max_tokens=12, logprobs=True, top_logprobs=3)
+    resp = client.chat.completions.create(**kw)
+    content = resp.choices[0].logprobs.content
+    assert len(content) == resp.usage.completion_tokens, (len(content), resp.usage)
+    # The stop token (EOS) is listed too, though not part of the text.
+    assert "".join(c.token for c in content).startswith(resp.choices[0].message.content)
+    for c in content:
+        _check_top(c.logprob, [(t.token, t.logprob) for t in c.top_logprobs], 3)
+
+    streamed = [
+        c
+        for chunk in client.chat.completions.create(**kw, stream=True)
+        for choice in chunk.choices
+        if choice.logprobs and choice.logprobs.content
+        for c in choice.logprobs.content
+    ]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert np.allclose([c.logprob for c in streamed], [c.logprob for c in content], atol=1e-4)
+
+
+def test_completion_logprobs_and_prompt_logprobs(client, check_alive):
+    prompt = "The three primary colors are"
+    kw = dict(model=MODEL_NAME, prompt=prompt, temperature=0.0, max_tokens=8, logprobs=2)
+    resp = client.completions.create(**kw, extra_body={"prompt_logprobs": 1, "return_token_ids": True})
+    choice = resp.choices[0]
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == resp.usage.completion_tokens
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs):
+        _check_top(chosen, list(top.items()), 2)
+    # vLLM's prompt_logprobs: None for the first prompt token, then {token_id: {logprob, rank, ...}}.
+    plp = choice.prompt_logprobs
+    assert len(plp) == resp.usage.prompt_tokens and plp[0] is None, plp[:2]
+    for pos, entry in zip(choice.prompt_token_ids[1:], plp[1:]):
+        assert str(pos) in entry and len(entry) in (1, 2), entry
+        assert all(v["logprob"] <= 0 and v["rank"] >= 1 for v in entry.values()), entry
+
+    streamed = [
+        (tok, chosen)
+        for chunk in client.completions.create(**kw, stream=True)
+        for c in chunk.choices
+        if c.logprobs
+        for tok, chosen in zip(c.logprobs.tokens, c.logprobs.token_logprobs)
+    ]
+    assert [t for t, _ in streamed] == lp.tokens
+    assert np.allclose([v for _, v in streamed], lp.token_logprobs, atol=1e-4)
+
+
+def test_response_format_json_schema(client, check_alive):
+    import json
+
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 24},
+            "population": {"type": "integer"},
+            "capital": {"type": "boolean"},
+        },
+        "required": ["city", "population", "capital"],
+        "additionalProperties": False,
+    }
+    for temperature in (0.0, 0.9):
+        resp = client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=[{"role": "user", "content": "Describe the largest city of France as JSON."}],
+            temperature=temperature,
+            seed=5,
+            max_tokens=96,
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        )
+        text = resp.choices[0].message.content
+        assert resp.choices[0].finish_reason == "stop", (resp.choices[0].finish_reason, text)
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_structured_regex_and_choice(client, check_alive):
+    import re
+
+    pattern = r"[0-9]{3}-[a-z]{2,5}"
+    regex = client.completions.create(
+        model=MODEL_NAME, prompt="A product code:", temperature=0.7, seed=1, max_tokens=16,
+        extra_body={"structured_outputs": {"regex": pattern}},
+    ).choices[0].text
+    assert re.fullmatch(pattern, regex), regex
+    choices = ["yes", "no", "maybe"]
+    picked = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "Is the sky green?"}],
+        temperature=0.0, max_tokens=8, extra_body={"structured_outputs": {"choice": choices}},
+    ).choices[0].message.content
+    assert picked in choices, picked
 
 
 def test_metrics_endpoint(server, client, check_alive):

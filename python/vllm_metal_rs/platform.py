@@ -292,18 +292,19 @@ class MetalPlatform(Platform):
             "checkpoint's own weights (safetensors or GGUF) and no vLLM quantization method",
         )
         _reject(getattr(mc, "enable_prompt_embeds", False), "prompt embeddings are not supported")
+        _reject(
+            bool(getattr(mc, "logits_processors", None)),
+            "custom logits_processors are not supported; the engine samples in Rust",
+        )
         cls.check_if_supports_dtype(mc.dtype)
 
     @classmethod
     def validate_request(cls, processed_inputs: Any, params: Any) -> None:
-        # The engine returns sampled token ids only and samples without a grammar bitmask, so
-        # these would otherwise be silently ignored or come back empty.
+        # Fields the engine does not compute; they would otherwise be silently ignored.
         for field, what in (
-            ("structured_outputs", "structured outputs (guided decoding) are"),
-            ("logprobs", "logprobs are"),
-            ("prompt_logprobs", "prompt_logprobs are"),
             ("logprob_token_ids", "logprob_token_ids are"),
             ("prompt_logprob_token_ids", "prompt_logprob_token_ids are"),
+            ("thinking_token_budget", "thinking_token_budget is"),
         ):
             if getattr(params, field, None) is not None:
                 raise _UnsupportedRequest(f"vllm-metal-rs: {what} not supported", parameter=field)

@@ -13,7 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
-from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+from vllm.v1.outputs import (
+    EMPTY_MODEL_RUNNER_OUTPUT,
+    LogprobsLists,
+    LogprobsTensors,
+    ModelRunnerOutput,
+)
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vllm_metal_rs import envs
@@ -127,6 +132,7 @@ class MetalWorker(WorkerBase):
         )
         self.model_runner: Any = None
         self.mlx_device: str | None = None
+        self._num_scheduled = 0
 
     # --- lifecycle, in the order the engine calls it ------------------------------------------
 
@@ -163,6 +169,7 @@ class MetalWorker(WorkerBase):
         r = self.model_runner
         # Draws of requests without their own seed follow the engine seed, as on other platforms.
         r.set_seed(mc.seed or 0)
+        r.set_logprobs_mode(str(mc.logprobs_mode))
         logger.info(
             "vllm-metal-rs: loaded %s: %d layers, %d KV heads x %d, %s, weights %.2f GiB",
             path,
@@ -276,28 +283,38 @@ class MetalWorker(WorkerBase):
     def get_supported_tasks(self) -> tuple[str, ...]:
         return ("generate",)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        # The forward is submitted here and runs while the engine core computes the grammar
+        # bitmask; the tokens come from sample_tokens (vLLM calls it when this returns None).
+        self._runner().execute_model(scheduler_output)
         if scheduler_output.total_num_scheduled_tokens == 0:
-            # Nothing to run, but finished requests still have to leave the engine's state.
-            if scheduler_output.finished_req_ids:
-                self._runner().execute_model(scheduler_output)
+            # Nothing ran; finished requests have left the engine's state.
             return EMPTY_MODEL_RUNNER_OUTPUT
-        req_ids, sampled = self._runner().execute_model(scheduler_output)
-        if len(req_ids) != len(scheduler_output.num_scheduled_tokens):
+        self._num_scheduled = len(scheduler_output.num_scheduled_tokens)
+        return None
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+        grammar = None
+        if grammar_output is not None and grammar_output.structured_output_request_ids:
+            grammar = (
+                list(grammar_output.structured_output_request_ids),
+                grammar_output.grammar_bitmask,
+            )
+        req_ids, sampled, logprobs, prompt_logprobs = self._runner().sample_tokens(grammar)
+        if len(req_ids) != self._num_scheduled:
             raise RuntimeError(
                 f"vllm-metal-rs: engine returned {len(req_ids)} requests for "
-                f"{len(scheduler_output.num_scheduled_tokens)} scheduled"
+                f"{self._num_scheduled} scheduled"
             )
         return ModelRunnerOutput(
             req_ids=req_ids,
             req_id_to_index={req_id: i for i, req_id in enumerate(req_ids)},
             sampled_token_ids=sampled,
-        )
-
-    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
-        # vLLM calls this only after execute_model returned None, which ours never does.
-        raise RuntimeError(
-            "vllm-metal-rs: sample_tokens is not used; execute_model returns the step's output"
+            logprobs=None if logprobs is None else LogprobsLists(*logprobs),
+            prompt_logprobs_dict={
+                req_id: LogprobsTensors(*(torch.from_numpy(a) for a in arrays))
+                for req_id, arrays in prompt_logprobs.items()
+            },
         )
 
     def shutdown(self) -> None:

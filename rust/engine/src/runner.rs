@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use mlx_rs::{transforms::eval, Array, Dtype};
+use mlx_rs::{
+    transforms::{async_eval, eval},
+    Array, Dtype,
+};
 
 use crate::batch::{SeqChunk, StepBatch};
 use crate::config::ModelConfig;
@@ -13,7 +16,9 @@ use crate::device::{self, DeviceKind};
 use crate::kv_cache::PagedKvCache;
 use crate::models::{self, CausalLm};
 use crate::nn::{dtype_name, parse_dtype};
-use crate::sampler::{mix_seed, sample, Row, SamplingParams};
+use crate::sampler::{
+    bitmask_to_additive, choose, gather_logprobs, mix_seed, LogprobsMode, Row, SamplingParams, TopLogprobs,
+};
 use crate::weights::{WeightSource, Weights};
 
 #[derive(Debug, Clone, Default)]
@@ -58,11 +63,53 @@ pub struct SchedulerStep {
     pub finished_req_ids: Vec<String>,
 }
 
+/// Reported logprobs, row-major `[rows, cols]`: per row the target token first (the sampled one,
+/// or the next prompt token), then the top `cols - 1` in descending order; the target's rank.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Logprobs {
+    pub cols: usize,
+    pub token_ids: Vec<i32>,
+    pub logprobs: Vec<f32>,
+    pub ranks: Vec<i32>,
+}
+
+impl Logprobs {
+    fn zeros(rows: usize, cols: usize) -> Self {
+        Self { cols, token_ids: vec![0; rows * cols], logprobs: vec![0.0; rows * cols], ranks: vec![0; rows] }
+    }
+
+    /// Copy `top` (evaluated, `top.cols <= self.cols`) into rows `first..`.
+    fn fill(&mut self, first: usize, top: &TopLogprobs) -> Result<()> {
+        let shape = top.token_ids.shape();
+        let (n, c) = (shape[0] as usize, shape[1] as usize);
+        ensure!(c <= self.cols && first + n <= self.ranks.len(), "logprobs rows out of range");
+        let (ids, lps) = (top.token_ids.as_slice::<i32>(), top.scores.as_slice::<f32>());
+        for i in 0..n {
+            let row = (first + i) * self.cols;
+            self.token_ids[row..row + c].copy_from_slice(&ids[i * c..(i + 1) * c]);
+            self.logprobs[row..row + c].copy_from_slice(&lps[i * c..(i + 1) * c]);
+        }
+        self.ranks[first..first + n].copy_from_slice(top.ranks.as_slice::<i32>());
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct StepOutput {
     pub req_ids: Vec<String>,
     /// Per request: the sampled token, or nothing when its chunk did not reach the end of its tokens.
     pub sampled_token_ids: Vec<Vec<i32>>,
+    /// One row per request of `req_ids` (zeros for those not asking), when a sampling request asks.
+    pub logprobs: Option<Logprobs>,
+    /// The whole prompt's logprobs (`num_prompt - 1` rows), for requests whose prefill ended now.
+    pub prompt_logprobs: Vec<(String, Logprobs)>,
+}
+
+/// vLLM's structured-output bitmask: one row of `width` int32 words per request of `req_ids`.
+pub struct GrammarBitmask<'a> {
+    pub req_ids: &'a [String],
+    pub words: &'a [i32],
+    pub width: usize,
 }
 
 struct RequestState {
@@ -71,6 +118,30 @@ struct RequestState {
     block_ids: Vec<i32>,
     num_computed: usize,
     sampling: SamplingParams,
+    /// Prompt logprobs gathered so far, while the prompt is being prefilled.
+    prompt_logprobs: Option<Logprobs>,
+}
+
+/// A step whose forward is submitted and whose tokens are not chosen yet (vLLM asks for them in a
+/// second call, with the grammar bitmask computed meanwhile).
+struct PendingStep {
+    scheduled: Vec<(String, usize)>,
+    /// Batch index of each request that samples, and the PRNG key of its draw.
+    sample_rows: Vec<usize>,
+    keys: Vec<u64>,
+    /// float32 logits `[sample_rows, V]`.
+    logits: Option<Array>,
+    prompt_chunks: Vec<PromptChunk>,
+}
+
+/// The prompt logprobs one step computes for one request.
+struct PromptChunk {
+    req_id: String,
+    /// Prompt position of the first row.
+    start: usize,
+    top: Option<TopLogprobs>,
+    /// The last rows of the prompt: the request's prompt logprobs are reported with this step.
+    complete: bool,
 }
 
 pub struct ModelRunner {
@@ -85,6 +156,8 @@ pub struct ModelRunner {
     /// Draws of requests without their own seed come from this stream.
     seed: u64,
     draws: u64,
+    logprobs_mode: LogprobsMode,
+    pending: Option<PendingStep>,
 }
 
 impl ModelRunner {
@@ -160,6 +233,8 @@ impl ModelRunner {
             requests: HashMap::new(),
             seed: 0,
             draws: 0,
+            logprobs_mode: LogprobsMode::default(),
+            pending: None,
         })
     }
 
@@ -181,6 +256,15 @@ impl ModelRunner {
     pub fn set_seed(&mut self, seed: u64) {
         self.seed = seed;
         self.draws = 0;
+    }
+
+    pub fn set_logprobs_mode(&mut self, mode: LogprobsMode) {
+        self.logprobs_mode = mode;
+    }
+
+    /// `-1` (all tokens) as the vocabulary size.
+    fn resolve_num_logprobs(&self, k: i32) -> usize {
+        if k < 0 { self.config.vocab_size } else { k as usize }
     }
 
     pub fn allocate_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
@@ -237,10 +321,21 @@ impl ModelRunner {
 
     /// One scheduler step: update request state, run the scheduled tokens, sample where due.
     pub fn execute(&mut self, step: &SchedulerStep) -> Result<StepOutput> {
+        self.forward_step(step)?;
+        self.sample_step(None)
+    }
+
+    /// The first half of a step: update request state, build the batch, submit the forward (MLX
+    /// computes it in the background while the caller prepares the grammar bitmask).
+    pub fn forward_step(&mut self, step: &SchedulerStep) -> Result<()> {
+        ensure!(self.pending.is_none(), "a step is submitted twice without sampling its tokens");
         for id in &step.finished_req_ids {
             self.requests.remove(id);
         }
         for r in &step.new_requests {
+            let prompt_logprobs = r.sampling.prompt_logprobs.map(|k| {
+                Logprobs::zeros(r.prompt_token_ids.len().saturating_sub(1), self.resolve_num_logprobs(k) + 1)
+            });
             self.requests.insert(
                 r.req_id.clone(),
                 RequestState {
@@ -249,6 +344,7 @@ impl ModelRunner {
                     block_ids: r.block_ids.clone(),
                     num_computed: r.num_computed_tokens,
                     sampling: r.sampling.clone(),
+                    prompt_logprobs,
                 },
             );
         }
@@ -273,11 +369,13 @@ impl ModelRunner {
             }
         }
         if step.num_scheduled_tokens.is_empty() {
-            return Ok(StepOutput::default());
+            return Ok(());
         }
 
         let mut chunks = Vec::with_capacity(step.num_scheduled_tokens.len());
-        let mut sample_rows = Vec::new(); // (index in batch, flat index of its last token)
+        let mut sample_rows = Vec::new(); // batch index
+        let mut flat_last = Vec::new(); // flat index of a sampling request's last token
+        let mut prompt_rows = Vec::new(); // (batch index, flat index of the chunk's first token)
         let mut flat = 0usize;
         for (i, (id, n)) in step.num_scheduled_tokens.iter().enumerate() {
             let s = self
@@ -293,17 +391,20 @@ impl ModelRunner {
                 );
             }
             chunks.push(SeqChunk { start: s.num_computed, tokens: &s.tokens[s.num_computed..end], block_ids: &s.block_ids });
+            if s.prompt_logprobs.is_some() {
+                prompt_rows.push((i, flat));
+            }
             flat += n;
             if end == s.tokens.len() {
-                sample_rows.push((i, flat - 1));
+                sample_rows.push(i);
+                flat_last.push(flat as i32 - 1);
             }
         }
         let batch = StepBatch::build(&chunks, self.block_size)?;
         drop(chunks);
 
-        let rows: Vec<i32> = sample_rows.iter().map(|&(_, f)| f as i32).collect();
-        let mut keys = Vec::with_capacity(rows.len());
-        for &(i, _) in &sample_rows {
+        let mut keys = Vec::with_capacity(sample_rows.len());
+        for &i in &sample_rows {
             let s = &self.requests[&step.num_scheduled_tokens[i].0];
             let key = match s.sampling.seed {
                 Some(seed) => mix_seed(seed, (s.tokens.len() - s.num_prompt) as u64),
@@ -318,40 +419,164 @@ impl ModelRunner {
         let model = &self.model;
         let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
         let hidden = model.forward(&batch, cache)?;
-        let sampled: Vec<i32> = if rows.is_empty() {
-            eval(cache.arrays())?;
-            Vec::new()
+        let logits = if sample_rows.is_empty() {
+            None
         } else {
-            let last = hidden.take_axis(&Array::from_slice(&rows, &[rows.len() as i32]), 0)?;
-            let logits = model.logits(&last)?;
-            let rows: Vec<Row> = sample_rows
-                .iter()
-                .zip(&keys)
-                .map(|(&(i, _), &key)| {
-                    let s = &self.requests[&step.num_scheduled_tokens[i].0];
-                    Row {
-                        params: &s.sampling,
-                        key,
-                        prompt: &s.tokens[..s.num_prompt],
-                        output: &s.tokens[s.num_prompt..],
-                    }
-                })
-                .collect();
-            let ids = sample(&logits, &rows)?;
-            eval([&ids].into_iter().chain(cache.arrays()))?;
-            ids.as_slice::<i32>().to_vec()
+            let last = hidden.take_axis(&Array::from_slice(&flat_last, &[flat_last.len() as i32]), 0)?;
+            Some(model.logits(&last)?)
         };
 
-        let mut out = StepOutput {
-            req_ids: step.num_scheduled_tokens.iter().map(|(id, _)| id.clone()).collect(),
-            sampled_token_ids: vec![Vec::new(); step.num_scheduled_tokens.len()],
-        };
+        // vLLM's rules: position p reports the logprob of prompt token p + 1; a request's rows are
+        // returned with the step that reaches its last prompt token (it samples then).
+        let mut prompt_chunks = Vec::with_capacity(prompt_rows.len());
+        for &(i, first_flat) in &prompt_rows {
+            let (id, n) = &step.num_scheduled_tokens[i];
+            let s = &self.requests[id];
+            let Some(buf) = &s.prompt_logprobs else { continue };
+            let start = s.num_computed;
+            let remaining = s.num_prompt as isize - start as isize - 1;
+            let (rows, complete) = if *n as isize <= remaining { (*n as isize, false) } else { (remaining, true) };
+            let top = if rows > 0 {
+                let rows = rows as i32;
+                let idx = Array::from_iter(first_flat as i32..first_flat as i32 + rows, &[rows]);
+                let logits = model.logits(&hidden.take_axis(&idx, 0)?)?;
+                // Prompt tokens skip the sampling processors: processed modes equal raw ones here.
+                let scores = self.logprobs_mode.scores(&logits)?;
+                let targets = Array::from_slice(&s.tokens[start + 1..start + 1 + rows as usize], &[rows]);
+                Some(gather_logprobs(&scores, buf.cols as i32 - 1, &targets)?)
+            } else {
+                None
+            };
+            prompt_chunks.push(PromptChunk { req_id: id.clone(), start, top, complete });
+        }
+
+        let mut outputs: Vec<&Array> = cache.arrays().collect();
+        outputs.extend(logits.iter());
+        async_eval(outputs).context("submitting the step")?;
         for (id, n) in &step.num_scheduled_tokens {
             self.requests.get_mut(id).unwrap().num_computed += n;
         }
-        for (&(i, _), &tok) in sample_rows.iter().zip(&sampled) {
-            self.requests.get_mut(&step.num_scheduled_tokens[i].0).unwrap().tokens.push(tok);
-            out.sampled_token_ids[i].push(tok);
+        self.pending = Some(PendingStep {
+            scheduled: step.num_scheduled_tokens.clone(),
+            sample_rows,
+            keys,
+            logits,
+            prompt_chunks,
+        });
+        Ok(())
+    }
+
+    /// The second half of a step: apply the grammar bitmask (structured-output requests), choose
+    /// the tokens, gather the logprobs asked for, and wait for all of it.
+    pub fn sample_step(&mut self, grammar: Option<&GrammarBitmask>) -> Result<StepOutput> {
+        let Some(p) = self.pending.take() else { return Ok(StepOutput::default()) };
+        let mut out = StepOutput {
+            req_ids: p.scheduled.iter().map(|(id, _)| id.clone()).collect(),
+            sampled_token_ids: vec![Vec::new(); p.scheduled.len()],
+            ..Default::default()
+        };
+        let mut to_eval: Vec<&Array> = self.cache.as_ref().map(|c| c.arrays().collect()).unwrap_or_default();
+        for c in &p.prompt_chunks {
+            if let Some(t) = &c.top {
+                to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
+            }
+        }
+
+        let mut chosen = None;
+        if let Some(mut logits) = p.logits.clone() {
+            let state = |i: usize| &self.requests[&p.scheduled[i].0];
+            if let Some(g) = grammar.filter(|g| !g.req_ids.is_empty()) {
+                ensure!(
+                    g.words.len() == g.req_ids.len() * g.width,
+                    "grammar bitmask has {} words for {} requests of width {}",
+                    g.words.len(),
+                    g.req_ids.len(),
+                    g.width
+                );
+                let row_of: HashMap<&str, usize> =
+                    p.sample_rows.iter().enumerate().map(|(r, &i)| (p.scheduled[i].0.as_str(), r)).collect();
+                // Requests the grammar covers that do not sample this step have no row here.
+                let masked: Vec<(usize, &[i32])> = g
+                    .req_ids
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, id)| row_of.get(id.as_str()).map(|&r| (r, &g.words[j * g.width..(j + 1) * g.width])))
+                    .collect();
+                if !masked.is_empty() {
+                    let v = logits.shape()[1] as usize;
+                    logits = logits.add(bitmask_to_additive(p.sample_rows.len(), v, &masked)?)?;
+                }
+            }
+            let rows: Vec<Row> = p
+                .sample_rows
+                .iter()
+                .zip(&p.keys)
+                .map(|(&i, &key)| {
+                    let s = state(i);
+                    Row { params: &s.sampling, key, prompt: &s.tokens[..s.num_prompt], output: &s.tokens[s.num_prompt..] }
+                })
+                .collect();
+            let (ids, used) = choose(&logits, &rows)?;
+            // Sampled-token logprobs, for the rows that ask, from the logits the mode names.
+            let want: Vec<i32> =
+                (0..rows.len() as i32).filter(|&r| rows[r as usize].params.logprobs.is_some()).collect();
+            let top = if want.is_empty() {
+                None
+            } else {
+                let k = want
+                    .iter()
+                    .map(|&r| self.resolve_num_logprobs(rows[r as usize].params.logprobs.unwrap()))
+                    .max()
+                    .unwrap();
+                let source = if self.logprobs_mode.is_processed() { &used } else { &logits };
+                let idx = Array::from_slice(&want, &[want.len() as i32]);
+                let scores = self.logprobs_mode.scores(&source.take_axis(&idx, 0)?)?;
+                Some((want, k, gather_logprobs(&scores, k as i32, &ids.take_axis(&idx, 0)?)?))
+            };
+            chosen = Some((ids, top));
+        }
+        if let Some((ids, top)) = &chosen {
+            to_eval.push(ids);
+            if let Some((_, _, t)) = top {
+                to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
+            }
+        }
+        eval(to_eval).context("running the step")?;
+
+        if let Some((ids, top)) = chosen {
+            let sampled = ids.as_slice::<i32>();
+            for (&i, &tok) in p.sample_rows.iter().zip(sampled) {
+                self.requests.get_mut(&p.scheduled[i].0).unwrap().tokens.push(tok);
+                out.sampled_token_ids[i].push(tok);
+            }
+            if let Some((want, k, t)) = top {
+                // One row per request of the step; the rows of `t` are the sampling rows that asked.
+                let mut lp = Logprobs::zeros(p.scheduled.len(), k + 1);
+                let sub = Logprobs {
+                    cols: k + 1,
+                    token_ids: t.token_ids.as_slice::<i32>().to_vec(),
+                    logprobs: t.scores.as_slice::<f32>().to_vec(),
+                    ranks: t.ranks.as_slice::<i32>().to_vec(),
+                };
+                for (j, &r) in want.iter().enumerate() {
+                    let i = p.sample_rows[r as usize];
+                    let (dst, src) = (i * lp.cols, j * sub.cols);
+                    lp.token_ids[dst..dst + lp.cols].copy_from_slice(&sub.token_ids[src..src + sub.cols]);
+                    lp.logprobs[dst..dst + lp.cols].copy_from_slice(&sub.logprobs[src..src + sub.cols]);
+                    lp.ranks[i] = sub.ranks[j];
+                }
+                out.logprobs = Some(lp);
+            }
+        }
+        for c in p.prompt_chunks {
+            let Some(s) = self.requests.get_mut(&c.req_id) else { continue };
+            let Some(buf) = s.prompt_logprobs.as_mut() else { continue };
+            if let Some(top) = &c.top {
+                buf.fill(c.start, top)?;
+            }
+            if c.complete {
+                out.prompt_logprobs.push((c.req_id, s.prompt_logprobs.take().unwrap()));
+            }
         }
         Ok(out)
     }

@@ -1,8 +1,8 @@
-//! Token choice for a batch of logits rows, on MLX, in vLLM's order: allowed tokens, bad words,
-//! logit bias and min_tokens, penalties; then greedy argmax, or temperature, min_p, top-k/top-p
-//! and a seeded draw.
+//! Token choice for a batch of logits rows, on MLX, in vLLM's order: grammar bitmask, allowed
+//! tokens, bad words, logit bias and min_tokens, penalties; then greedy argmax, or temperature,
+//! min_p, top-k/top-p and a seeded draw. Also the logprobs vLLM reports.
 
-use anyhow::Result;
+use anyhow::{bail, ensure, Result};
 use mlx_rs::{ops, random, Array, Dtype};
 
 #[derive(Debug, Clone)]
@@ -30,6 +30,10 @@ pub struct SamplingParams {
     /// EOS and stop tokens are masked until the output has this many tokens.
     pub min_tokens: usize,
     pub stop_token_ids: Vec<i32>,
+    /// Top logprobs to report per sampled token (`Some(0)`: the sampled token's only; -1: all).
+    pub logprobs: Option<i32>,
+    /// Top logprobs to report per prompt position.
+    pub prompt_logprobs: Option<i32>,
 }
 
 impl Default for SamplingParams {
@@ -48,6 +52,8 @@ impl Default for SamplingParams {
             bad_words: Vec::new(),
             min_tokens: 0,
             stop_token_ids: Vec::new(),
+            logprobs: None,
+            prompt_logprobs: None,
         }
     }
 }
@@ -76,6 +82,113 @@ pub struct Row<'a> {
     pub key: u64,
     pub prompt: &'a [i32],
     pub output: &'a [i32],
+}
+
+/// What reported logprobs are computed from (vLLM's `logprobs_mode`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogprobsMode {
+    /// log_softmax of the model's logits, before any processing (vLLM's default).
+    #[default]
+    RawLogprobs,
+    RawLogits,
+    /// log_softmax of the logits a draw uses: processed, tempered, min_p / top-k / top-p filtered.
+    ProcessedLogprobs,
+    ProcessedLogits,
+}
+
+impl std::str::FromStr for LogprobsMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "raw_logprobs" => Self::RawLogprobs,
+            "raw_logits" => Self::RawLogits,
+            "processed_logprobs" => Self::ProcessedLogprobs,
+            "processed_logits" => Self::ProcessedLogits,
+            other => bail!(
+                "unknown logprobs_mode {other:?}: expected raw_logprobs, raw_logits, \
+                 processed_logprobs or processed_logits"
+            ),
+        })
+    }
+}
+
+impl LogprobsMode {
+    pub fn is_processed(self) -> bool {
+        matches!(self, Self::ProcessedLogprobs | Self::ProcessedLogits)
+    }
+
+    /// The reported scores of `logits` rows: log-probabilities, or the logits themselves.
+    pub fn scores(self, logits: &Array) -> Result<Array> {
+        Ok(match self {
+            Self::RawLogprobs | Self::ProcessedLogprobs => log_softmax(logits)?,
+            Self::RawLogits | Self::ProcessedLogits => logits.clone(),
+        })
+    }
+}
+
+/// Row-wise log_softmax in float32.
+pub fn log_softmax(x: &Array) -> Result<Array> {
+    Ok(x.subtract(x.logsumexp_axis(1, true)?)?)
+}
+
+/// The top `k` scores of each row after the target token's: ids and scores `[R, 1 + k]` with the
+/// target first, then the k best in descending order; and the target's rank `[R]`, counted as
+/// vLLM does (tokens scoring at least as high, the target included). `k` < 0 means every token.
+pub struct TopLogprobs {
+    pub token_ids: Array,
+    pub scores: Array,
+    pub ranks: Array,
+}
+
+pub fn gather_logprobs(scores: &Array, k: i32, targets: &Array) -> Result<TopLogprobs> {
+    let r = scores.shape()[0];
+    let v = scores.shape()[1];
+    let k = if k < 0 { v } else { k.min(v) };
+    let targets = targets.as_dtype(Dtype::Int32)?.reshape(&[r, 1])?;
+    let target_scores = scores.take_along_axis(&targets, 1)?;
+    let ranks = scores.ge(&target_scores)?.as_dtype(Dtype::Int32)?.sum_axis(1, false)?;
+    if k == 0 {
+        return Ok(TopLogprobs { token_ids: targets, scores: target_scores, ranks });
+    }
+    let neg = scores.negative()?;
+    let top = if k < v {
+        // Partition first: sorting k candidates instead of the whole vocabulary.
+        let part = ops::argpartition_axis(&neg, k - 1, 1)?;
+        part.take_axis(Array::from_iter(0..k, &[k]), 1)?
+    } else {
+        ops::argsort_axis(&neg, 1)?
+    };
+    let top_neg = neg.take_along_axis(&top, 1)?;
+    let order = ops::argsort_axis(&top_neg, 1)?;
+    let top = top.take_along_axis(&order, 1)?.as_dtype(Dtype::Int32)?;
+    let top_scores = scores.take_along_axis(&top, 1)?;
+    Ok(TopLogprobs {
+        token_ids: ops::concatenate(&[targets, top], 1)?,
+        scores: ops::concatenate(&[target_scores, top_scores], 1)?,
+        ranks,
+    })
+}
+
+/// vLLM's structured-output bitmask for some rows: bit `t % 32` of word `t / 32` allows token `t`.
+/// Returns the additive mask `[rows.len(), vocab]` (0 allowed, -inf banned) for the rows given by
+/// `rows` (row index in the batch, its bitmask words); other rows stay 0.
+pub fn bitmask_to_additive(num_rows: usize, vocab: usize, rows: &[(usize, &[i32])]) -> Result<Array> {
+    let mut add = vec![0f32; num_rows * vocab];
+    for &(i, words) in rows {
+        ensure!(i < num_rows, "grammar bitmask row {i} outside a batch of {num_rows}");
+        ensure!(
+            words.len() * 32 >= vocab,
+            "grammar bitmask covers {} tokens, the model has {vocab}",
+            words.len() * 32
+        );
+        let line = &mut add[i * vocab..(i + 1) * vocab];
+        for (t, slot) in line.iter_mut().enumerate() {
+            if (words[t >> 5] as u32 >> (t & 31)) & 1 == 0 {
+                *slot = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Array::from_slice(&add, &[num_rows as i32, vocab as i32]))
 }
 
 /// SplitMix64: decorrelates (seed, step) pairs into PRNG keys.
@@ -172,10 +285,16 @@ pub fn process_logits(logits: &Array, rows: &[Row]) -> Result<Array> {
 
 /// `logits`: float32 `[R, V]`. Returns the chosen ids, int32 `[R]`.
 pub fn sample(logits: &Array, rows: &[Row]) -> Result<Array> {
+    Ok(choose(logits, rows)?.0)
+}
+
+/// The chosen ids, int32 `[R]`, and the logits the choice was made from (lazy; vLLM's
+/// "processed" logits): processed, then, when any row draws at random, tempered and filtered.
+pub fn choose(logits: &Array, rows: &[Row]) -> Result<(Array, Array)> {
     let x = process_logits(logits, rows)?;
     let greedy = ops::indexing::argmax_axis(&x, 1, false)?;
     if rows.iter().all(|row| row.params.is_greedy()) {
-        return Ok(greedy.as_dtype(Dtype::Int32)?);
+        return Ok((greedy.as_dtype(Dtype::Int32)?, x));
     }
     let x = filter_logits(&x, rows)?;
     let v = x.shape()[1];
@@ -188,7 +307,7 @@ pub fn sample(logits: &Array, rows: &[Row]) -> Result<Array> {
     let drawn = ops::indexing::argmax_axis(&x.add(&ops::concatenate(&noise, 0)?)?, 1, false)?;
     let is_greedy: Vec<bool> = rows.iter().map(|row| row.params.is_greedy()).collect();
     let out = ops::select(&Array::from_slice(&is_greedy, &[rows.len() as i32]), &greedy, &drawn)?;
-    Ok(out.as_dtype(Dtype::Int32)?)
+    Ok((out.as_dtype(Dtype::Int32)?, x))
 }
 
 /// The distribution a random draw uses, as logits (-inf where filtered): processed logits divided
@@ -291,5 +410,39 @@ mod tests {
     fn seeded_draws_repeat() {
         let p = SamplingParams { temperature: 1.0, seed: Some(3), ..Default::default() };
         assert_eq!(draw(&p, 20), draw(&p, 20));
+    }
+
+    #[test]
+    fn gather_logprobs_puts_the_target_first_then_the_top_k() {
+        let scores = Array::from_slice(&[0.1f32, 0.5, 0.3, 0.7, -1.0, 0.5, 0.2, 0.0], &[2, 4]);
+        let targets = Array::from_slice(&[2i32, 3], &[2]);
+        let t = gather_logprobs(&scores, 2, &targets).unwrap();
+        assert_eq!(t.token_ids.as_slice::<i32>(), &[2, 3, 1, 3, 1, 2]);
+        assert_eq!(t.scores.as_slice::<f32>(), &[0.3, 0.7, 0.5, 0.0, 0.5, 0.2]);
+        // Rank: tokens scoring at least as high as the target, itself included.
+        assert_eq!(t.ranks.as_slice::<i32>(), &[3, 3]);
+        let all = gather_logprobs(&scores, -1, &targets).unwrap();
+        assert_eq!(all.token_ids.shape(), &[2, 5]);
+    }
+
+    #[test]
+    fn log_softmax_rows_sum_to_one() {
+        let x = Array::from_slice(&[1.0f32, 2.0, 3.0, -50.0, 0.0, 50.0], &[2, 3]);
+        let p = log_softmax(&x).unwrap().exp().unwrap().sum_axis(1, false).unwrap();
+        for s in p.as_slice::<f32>() {
+            assert!((s - 1.0).abs() < 1e-6, "{s}");
+        }
+    }
+
+    #[test]
+    fn bitmask_bans_unset_bits() {
+        // Token t is allowed when bit t % 32 of word t / 32 is set; 40 tokens, two words.
+        let words = [0b1010i32, 1 << 7]; // tokens 1, 3 and 39
+        let add = bitmask_to_additive(2, 40, &[(1, &words[..])]).unwrap();
+        let a = add.as_slice::<f32>();
+        assert!(a[..40].iter().all(|&x| x == 0.0), "row 0 has no mask");
+        let allowed: Vec<usize> = (0..40).filter(|&t| a[40 + t] == 0.0).collect();
+        assert_eq!(allowed, vec![1, 3, 39]);
+        assert!(bitmask_to_additive(1, 70, &[(0, &words[..])]).is_err(), "too short a mask");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 
 use engine::batch::SeqChunk;
 use engine::device::DeviceKind;
-use engine::runner::{self, CachedRequest, NewRequest, RunnerOptions, SchedulerStep};
+use engine::runner::{self, CachedRequest, GrammarBitmask, Logprobs, NewRequest, RunnerOptions, SchedulerStep};
 use engine::sampler::{self, Row, SamplingParams};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
@@ -157,6 +157,8 @@ fn sampling_of(params: &Bound<'_, PyAny>) -> PyResult<SamplingParams> {
         bad_words,
         min_tokens: field_or(params, "min_tokens", 0)?,
         stop_token_ids: stop,
+        logprobs: field_or(params, "logprobs", None)?,
+        prompt_logprobs: field_or(params, "prompt_logprobs", None)?,
     })
 }
 
@@ -197,6 +199,15 @@ fn with_rows<'py>(
         Ok(out)
     })
     .map_err(engine_err)
+}
+
+/// `(token_ids, logprobs, ranks)` as numpy arrays `[rows, cols]`, `[rows, cols]`, `[rows]`.
+fn logprobs_to_numpy<'py>(py: Python<'py>, lp: Logprobs) -> PyResult<Bound<'py, PyAny>> {
+    let rows = lp.ranks.len();
+    let ids = PyArray1::from_vec(py, lp.token_ids).reshape([rows, lp.cols])?;
+    let lps = PyArray1::from_vec(py, lp.logprobs).reshape([rows, lp.cols])?;
+    let ranks = PyArray1::from_vec(py, lp.ranks);
+    Ok((ids, lps, ranks).into_pyobject(py)?.into_any())
 }
 
 fn to_numpy_f32<'py>(py: Python<'py>, a: &mlx_rs::Array) -> PyResult<Bound<'py, PyAny>> {
@@ -397,11 +408,50 @@ impl PyModelRunner {
         py.detach(|| self.lock().allocate_kv_cache(num_blocks)).map_err(engine_err)
     }
 
-    /// One vLLM step: `(req_ids, sampled_token_ids)`.
-    fn execute_model(&self, py: Python<'_>, scheduler_output: &Bound<'_, PyAny>) -> PyResult<(Vec<String>, Vec<Vec<i32>>)> {
+    /// What reported logprobs are computed from: vLLM's `logprobs_mode` name.
+    fn set_logprobs_mode(&self, mode: &str) -> PyResult<()> {
+        let mode = mode.parse().map_err(engine_err)?;
+        self.lock().set_logprobs_mode(mode);
+        Ok(())
+    }
+
+    /// The first half of a vLLM step: request state updated, the forward submitted. The tokens
+    /// come from `sample_tokens`.
+    fn execute_model(&self, py: Python<'_>, scheduler_output: &Bound<'_, PyAny>) -> PyResult<()> {
         let step = scheduler_step(scheduler_output)?;
-        let out = py.detach(|| self.lock().execute(&step)).map_err(engine_err)?;
-        Ok((out.req_ids, out.sampled_token_ids))
+        py.detach(|| self.lock().forward_step(&step)).map_err(engine_err)
+    }
+
+    /// The second half: `(req_ids, sampled_token_ids, logprobs, prompt_logprobs)`, where logprobs is
+    /// None or `(token_ids, logprobs, ranks)` numpy arrays with one row per request, and
+    /// prompt_logprobs maps the requests whose prefill ended to the same triple for the whole
+    /// prompt. `grammar`: None, or `(req_ids, bitmask)` with the int32 bitmask `[len(req_ids), W]`.
+    #[pyo3(signature = (grammar = None))]
+    fn sample_tokens<'py>(
+        &self,
+        py: Python<'py>,
+        grammar: Option<(Vec<String>, numpy::PyReadonlyArray2<'py, i32>)>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let grammar = grammar
+            .map(|(ids, mask)| {
+                let view = mask.as_array();
+                (ids, view.shape()[1], view.iter().copied().collect::<Vec<i32>>())
+            });
+        let out = py
+            .detach(|| {
+                let g = grammar.as_ref().map(|(ids, width, words)| GrammarBitmask { req_ids: ids, words, width: *width });
+                self.lock().sample_step(g.as_ref())
+            })
+            .map_err(engine_err)?;
+        let logprobs = match out.logprobs {
+            Some(lp) => logprobs_to_numpy(py, lp)?,
+            None => py.None().into_bound(py),
+        };
+        let prompt = PyDict::new(py);
+        for (id, lp) in out.prompt_logprobs {
+            prompt.set_item(id, logprobs_to_numpy(py, lp)?)?;
+        }
+        Ok((out.req_ids, out.sampled_token_ids, logprobs, prompt).into_pyobject(py)?.into_any())
     }
 
     /// Logits `[T, vocab]` (float32) of every token of explicit `(req_id, tokens, start, block_ids)` chunks.
