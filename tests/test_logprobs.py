@@ -1,4 +1,4 @@
-"""Sample and prompt logprobs through vllm.LLM, against log_softmax of transformers' logits.
+"""Sample and prompt logprobs through vllm.LLM, against log_softmax of transformers' logits; n > 1.
 
 The tiny random model with small chunked-prefill steps (32 tokens), so a 70-token prompt's prompt
 logprobs are gathered over three steps, and prefix caching on (vLLM skips reading the cache for
@@ -130,3 +130,24 @@ def test_sampled_logprobs_are_raw_and_mixed_batches(llm, tiny_models, prompts):
         sum(lp[t].logprob for lp, t in zip(outs[0].outputs[0].logprobs, outs[0].outputs[0].token_ids)),
         abs=1e-3,
     )
+
+
+def test_n_completions_follow_child_seeds(llm, prompts):
+    """n > 1 as vLLM routes it: child requests with seeds seed, seed + 1, ... — each equals the
+    single request with that seed, and the run repeats."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = [TokensPrompt(prompt_token_ids=prompts[1])]
+    kw = dict(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    first, again = (
+        sorted(tuple(c.token_ids) for c in llm.generate(prompt, SamplingParams(n=3, seed=123, **kw), use_tqdm=False)[0].outputs)
+        for _ in range(2)
+    )
+    assert first == again, "the same seeded n=3 request gave different completions"
+    assert len(set(first)) == 3, f"the three completions are not distinct: {first}"
+    singles = sorted(
+        tuple(llm.generate(prompt, SamplingParams(seed=123 + i, **kw), use_tqdm=False)[0].outputs[0].token_ids)
+        for i in range(3)
+    )
+    assert singles == first, f"n=3 children {first}\n!= single requests {singles}"
