@@ -210,7 +210,9 @@ class MetalPlatform(Platform):
         if vllm_config.model_config is not None:
             vllm_config.model_config.enforce_eager = True
 
-        # The worker returns each step's output synchronously (no futures, no overlap).
+        # Each step's output is returned when it is done. vLLM's host work between steps is
+        # under 1% of a step here (benchmarks/step_overhead.py, docs/BENCHMARKS.md), so async
+        # scheduling, which would overlap it, is off.
         scheduler_config = vllm_config.scheduler_config
         if scheduler_config.async_scheduling:
             logger.debug("vllm-metal-rs: async scheduling is not supported; disabled")

@@ -469,7 +469,10 @@ impl PyModelRunner {
     }
 
     /// Engine-alone generation (no vLLM): all prompts batched; greedy when temperature == 0.
-    #[pyo3(signature = (prompts, max_tokens, *, temperature = 0.0, top_k = -1, top_p = 1.0, seed = None, stop_token_ids = None))]
+    #[pyo3(signature = (
+        prompts, max_tokens, *, temperature = 0.0, top_k = -1, top_p = 1.0, min_p = 0.0, seed = None,
+        presence_penalty = 0.0, frequency_penalty = 0.0, repetition_penalty = 1.0, stop_token_ids = None
+    ))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
         &self,
@@ -479,10 +482,24 @@ impl PyModelRunner {
         temperature: f32,
         top_k: i32,
         top_p: f32,
+        min_p: f32,
         seed: Option<u64>,
+        presence_penalty: f32,
+        frequency_penalty: f32,
+        repetition_penalty: f32,
         stop_token_ids: Option<Vec<i32>>,
     ) -> PyResult<Vec<Vec<i32>>> {
-        let params = SamplingParams { temperature, top_k, top_p, seed, ..Default::default() };
+        let params = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            seed,
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
+            ..Default::default()
+        };
         let stops = stop_token_ids.unwrap_or_default();
         py.detach(|| self.lock().generate(&prompts, max_tokens, &params, &stops))
             .map_err(engine_err)
