@@ -13,17 +13,34 @@ pub struct SeqChunk<'a> {
     pub block_ids: &'a [i32],
 }
 
-/// Requests whose queries attend together in one padded `[R, Q]` x `[R, P * block_size]` call.
+/// Requests whose queries attend together in one padded `[R, Q]` x `[R, K]` call.
 pub struct AttnGroup {
     pub num_seqs: i32,
     pub max_q: i32,
-    pub max_pages: i32,
     /// `[R * Q]`: the flat token feeding each padded query row (padding repeats a real row).
     pub q_index: Array,
-    /// `[R * P]`: each request's pages, padded with block 0 (masked out).
-    pub block_table: Array,
-    /// `[R, 1, Q, P * block_size]`: key position <= query position.
-    pub mask: Array,
+    pub keys: GroupKeys,
+}
+
+/// Which cached keys a group's queries see.
+pub enum GroupKeys {
+    /// Every request of the group has `len` tokens in the cache and `Q` queries ending at its last
+    /// one (a single request, or decode rows of equal length): exactly its slots are gathered and
+    /// attention is causal aligned to the end (none for one query) — no mask array, so MLX can
+    /// use its fused decode kernels.
+    Exact {
+        len: i32,
+        /// `[R * len]`: the cache slots of positions `0..len` of each request.
+        slots: Array,
+    },
+    /// Requests of different lengths: whole pages gathered, padded and masked by position.
+    Paged {
+        max_pages: i32,
+        /// `[R * P]`: each request's pages, padded with block 0 (masked out).
+        block_table: Array,
+        /// `[R, 1, Q, P * block_size]`: key position <= query position.
+        mask: Array,
+    },
 }
 
 pub struct StepBatch {
@@ -34,6 +51,9 @@ pub struct StepBatch {
     pub groups: Vec<AttnGroup>,
     /// `[T]`: row of each flat token in the concatenated padded group outputs.
     pub out_index: Array,
+    /// One group whose padded rows are the flat tokens in order: `q_index` and `out_index` are
+    /// the identity and need no gather.
+    pub identity: bool,
 }
 
 impl StepBatch {
@@ -100,19 +120,26 @@ impl StepBatch {
                 table.extend(std::iter::repeat(0).take(p - pages));
             }
             let (rq, qi, pi) = (m.len() as i32, q as i32, p as i32);
-            let kpos = Array::from_iter(0..pi * block_size as i32, &[1, 1, 1, pi * block_size as i32]);
-            let qpos = Array::from_slice(&q_pos, &[rq, 1, qi, 1]);
-            groups.push(AttnGroup {
-                num_seqs: rq,
-                max_q: qi,
-                max_pages: pi,
-                q_index: Array::from_slice(&q_index, &[rq * qi]),
-                block_table: Array::from_slice(&table, &[rq * pi]),
-                mask: kpos.le(&qpos)?,
-            });
+            let ends: Vec<usize> = m.iter().map(|&r| chunks[r].start + chunks[r].tokens.len()).collect();
+            let exact = ends.iter().all(|&e| e == ends[0]) && m.iter().all(|&r| chunks[r].tokens.len() == q);
+            let keys = if exact {
+                let len = ends[0];
+                let mut slots = Vec::with_capacity(m.len() * len);
+                for &r in m {
+                    let ids = chunks[r].block_ids;
+                    slots.extend((0..len).map(|p| ids[p / block_size] * block_size as i32 + (p % block_size) as i32));
+                }
+                GroupKeys::Exact { len: len as i32, slots: Array::from_slice(&slots, &[rq * len as i32]) }
+            } else {
+                let kpos = Array::from_iter(0..pi * block_size as i32, &[1, 1, 1, pi * block_size as i32]);
+                let qpos = Array::from_slice(&q_pos, &[rq, 1, qi, 1]);
+                GroupKeys::Paged { max_pages: pi, block_table: Array::from_slice(&table, &[rq * pi]), mask: kpos.le(&qpos)? }
+            };
+            groups.push(AttnGroup { num_seqs: rq, max_q: qi, q_index: Array::from_slice(&q_index, &[rq * qi]), keys });
             row_base += m.len() * q;
         }
         let t = token_ids.len() as i32;
+        let identity = groups.len() == 1 && row_base == token_ids.len();
         Ok(Self {
             num_tokens: token_ids.len(),
             token_ids: Array::from_slice(&token_ids, &[t]),
@@ -120,6 +147,7 @@ impl StepBatch {
             slots: Array::from_slice(&slots, &[t]),
             groups,
             out_index: Array::from_slice(&out_index, &[t]),
+            identity,
         })
     }
 }

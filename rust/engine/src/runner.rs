@@ -122,6 +122,24 @@ struct RequestState {
     prompt_logprobs: Option<Logprobs>,
 }
 
+/// Host-side timings of one step, in seconds (see `ModelRunner::take_step_profile`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepTiming {
+    pub num_tokens: usize,
+    pub num_seqs: usize,
+    /// Request table, batch tensors and the forward's graph, built on the host.
+    pub build: f64,
+    /// `async_eval` of the forward: on a GPU, encoding and launching its kernels.
+    pub submit: f64,
+    /// Grammar mask, sampler and logprobs graph.
+    pub sample_build: f64,
+    /// The final `eval`: the device finishing the step, then the ids copied to the host.
+    pub wait: f64,
+}
+
+/// Step timings kept for profiling (the most recent ones).
+const MAX_TIMINGS: usize = 4096;
+
 /// A step whose forward is submitted and whose tokens are not chosen yet (vLLM asks for them in a
 /// second call, with the grammar bitmask computed meanwhile).
 struct PendingStep {
@@ -132,6 +150,7 @@ struct PendingStep {
     /// float32 logits `[sample_rows, V]`.
     logits: Option<Array>,
     prompt_chunks: Vec<PromptChunk>,
+    timing: StepTiming,
 }
 
 /// The prompt logprobs one step computes for one request.
@@ -158,6 +177,7 @@ pub struct ModelRunner {
     draws: u64,
     logprobs_mode: LogprobsMode,
     pending: Option<PendingStep>,
+    timings: Vec<StepTiming>,
 }
 
 impl ModelRunner {
@@ -235,6 +255,7 @@ impl ModelRunner {
             draws: 0,
             logprobs_mode: LogprobsMode::default(),
             pending: None,
+            timings: Vec::new(),
         })
     }
 
@@ -256,6 +277,11 @@ impl ModelRunner {
     pub fn set_seed(&mut self, seed: u64) {
         self.seed = seed;
         self.draws = 0;
+    }
+
+    /// The timings of the steps run since the last call (at most the last 4096).
+    pub fn take_step_profile(&mut self) -> Vec<StepTiming> {
+        std::mem::take(&mut self.timings)
     }
 
     pub fn set_logprobs_mode(&mut self, mode: LogprobsMode) {
@@ -329,6 +355,7 @@ impl ModelRunner {
     /// computes it in the background while the caller prepares the grammar bitmask).
     pub fn forward_step(&mut self, step: &SchedulerStep) -> Result<()> {
         ensure!(self.pending.is_none(), "a step is submitted twice without sampling its tokens");
+        let t0 = std::time::Instant::now();
         for id in &step.finished_req_ids {
             self.requests.remove(id);
         }
@@ -452,7 +479,15 @@ impl ModelRunner {
 
         let mut outputs: Vec<&Array> = cache.arrays().collect();
         outputs.extend(logits.iter());
+        let t1 = std::time::Instant::now();
         async_eval(outputs).context("submitting the step")?;
+        let timing = StepTiming {
+            num_tokens: batch.num_tokens,
+            num_seqs: step.num_scheduled_tokens.len(),
+            build: (t1 - t0).as_secs_f64(),
+            submit: t1.elapsed().as_secs_f64(),
+            ..Default::default()
+        };
         for (id, n) in &step.num_scheduled_tokens {
             self.requests.get_mut(id).unwrap().num_computed += n;
         }
@@ -462,6 +497,7 @@ impl ModelRunner {
             keys,
             logits,
             prompt_chunks,
+            timing,
         });
         Ok(())
     }
@@ -470,6 +506,7 @@ impl ModelRunner {
     /// the tokens, gather the logprobs asked for, and wait for all of it.
     pub fn sample_step(&mut self, grammar: Option<&GrammarBitmask>) -> Result<StepOutput> {
         let Some(p) = self.pending.take() else { return Ok(StepOutput::default()) };
+        let t3 = std::time::Instant::now();
         let mut out = StepOutput {
             req_ids: p.scheduled.iter().map(|(id, _)| id.clone()).collect(),
             sampled_token_ids: vec![Vec::new(); p.scheduled.len()],
@@ -541,7 +578,16 @@ impl ModelRunner {
                 to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
             }
         }
+        let t4 = std::time::Instant::now();
         eval(to_eval).context("running the step")?;
+        if self.timings.len() >= MAX_TIMINGS {
+            self.timings.remove(0);
+        }
+        self.timings.push(StepTiming {
+            sample_build: (t4 - t3).as_secs_f64(),
+            wait: t4.elapsed().as_secs_f64(),
+            ..p.timing
+        });
 
         if let Some((ids, top)) = chosen {
             let sampled = ids.as_slice::<i32>();

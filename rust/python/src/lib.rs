@@ -408,6 +408,23 @@ impl PyModelRunner {
         py.detach(|| self.lock().allocate_kv_cache(num_blocks)).map_err(engine_err)
     }
 
+    /// Host timings of the steps run since the last call: one dict per step with num_tokens,
+    /// num_seqs and build / submit / sample_build / wait in seconds.
+    fn take_step_profile<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let list = PyList::empty(py);
+        for t in self.lock().take_step_profile() {
+            let d = PyDict::new(py);
+            d.set_item("num_tokens", t.num_tokens)?;
+            d.set_item("num_seqs", t.num_seqs)?;
+            d.set_item("build", t.build)?;
+            d.set_item("submit", t.submit)?;
+            d.set_item("sample_build", t.sample_build)?;
+            d.set_item("wait", t.wait)?;
+            list.append(d)?;
+        }
+        Ok(list)
+    }
+
     /// What reported logprobs are computed from: vLLM's `logprobs_mode` name.
     fn set_logprobs_mode(&self, mode: &str) -> PyResult<()> {
         let mode = mode.parse().map_err(engine_err)?;
