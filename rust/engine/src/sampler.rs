@@ -3,7 +3,7 @@
 //! min_p, top-k/top-p and a seeded draw. Also the logprobs vLLM reports.
 
 use anyhow::{bail, ensure, Result};
-use mlx_rs::{ops, random, Array, Dtype};
+use mlx_rs::{ops, Array, Dtype};
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -296,18 +296,90 @@ pub fn choose(logits: &Array, rows: &[Row]) -> Result<(Array, Array)> {
     if rows.iter().all(|row| row.params.is_greedy()) {
         return Ok((greedy.as_dtype(Dtype::Int32)?, x));
     }
-    let x = filter_logits(&x, rows)?;
+    let r = rows.len() as i32;
     let v = x.shape()[1];
-    let mut noise = Vec::with_capacity(rows.len());
-    for row in rows {
-        let key = random::key(row.key)?;
-        noise.push(random::gumbel::<f32>(&[1, v][..], &key)?);
-    }
-    // Gumbel-max: argmax(x + Gumbel noise) draws from softmax(x).
-    let drawn = ops::indexing::argmax_axis(&x.add(&ops::concatenate(&noise, 0)?)?, 1, false)?;
+    let keys: Vec<u64> = rows.iter().map(|row| row.key).collect();
+    // Gumbel-max: argmax(x + Gumbel noise) draws from softmax(x). The noise of token t in a row
+    // depends only on (the row's key, t), so a row draws the same token alone or in any batch,
+    // and over a few top-k candidates or the whole vocabulary alike.
+    let k_max = rows
+        .iter()
+        .filter(|row| !row.params.is_greedy())
+        .map(|row| if row.params.top_k > 0 && row.params.top_k < v { row.params.top_k } else { v })
+        .max()
+        .unwrap_or(v);
+    let drawn = if k_max < v {
+        // Every drawing row has a top-k: draw among the k_max best candidates only, filtered
+        // as `filter_logits` filters the whole row (it stays the reference and the reported
+        // distribution).
+        let neg = x.negative()?;
+        let cand = ops::argpartition_axis(&neg, k_max - 1, 1)?.take_axis(Array::from_iter(0..k_max, &[k_max]), 1)?;
+        let order = ops::argsort_axis(neg.take_along_axis(&cand, 1)?, 1)?;
+        let cand = cand.take_along_axis(&order, 1)?;
+        let filtered = filter_sorted(&x.take_along_axis(&cand, 1)?, rows)?;
+        let pick = ops::indexing::argmax_axis(&filtered.add(gumbel_noise(&keys, &cand)?)?, 1, true)?;
+        cand.take_along_axis(&pick, 1)?.reshape(&[r])?
+    } else {
+        let ids = Array::from_iter(0..v, &[1, v]);
+        ops::indexing::argmax_axis(&filter_logits(&x, rows)?.add(gumbel_noise(&keys, &ids)?)?, 1, false)?
+    };
     let is_greedy: Vec<bool> = rows.iter().map(|row| row.params.is_greedy()).collect();
-    let out = ops::select(&Array::from_slice(&is_greedy, &[rows.len() as i32]), &greedy, &drawn)?;
-    Ok((out.as_dtype(Dtype::Int32)?, x))
+    let out = ops::select(&Array::from_slice(&is_greedy, &[r]), &greedy, &drawn)?;
+    Ok((out.as_dtype(Dtype::Int32)?, filter_logits(&x, rows)?))
+}
+
+/// Standard Gumbel noise for token ids `ids` (`[R, K]` or `[1, K]`) of rows with PRNG `keys`:
+/// uniforms from a counter-based generator (Widynski's "squares", 64-bit wrapping arithmetic)
+/// of (key, token id) — one batch of elementwise ops for all rows instead of a PRNG call each.
+fn gumbel_noise(keys: &[u64], ids: &Array) -> Result<Array> {
+    let u64c = |c: u64| Array::from_slice(&[c], &[1]);
+    let two32 = u64c(1 << 32);
+    // Rotate by 32 bits: the halves do not overlap, so adding them is or-ing them.
+    let rot = |x: &Array| -> Result<Array> { Ok(x.floor_divide(&two32)?.add(x.multiply(&two32)?)?) };
+    // The generator wants keys with well-spread bits; callers may pass small integers.
+    let mixed: Vec<u64> = keys.iter().map(|&k| mix_seed(k, 0x5EED) | 1).collect();
+    let key = Array::from_slice(&mixed, &[keys.len() as i32, 1]);
+    let ctr = ids.as_dtype(Dtype::Uint64)?.add(u64c(1))?;
+    let y = ctr.multiply(&key)?;
+    let z = y.add(&key)?;
+    let mut x = rot(&y.multiply(&y)?.add(&y)?)?;
+    x = rot(&x.multiply(&x)?.add(&z)?)?;
+    x = rot(&x.multiply(&x)?.add(&y)?)?;
+    let bits = x.multiply(&x)?.add(&z)?.floor_divide(u64c(1 << 40))?; // top 24 bits
+    let u = bits.as_dtype(Dtype::Float32)?.add(Array::from_f32(0.5))?.multiply(Array::from_f32(1.0 / (1u32 << 24) as f32))?;
+    Ok(u.log()?.negative()?.log()?.negative()?)
+}
+
+/// `filter_logits` for rows of candidates sorted in descending order (`[R, K]`, K <= every
+/// drawing row's top_k): temperature, min_p relative to the best candidate, top-k, top-p.
+fn filter_sorted(sorted: &Array, rows: &[Row]) -> Result<Array> {
+    let r = rows.len() as i32;
+    let kn = sorted.shape()[1];
+    let neg_inf = Array::from_f32(f32::NEG_INFINITY);
+    let temps: Vec<f32> =
+        rows.iter().map(|row| if row.params.is_greedy() { 1.0 } else { row.params.temperature }).collect();
+    let mut x = sorted.divide(Array::from_slice(&temps, &[r, 1]))?;
+    let rank = Array::from_iter(0..kn, &[1, kn]);
+    if rows.iter().any(|row| row.params.min_p > 0.0) {
+        // p >= min_p * p_max  <=>  x >= x_max + ln(min_p); the first candidate is the max.
+        let logs: Vec<f32> = rows
+            .iter()
+            .map(|row| if row.params.min_p > 0.0 { row.params.min_p.ln() } else { f32::NEG_INFINITY })
+            .collect();
+        let floor = x.take_axis(Array::from_int(0), 1)?.reshape(&[r, 1])?.add(Array::from_slice(&logs, &[r, 1]))?;
+        x = ops::select(&x.lt(&floor)?, &neg_inf, &x)?;
+    }
+    let ks: Vec<i32> = rows.iter().map(|row| if row.params.top_k > 0 { row.params.top_k.min(kn) } else { kn }).collect();
+    let in_k = rank.lt(Array::from_slice(&ks, &[r, 1]))?;
+    x = ops::select(&in_k, &x, &neg_inf)?;
+    if rows.iter().any(|row| row.params.top_p < 1.0) {
+        // A candidate stays while the mass of better candidates is below top_p.
+        let probs = ops::softmax_axis(&x, 1, None)?;
+        let before = probs.cumsum(1, None, None)?.subtract(&probs)?;
+        let ps: Vec<f32> = rows.iter().map(|row| row.params.top_p).collect();
+        x = ops::select(&before.lt(Array::from_slice(&ps, &[r, 1]))?, &x, &neg_inf)?;
+    }
+    Ok(x)
 }
 
 /// The distribution a random draw uses, as logits (-inf where filtered): processed logits divided
@@ -444,5 +516,21 @@ mod tests {
         let allowed: Vec<usize> = (0..40).filter(|&t| a[40 + t] == 0.0).collect();
         assert_eq!(allowed, vec![1, 3, 39]);
         assert!(bitmask_to_additive(1, 70, &[(0, &words[..])]).is_err(), "too short a mask");
+    }
+
+    #[test]
+    fn top_k_rows_draw_the_same_over_candidates_or_the_whole_vocabulary() {
+        // A batch where every row has a top-k draws over candidates; adding a row without one
+        // sends the batch through the whole-vocabulary path. The top-k rows must not notice.
+        let v = 50;
+        let l: Vec<f32> = (0..3 * v).map(|i| ((i * 37 % 101) as f32) / 17.0).collect();
+        let logits = Array::from_slice(&l, &[3, v as i32]);
+        let k5 = SamplingParams { temperature: 1.0, top_k: 5, top_p: 0.8, min_p: 0.05, ..Default::default() };
+        let free = SamplingParams { temperature: 1.0, ..Default::default() };
+        for key in 0..40u64 {
+            let cand = sample(&logits, &[row(&k5, key), row(&k5, key + 1000), row(&k5, key + 2000)]).unwrap();
+            let full = sample(&logits, &[row(&k5, key), row(&k5, key + 1000), row(&free, key + 2000)]).unwrap();
+            assert_eq!(cand.as_slice::<i32>()[..2], full.as_slice::<i32>()[..2], "key {key}");
+        }
     }
 }
