@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
@@ -181,12 +181,21 @@ class MetalWorker(WorkerBase):
             raise ValueError(
                 f"vllm-metal-rs: engine reported unknown KV cache dtype {r.kv_cache_dtype!r}"
             ) from None
-        spec = FullAttentionSpec(
+        shape = dict(
             block_size=self.cache_config.block_size,
             num_kv_heads=r.num_kv_heads,
             head_size=r.head_dim,
             dtype=dtype,
         )
+        # Sliding-window layers get vLLM's sliding-window spec, so that for a model whose layers
+        # are all windowed (Mistral) the block manager frees blocks that left the window. A model
+        # mixing both kinds (Gemma) has its windowed layers promoted to full attention by vLLM
+        # (this platform runs one KV-cache group); the engine applies the window in the mask.
+        specs = [
+            SlidingWindowSpec(**shape, sliding_window=w) if w else FullAttentionSpec(**shape)
+            for w in r.layer_windows
+        ]
+        spec = specs[0]
         per_block = r.kv_bytes_per_block()
         if spec.page_size_bytes * r.num_layers != per_block:
             # vLLM sizes the pool with the spec; the engine allocates with its own figure.
@@ -195,7 +204,7 @@ class MetalWorker(WorkerBase):
                 spec.page_size_bytes * r.num_layers,
                 per_block,
             )
-        return {f"model.layers.{i}.self_attn.attn": spec for i in range(r.num_layers)}
+        return {f"model.layers.{i}.self_attn.attn": s for i, s in enumerate(specs)}
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
         # The base asks torch attention backends, of which this platform has none.

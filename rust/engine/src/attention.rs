@@ -1,23 +1,74 @@
-//! Attention of a flattened batch over the paged KV cache.
+//! Attention over the paged KV cache: the attention layer every family shares, and the attention
+//! of a flattened batch over the pages.
 //!
 //! Portable version: each group gathers its requests' pages into a padded `[R, H, P * bs, D]`
 //! buffer and calls MLX's fused SDPA with a position mask. It copies the touched history once per
 //! layer and step; it is the reference that custom kernels must match.
 
 use anyhow::Result;
-use mlx_rs::{fast, ops, Array};
+use mlx_rs::{fast, ops, Array, Dtype};
 
 use crate::batch::StepBatch;
 use crate::kv_cache::PagedKvCache;
+use crate::nn::{softcap, Linear, RmsNorm, Rope};
+
+/// Self-attention with the options the families differ in: QKV bias (in the linears), per-head
+/// q/k norms (Qwen3, Gemma 3), a sliding window, score soft-capping (Gemma 2), the scale (Gemma).
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub num_heads: i32,
+    pub num_kv_heads: i32,
+    pub head_dim: i32,
+    pub scale: f32,
+    pub rope: Rope,
+    /// Keys at positions > query position - window only.
+    pub sliding_window: Option<usize>,
+    pub softcap: Option<f32>,
+}
+
+impl Attention {
+    pub fn forward(&self, x: &Array, batch: &StepBatch, cache: &mut PagedKvCache, layer: usize) -> Result<Array> {
+        let t = x.shape()[0];
+        let mut q = self.q_proj.forward(x)?.reshape(&[t, self.num_heads, self.head_dim])?;
+        let mut k = self.k_proj.forward(x)?.reshape(&[t, self.num_kv_heads, self.head_dim])?;
+        let v = self.v_proj.forward(x)?.reshape(&[t, self.num_kv_heads, self.head_dim])?;
+        if let Some(n) = &self.q_norm {
+            q = n.forward(&q)?;
+        }
+        if let Some(n) = &self.k_norm {
+            k = n.forward(&k)?;
+        }
+        let q = self.rope.forward(&q, &batch.positions, &batch.seq_ends)?;
+        let k = self.rope.forward(&k, &batch.positions, &batch.seq_ends)?;
+        cache.write(layer, &k, &v, &batch.slots)?;
+        let o = paged_attention(&q, cache, layer, batch, self.scale, self.sliding_window.is_some(), self.softcap)?;
+        self.o_proj.forward(&o)
+    }
+
+    pub fn linears(&self) -> [&Linear; 4] {
+        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    }
+
+    pub fn norms(&self) -> impl Iterator<Item = &RmsNorm> {
+        self.q_norm.iter().chain(self.k_norm.iter())
+    }
+}
 
 /// `q`: `[T, heads, head_dim]` (K/V of this step already written to the cache).
-/// Returns `[T, heads * head_dim]`.
+/// `windowed`: use the batch's sliding-window mask. Returns `[T, heads * head_dim]`.
 pub fn paged_attention(
     q: &Array,
     cache: &PagedKvCache,
     layer: usize,
     batch: &StepBatch,
     scale: f32,
+    windowed: bool,
+    cap: Option<f32>,
 ) -> Result<Array> {
     let heads = q.shape()[1];
     let head_dim = q.shape()[2];
@@ -39,9 +90,36 @@ pub fn paged_attention(
         };
         let k = gather(&k_blocks)?;
         let v = gather(&v_blocks)?;
-        let o = fast::scaled_dot_product_attention(&qg, &k, &v, scale, &g.mask, None)?;
+        let mask = match (windowed, &g.window_mask) {
+            (true, Some(m)) => m,
+            (true, None) => anyhow::bail!("sliding-window layer but the batch has no window mask"),
+            (false, _) => &g.mask,
+        };
+        let o = match cap {
+            None => fast::scaled_dot_product_attention(&qg, &k, &v, scale, mask, None)?,
+            Some(cap) => softcapped_attention(&qg, &k, &v, scale, mask, cap)?,
+        };
         outs.push(o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[r * qn, heads * head_dim])?);
     }
     let all = if outs.len() == 1 { outs.pop().unwrap() } else { ops::concatenate(&outs, 0)? };
     Ok(all.take_axis(&batch.out_index, 0)?)
+}
+
+/// Attention with `cap * tanh(scores / cap)` before the mask (SDPA has no soft-capping).
+/// `q` `[R, H, Q, D]`, `k`/`v` `[R, KVH, K, D]`, `mask` `[R, 1, Q, K]` bool.
+fn softcapped_attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Array, cap: f32) -> Result<Array> {
+    let (r, h, qn, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    let kvh = k.shape()[1];
+    // Query heads grouped by their KV head: [R, KVH, H/KVH * Q, D].
+    let qg = q.reshape(&[r, kvh, (h / kvh) * qn, d])?;
+    let scores = qg
+        .multiply(Array::from_f32(scale).as_dtype(q.dtype())?)?
+        .matmul(k.swap_axes(-1, -2)?)?
+        .as_dtype(Dtype::Float32)?;
+    let scores = softcap(&scores, cap)?.reshape(&[r, kvh, h / kvh, qn, -1])?;
+    let mask = mask.reshape(&[r, 1, 1, qn, -1])?;
+    let scores = ops::select(&mask, &scores, Array::from_f32(f32::NEG_INFINITY))?;
+    let p = ops::softmax_axis(&scores, -1, None)?.as_dtype(v.dtype())?;
+    let o = p.reshape(&[r, kvh, (h / kvh) * qn, -1])?.matmul(v)?;
+    Ok(o.reshape(&[r, h, qn, d])?)
 }

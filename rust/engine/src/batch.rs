@@ -24,6 +24,8 @@ pub struct AttnGroup {
     pub block_table: Array,
     /// `[R, 1, Q, P * block_size]`: key position <= query position.
     pub mask: Array,
+    /// `mask` and key position > query position - window, for the model's sliding-window layers.
+    pub window_mask: Option<Array>,
 }
 
 pub struct StepBatch {
@@ -31,6 +33,8 @@ pub struct StepBatch {
     pub token_ids: Array,
     pub positions: Array,
     pub slots: Array,
+    /// `[T]`: each token's request length at the end of this step's chunk.
+    pub seq_ends: Array,
     pub groups: Vec<AttnGroup>,
     /// `[T]`: row of each flat token in the concatenated padded group outputs.
     pub out_index: Array,
@@ -38,10 +42,12 @@ pub struct StepBatch {
 
 impl StepBatch {
     /// Decode chunks (one token) share one group; each prefill chunk gets its own, so a long
-    /// prompt does not pad every decode row to its length.
-    pub fn build(chunks: &[SeqChunk], block_size: usize) -> Result<Self> {
+    /// prompt does not pad every decode row to its length. `window`: the sliding window of the
+    /// model's local layers, if it has any.
+    pub fn build(chunks: &[SeqChunk], block_size: usize, window: Option<usize>) -> Result<Self> {
         let mut token_ids = Vec::new();
         let mut positions = Vec::new();
+        let mut seq_ends = Vec::new();
         let mut slots = Vec::new();
         let mut offsets = Vec::with_capacity(chunks.len());
         for (r, c) in chunks.iter().enumerate() {
@@ -61,6 +67,7 @@ impl StepBatch {
                 let p = c.start + i;
                 token_ids.push(t);
                 positions.push(p as i32);
+                seq_ends.push(end as i32);
                 slots.push(c.block_ids[p / block_size] * block_size as i32 + (p % block_size) as i32);
             }
         }
@@ -102,13 +109,19 @@ impl StepBatch {
             let (rq, qi, pi) = (m.len() as i32, q as i32, p as i32);
             let kpos = Array::from_iter(0..pi * block_size as i32, &[1, 1, 1, pi * block_size as i32]);
             let qpos = Array::from_slice(&q_pos, &[rq, 1, qi, 1]);
+            let mask = kpos.le(&qpos)?;
+            let window_mask = match window {
+                Some(w) => Some(mask.logical_and(kpos.gt(qpos.subtract(Array::from_int(w as i32))?)?)?),
+                None => None,
+            };
             groups.push(AttnGroup {
                 num_seqs: rq,
                 max_q: qi,
                 max_pages: pi,
                 q_index: Array::from_slice(&q_index, &[rq * qi]),
                 block_table: Array::from_slice(&table, &[rq * pi]),
-                mask: kpos.le(&qpos)?,
+                mask,
+                window_mask,
             });
             row_base += m.len() * q;
         }
@@ -118,6 +131,7 @@ impl StepBatch {
             token_ids: Array::from_slice(&token_ids, &[t]),
             positions: Array::from_slice(&positions, &[t]),
             slots: Array::from_slice(&slots, &[t]),
+            seq_ends: Array::from_slice(&seq_ends, &[t]),
             groups,
             out_index: Array::from_slice(&out_index, &[t]),
         })

@@ -110,19 +110,15 @@ impl ModelRunner {
                 None => Dtype::Float16,
             },
         };
-        let group_size = config
-            .quantization
-            .as_ref()
-            .and_then(|q| q.get("group_size"))
-            .and_then(|g| g.as_i64())
-            .map(|g| g as i32);
+        // mlx-lm writes its quantization under both keys; config validation refused any other.
+        let quantization = config.quantization.clone().or_else(|| config.quantization_config.clone());
         let mut weights = Weights::load(
             source.clone(),
             dtype,
             device == DeviceKind::Cpu,
             config.num_attention_heads,
             config.num_kv_heads(),
-            group_size,
+            quantization,
         )?;
         let model = models::load(&config, &mut weights)
             .with_context(|| format!("building the model from {}", model_path.display()))?;
@@ -161,6 +157,11 @@ impl ModelRunner {
             seed: 0,
             draws: 0,
         })
+    }
+
+    /// The window of the model's sliding-window layers (families have one size at most).
+    pub fn sliding_window(&self) -> Option<usize> {
+        self.config.layer_windows().into_iter().flatten().max()
     }
 
     pub fn num_layers(&self) -> usize {
@@ -222,7 +223,7 @@ impl ModelRunner {
             let tokens = vec![0i32; num_tokens];
             let block_ids: Vec<i32> = (0..blocks as i32).collect();
             let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
-            let batch = StepBatch::build(&[chunk], self.block_size)?;
+            let batch = StepBatch::build(&[chunk], self.block_size, self.sliding_window())?;
             let cache = self.cache.as_mut().unwrap();
             let hidden = self.model.forward(&batch, cache)?;
             let last = hidden.take_axis(&Array::from_slice(&[num_tokens as i32 - 1], &[1]), 0)?;
@@ -298,7 +299,7 @@ impl ModelRunner {
                 sample_rows.push((i, flat - 1));
             }
         }
-        let batch = StepBatch::build(&chunks, self.block_size)?;
+        let batch = StepBatch::build(&chunks, self.block_size, self.sliding_window())?;
         drop(chunks);
 
         let rows: Vec<i32> = sample_rows.iter().map(|&(_, f)| f as i32).collect();
@@ -359,7 +360,7 @@ impl ModelRunner {
     /// Logits of every token of a batch of explicit chunks (req_id is informational). For tests of
     /// the paged path: KV of positions before each chunk's start must already be in its blocks.
     pub fn step_logits(&mut self, chunks: &[SeqChunk]) -> Result<Array> {
-        let batch = StepBatch::build(chunks, self.block_size)?;
+        let batch = StepBatch::build(chunks, self.block_size, self.sliding_window())?;
         let model = &self.model;
         let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
         let hidden = model.forward(&batch, cache)?;

@@ -79,13 +79,21 @@ pub struct Weights {
     pub dtype: Dtype,
     /// Dequantize packed weights at load (the CPU backend has fast matmul for float32 only).
     pub dequantize: bool,
-    /// Group size of MLX-quantized checkpoints (GGUF quants use 32).
-    pub group_size: i32,
+    /// config.json's `quantization` of MLX-quantized checkpoints: `group_size`, `bits`, and
+    /// per-layer overrides keyed by layer path (None: GGUF quants, group size 32).
+    quantization: Option<serde_json::Value>,
     pub source: WeightSource,
 }
 
 impl Weights {
-    pub fn load(source: WeightSource, dtype: Dtype, dequantize: bool, num_heads: usize, num_kv_heads: usize, group_size: Option<i32>) -> Result<Self> {
+    pub fn load(
+        source: WeightSource,
+        dtype: Dtype,
+        dequantize: bool,
+        num_heads: usize,
+        num_kv_heads: usize,
+        quantization: Option<serde_json::Value>,
+    ) -> Result<Self> {
         let tensors = match &source {
             WeightSource::Safetensors(files) => {
                 let mut all = HashMap::new();
@@ -99,7 +107,7 @@ impl Weights {
             }
             WeightSource::Gguf(path) => load_gguf(path, num_heads, num_kv_heads)?,
         };
-        Ok(Self { tensors, dtype, dequantize, group_size: group_size.unwrap_or(32), source })
+        Ok(Self { tensors, dtype, dequantize, quantization, source })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -125,6 +133,53 @@ impl Weights {
         Ok(RmsNorm { weight: self.take(&format!("{prefix}.weight"))?, eps })
     }
 
+    /// Gemma's RMSNorm, whose gain is (1 + w): the 1 is added once here, in float32.
+    pub fn rms_norm_plus_one(&mut self, prefix: &str, eps: f32) -> Result<RmsNorm> {
+        let w = self.take_raw(&format!("{prefix}.weight"))?.as_dtype(Dtype::Float32)?;
+        Ok(RmsNorm { weight: w.add(Array::from_f32(1.0))?.as_dtype(self.dtype)?, eps })
+    }
+
+    /// `n` expert linears stacked into one `[n, out, in]` linear: read stacked from
+    /// `{stacked}.weight` when the checkpoint has it (mlx-lm's `switch_mlp`), else stacked from
+    /// `{prefix}.{e}.{name}` (HF).
+    pub fn experts(&mut self, prefix: &str, n: usize, name: &str, stacked: &str) -> Result<Linear> {
+        if self.contains(&format!("{stacked}.weight")) {
+            let l = self.linear(stacked, false)?;
+            if l.weight.ndim() != 3 || l.weight.shape()[0] as usize != n {
+                bail!("{stacked}.weight has shape {:?}, expected {n} stacked experts", l.weight.shape());
+            }
+            return Ok(l);
+        }
+        let parts: Vec<Linear> =
+            (0..n).map(|e| self.linear(&format!("{prefix}.{e}.{name}"), false)).collect::<Result<_>>()?;
+        let stack = |f: &dyn Fn(&Linear) -> Option<&Array>| -> Result<Option<Array>> {
+            let arrays: Vec<&Array> = parts.iter().filter_map(|p| f(p)).collect();
+            if arrays.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(ops::stack(&arrays, 0)?))
+        };
+        let weight = stack(&|p| Some(&p.weight))?.unwrap();
+        let quant = match &parts[0].quant {
+            None => None,
+            Some(q) => Some(Quantization {
+                scales: stack(&|p| p.quant.as_ref().map(|q| &q.scales))?.unwrap(),
+                biases: stack(&|p| p.quant.as_ref().and_then(|q| q.biases.as_ref()))?,
+                group_size: q.group_size,
+                bits: q.bits,
+            }),
+        };
+        Ok(Linear { weight, bias: None, quant })
+    }
+
+    /// Group size and bits of the quantized layer `prefix` (per-layer override, else the default).
+    fn quant_params(&self, prefix: &str) -> (i32, Option<i32>) {
+        let Some(q) = &self.quantization else { return (32, None) };
+        let get = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_i64()).map(|x| x as i32);
+        let layer = q.get(prefix).filter(|v| v.is_object()).unwrap_or(q);
+        (get(layer, "group_size").or(get(q, "group_size")).unwrap_or(64), get(layer, "bits").or(get(q, "bits")))
+    }
+
     /// A linear layer `prefix.weight` (+ `.scales`/`.biases` when quantized, + `.bias` when `bias`).
     pub fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
         let bias = if bias { Some(self.take(&format!("{prefix}.bias"))?) } else { None };
@@ -135,13 +190,16 @@ impl Weights {
         let weight = self.take_raw(&format!("{prefix}.weight"))?;
         let scales = self.take_raw(&scales_name)?;
         let biases = self.tensors.remove(&format!("{prefix}.biases"));
-        let group_size = self.group_size;
+        let (group_size, declared_bits) = self.quant_params(prefix);
         // Packed uint32 columns * 32 bits = input features = scale columns * group size.
         let packed = weight.shape()[weight.ndim() - 1];
         let groups = scales.shape()[scales.ndim() - 1];
         let bits = packed * 32 / (groups * group_size);
-        if weight.dtype() != Dtype::Uint32 || ![2, 3, 4, 5, 6, 8].contains(&bits) {
-            bail!("tensor {prefix:?}: unsupported quantized layout (dtype {:?}, {bits} bits)", weight.dtype());
+        if weight.dtype() != Dtype::Uint32 || ![2, 3, 4, 5, 6, 8].contains(&bits) || packed * 32 != bits * groups * group_size {
+            bail!("tensor {prefix:?}: unsupported quantized layout (dtype {:?}, {bits} bits at group size {group_size})", weight.dtype());
+        }
+        if declared_bits.is_some_and(|b| b != bits) {
+            bail!("tensor {prefix:?}: config.json says {} bits, the tensor shapes say {bits}", declared_bits.unwrap());
         }
         // Scales and biases in the compute dtype first: dequantizing in the checkpoint's float16
         // would round every weight to float16.

@@ -368,6 +368,11 @@ impl PyModelRunner {
     fn weights_nbytes(&self) -> usize {
         self.weights_nbytes
     }
+    /// Per layer, its sliding window in tokens (None: full attention).
+    #[getter]
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        self.lock().config.layer_windows()
+    }
     #[getter]
     fn max_position_embeddings(&self) -> Option<usize> {
         self.max_position_embeddings
