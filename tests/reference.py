@@ -602,6 +602,82 @@ def write_tiny_gguf(
 
 
 # --------------------------------------------------------------------------------------------------
+# MLX-quantized directories (the layout of mlx-community checkpoints)
+# --------------------------------------------------------------------------------------------------
+
+
+def _copy_side_files(src: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            (out / f.name).write_bytes(f.read_bytes())
+
+
+def write_mlx_quantized(
+    model_dir: str | os.PathLike,
+    out_quantized: str | os.PathLike,
+    out_dequantized: str | os.PathLike,
+    *,
+    group_size: int,
+    bits: int,
+    layer_bits: dict[str, int] | None = None,
+    stack_experts: bool = False,
+) -> tuple[Path, Path]:
+    """Quantize the float32 checkpoint in `model_dir` with MLX's own quantizer (mx.quantize, affine)
+    as mlx-lm's converter lays it out, and write the same weights dequantized (mx.dequantize) as a
+    plain float32 checkpoint for transformers to run as the reference.
+
+    Every 2-D `.weight` but the norms whose input dimension is a multiple of `group_size` is
+    quantized (embedding and LM head included), as mlx-lm does. `layer_bits` maps a suffix of a
+    layer path (e.g. "mlp.gate") to its own bit width, recorded as a per-layer entry of config.json's
+    `quantization`. `stack_experts` writes MoE experts stacked as mlx-lm's `switch_mlp` tensors.
+    """
+    import re
+
+    import mlx.core as mx
+    from safetensors.numpy import load_file, save_file
+
+    src = Path(model_dir)
+    outq, outd = Path(out_quantized), Path(out_dequantized)
+    _copy_side_files(src, outq)
+    _copy_side_files(src, outd)
+    tensors = load_file(str(src / "model.safetensors"))
+    layer_bits = layer_bits or {}
+    quant: dict[str, np.ndarray] = {}
+    deq: dict[str, np.ndarray] = {}
+    qcfg: dict = {"group_size": group_size, "bits": bits}
+    for name, w in sorted(tensors.items()):
+        prefix = name[: -len(".weight")] if name.endswith(".weight") else None
+        if prefix is None or w.ndim != 2 or "norm" in name or w.shape[-1] % group_size:
+            quant[name] = deq[name] = w
+            continue
+        b = next((v for k, v in layer_bits.items() if prefix.endswith(k)), bits)
+        if b != bits:
+            qcfg[prefix] = {"group_size": group_size, "bits": b}
+        wq, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=b)
+        deq[name] = np.array(mx.dequantize(wq, scales, biases, group_size=group_size, bits=b))
+        quant[name] = np.array(wq)
+        quant[f"{prefix}.scales"] = np.array(scales)
+        quant[f"{prefix}.biases"] = np.array(biases)
+    if stack_experts:
+        pattern = re.compile(r"^(.*)\.experts\.(\d+)\.(\w+)\.(weight|scales|biases)$")
+        groups: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
+        for name in [n for n in quant if pattern.match(n)]:
+            base, e, proj, kind = pattern.match(name).groups()
+            groups.setdefault((base, proj, kind), {})[int(e)] = quant.pop(name)
+        for (base, proj, kind), per in groups.items():
+            quant[f"{base}.switch_mlp.{proj}.{kind}"] = np.stack([per[e] for e in sorted(per)])
+    save_file(quant, str(outq / "model.safetensors"))
+    save_file(deq, str(outd / "model.safetensors"))
+    cfg = json.loads((outq / "config.json").read_text())
+    # mlx-lm writes the same dict under both keys.
+    cfg["quantization"] = qcfg
+    cfg["quantization_config"] = qcfg
+    (outq / "config.json").write_text(json.dumps(cfg, indent=2))
+    return outq, outd
+
+
+# --------------------------------------------------------------------------------------------------
 # Paged-attention schedule helpers
 # --------------------------------------------------------------------------------------------------
 

@@ -20,6 +20,42 @@ FAMILIES = list(R.FAMILY_VARIANTS)
 GEN_TOKENS = 12
 
 
+#: MLX quantization of each family's checkpoint: (group_size, bits, per-layer bits, experts stacked
+#: as mlx-lm's switch_mlp). Both group sizes and bit widths occur; the MoE routers get 8 bits as a
+#: per-layer override, as mlx-lm's converter gives them.
+QUANTIZED = {
+    "qwen2": (64, 4, {}, False),
+    "qwen3": (32, 8, {}, False),
+    "mistral": (64, 8, {}, False),
+    "gemma2": (32, 4, {}, False),
+    "gemma3": (64, 4, {}, False),
+    "phi3": (32, 4, {}, False),
+    "mixtral": (64, 4, {"block_sparse_moe.gate": 8}, False),
+    "qwen3_moe": (32, 4, {"mlp.gate": 8}, True),
+}
+#: Families whose vllm.LLM run uses the quantized directory (and transformers the dequantized one).
+VLLM_QUANTIZED = {"mixtral", "qwen3_moe"}
+
+_quantized_dirs: dict[str, tuple] = {}
+
+
+def _quantized(tiny_models, family):
+    """(quantized dir, dequantized float32 dir) of a family, made once per session."""
+    if family not in _quantized_dirs:
+        gs, bits, layer_bits, stack = QUANTIZED[family]
+        root = tiny_models.root / "mlx-quantized"
+        _quantized_dirs[family] = R.write_mlx_quantized(
+            tiny_models.path(family),
+            root / f"{family}-q{bits}g{gs}",
+            root / f"{family}-dequantized",
+            group_size=gs,
+            bits=bits,
+            layer_bits=layer_bits,
+            stack_experts=stack,
+        )
+    return _quantized_dirs[family]
+
+
 def _rand_ids(seed: int, n: int, vocab: int) -> list[int]:
     return np.random.default_rng(seed).integers(R.NUM_SPECIAL, vocab, size=n).tolist()
 
@@ -107,6 +143,28 @@ def test_family_matches_transformers(core, tiny_models, family):
             print(note)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_mlx_quantized(core, tiny_models, family):
+    """An mlx-community-style directory (weight/scales/biases, config.json "quantization") against
+    transformers running MLX's dequantization of the same weights."""
+    import json
+
+    quantized, dequantized = _quantized(tiny_models, family)
+    cfg = json.loads((quantized / "config.json").read_text())
+    gs, bits, layer_bits, stack = QUANTIZED[family]
+    per_layer = [k for k, v in cfg["quantization"].items() if isinstance(v, dict)]
+    assert cfg["quantization"]["bits"] == bits and bool(per_layer) == bool(layer_bits), cfg["quantization"]
+    spec = R.TINY_VARIANTS[family]
+    runner = core.ModelRunner(str(quantized), block_size=BLOCK_SIZE)
+    runner.allocate_kv_cache(8)
+    ids = _rand_ids(400 + spec.seed, 60, spec.vocab_size)
+    ours = runner.step_logits([("q", ids, 0, [3, 1, 6, 4])])
+    ref = R.hf_logits(R.load_hf(dequantized), ids)
+    _check_rows(ours, ref, f"{family} MLX {bits}-bit group {gs}")
+    # The quantization is visible: the original float32 weights give clearly different logits.
+    assert R.rel_err(R.hf_logits(tiny_models.hf(family), ids), ref) > 100 * R.LOGITS_REL_TOL
+
+
 # --------------------------------------------------------------------------------------------------
 # Through vllm.LLM: greedy tokens equal transformers' (the window and MoE paths under vLLM's
 # scheduler, with chunked prefill so prompts run in several steps).
@@ -121,9 +179,15 @@ def test_family_vllm_greedy(tiny_models, family):
 
     spec = R.TINY_VARIANTS[family]
     prompts = [_rand_ids(300 + i, n, spec.vocab_size) for i, n in enumerate([7, 45])]
-    refs = [R.hf_greedy(tiny_models.hf(family), p, GEN_TOKENS) for p in prompts]
+    if family in VLLM_QUANTIZED:
+        # vLLM's front end must take the mlx quantization keys (no quant_method) as they are.
+        model, ref_model = _quantized(tiny_models, family)
+        ref_model = R.load_hf(ref_model)
+    else:
+        model, ref_model = tiny_models.path(family), tiny_models.hf(family)
+    refs = [R.hf_greedy(ref_model, p, GEN_TOKENS) for p in prompts]
     llm = LLM(
-        model=str(tiny_models.path(family)),
+        model=str(model),
         dtype="float32",
         max_model_len=128,
         block_size=BLOCK_SIZE,
