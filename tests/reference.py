@@ -502,7 +502,8 @@ def write_tiny_gguf(
     weight_type=None,
     override_types: dict[str, "object"] | None = None,
 ) -> Path:
-    """Write the tiny safetensors checkpoint in `model_dir` as a llama GGUF.
+    """Write the tiny safetensors checkpoint in `model_dir` as a GGUF of its llama.cpp architecture
+    ("llama" for LlamaForCausalLM, "qwen2" for Qwen2ForCausalLM, with its q/k/v biases).
 
     2-D weights are stored as `weight_type` (a gguf.GGMLQuantizationType, default F32); the RMSNorm
     gains always as F32, as llama.cpp does. `override_types` maps a GGUF tensor name (e.g. "blk.0.ffn_down.weight") to a
@@ -530,8 +531,11 @@ def write_tiny_gguf(
     n_kv = cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
 
-    w = gguf.GGUFWriter(str(out_path), "llama")
-    w.add_name("tiny-llama")
+    arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[cfg["architectures"][0]]
+    # llama.cpp permutes q/k rows (for its interleaved RoPE) in llama files only.
+    permute = arch == "llama"
+    w = gguf.GGUFWriter(str(out_path), arch)
+    w.add_name(f"tiny-{arch}")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
@@ -559,6 +563,9 @@ def write_tiny_gguf(
         "mlp.down_proj.weight": "ffn_down.weight",
         "input_layernorm.weight": "attn_norm.weight",
         "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
     }
     for i in range(cfg["num_hidden_layers"]):
         for k, v in per_layer.items():
@@ -570,9 +577,9 @@ def write_tiny_gguf(
             raise KeyError(f"unexpected tensor {hf_name}")
         g_name = names[hf_name]
         arr = np.ascontiguousarray(tensors[hf_name].astype(np.float32))
-        if hf_name.endswith("q_proj.weight"):
+        if permute and hf_name.endswith("q_proj.weight"):
             arr = _llama_cpp_permute(arr, n_head)
-        elif hf_name.endswith("k_proj.weight"):
+        elif permute and hf_name.endswith("k_proj.weight"):
             arr = _llama_cpp_permute(arr, n_kv)
         qtype = override_types.get(g_name, weight_type if arr.ndim == 2 else None)
         if qtype is None or qtype == gguf.GGMLQuantizationType.F32:

@@ -116,8 +116,7 @@ impl ModelRunner {
             source.clone(),
             dtype,
             device == DeviceKind::Cpu,
-            config.num_attention_heads,
-            config.num_kv_heads(),
+            &config,
             quantization,
         )?;
         let model = models::load(&config, &mut weights)

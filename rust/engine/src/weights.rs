@@ -90,8 +90,7 @@ impl Weights {
         source: WeightSource,
         dtype: Dtype,
         dequantize: bool,
-        num_heads: usize,
-        num_kv_heads: usize,
+        config: &crate::config::ModelConfig,
         quantization: Option<serde_json::Value>,
     ) -> Result<Self> {
         let tensors = match &source {
@@ -105,7 +104,7 @@ impl Weights {
                 }
                 all
             }
-            WeightSource::Gguf(path) => load_gguf(path, num_heads, num_kv_heads)?,
+            WeightSource::Gguf(path) => load_gguf(path, config)?,
         };
         Ok(Self { tensors, dtype, dequantize, quantization, source })
     }
@@ -265,8 +264,33 @@ fn unpermute_rows(num_heads: usize, rows: usize) -> Vec<i32> {
     order
 }
 
-fn load_gguf(path: &Path, num_heads: usize, num_kv_heads: usize) -> Result<HashMap<String, Array>> {
+/// llama.cpp architecture names of the GGUF files each config architecture loads from.
+fn gguf_architecture(hf: &str) -> Option<&'static str> {
+    match hf {
+        "LlamaForCausalLM" | "MistralForCausalLM" => Some("llama"),
+        "Qwen2ForCausalLM" => Some("qwen2"),
+        _ => None,
+    }
+}
+
+fn load_gguf(path: &Path, config: &crate::config::ModelConfig) -> Result<HashMap<String, Array>> {
     crate::gguf::check_supported(path)?;
+    let hf_arch = config.architecture()?;
+    let found = crate::gguf::architecture(path)?.unwrap_or_else(|| "unknown".into());
+    match gguf_architecture(hf_arch) {
+        Some(expected) if expected == found => {}
+        Some(expected) => bail!(
+            "GGUF {} has architecture {found:?} but config.json says {hf_arch} (GGUF {expected:?})",
+            path.display()
+        ),
+        None => bail!(
+            "GGUF weights are supported for llama (LlamaForCausalLM, MistralForCausalLM) and qwen2 \
+             (Qwen2ForCausalLM), not {hf_arch} (GGUF {found:?})"
+        ),
+    }
+    // llama.cpp permutes Q/K rows for its interleaved RoPE only in llama-architecture files.
+    let permute = found == "llama";
+    let (num_heads, num_kv_heads) = (config.num_attention_heads, config.num_kv_heads());
     let file = mlx_rs::io::GgufFile::load(path).map_err(|e| {
         anyhow!(
             "cannot load GGUF {}: {e} (supported tensor types: {GGUF_SUPPORTED})",
@@ -282,7 +306,9 @@ fn load_gguf(path: &Path, num_heads: usize, num_kv_heads: usize) -> Result<HashM
             log::debug!("GGUF tensor {name} is not used");
             continue;
         };
-        let heads = if hf.contains("self_attn.q_proj.") {
+        let heads = if !permute {
+            None
+        } else if hf.contains("self_attn.q_proj.") {
             Some(num_heads)
         } else if hf.contains("self_attn.k_proj.") {
             Some(num_kv_heads)
