@@ -60,7 +60,7 @@ impl Attention {
 }
 
 /// `q`: `[T, heads, head_dim]` (K/V of this step already written to the cache).
-/// `windowed`: use the batch's sliding-window mask. Returns `[T, heads * head_dim]`.
+/// `windowed`: read only the pages of the batch's sliding window. Returns `[T, heads * head_dim]`.
 pub fn paged_attention(
     q: &Array,
     cache: &PagedKvCache,
@@ -77,24 +77,25 @@ pub fn paged_attention(
     let (k_blocks, v_blocks) = cache.blocks(layer)?;
     let mut outs = Vec::with_capacity(batch.groups.len());
     for g in &batch.groups {
-        let (r, qn, kn) = (g.num_seqs, g.max_q, g.max_pages * bs);
+        let pages = match (windowed, &g.window) {
+            (true, Some(p)) => p,
+            (true, None) => anyhow::bail!("sliding-window layer but the batch has no window pages"),
+            (false, _) => &g.full,
+        };
+        let (r, qn, kn) = (g.num_seqs, g.max_q, pages.max_pages * bs);
         let qg = q
             .take_axis(&g.q_index, 0)?
             .reshape(&[r, qn, heads, head_dim])?
             .transpose_axes(&[0, 2, 1, 3])?;
         let gather = |blocks: &Array| -> Result<Array> {
             Ok(blocks
-                .take_axis(&g.block_table, 0)?
+                .take_axis(&pages.block_table, 0)?
                 .reshape(&[r, kn, kv_heads, head_dim])?
                 .transpose_axes(&[0, 2, 1, 3])?)
         };
         let k = gather(&k_blocks)?;
         let v = gather(&v_blocks)?;
-        let mask = match (windowed, &g.window_mask) {
-            (true, Some(m)) => m,
-            (true, None) => anyhow::bail!("sliding-window layer but the batch has no window mask"),
-            (false, _) => &g.mask,
-        };
+        let mask = &pages.mask;
         let o = match cap {
             None => fast::scaled_dot_product_attention(&qg, &k, &v, scale, mask, None)?,
             Some(cap) => softcapped_attention(&qg, &k, &v, scale, mask, cap)?,

@@ -13,19 +13,26 @@ pub struct SeqChunk<'a> {
     pub block_ids: &'a [i32],
 }
 
+/// The pages a group's queries read, and which of their keys each query sees.
+pub struct Pages {
+    pub max_pages: i32,
+    /// `[R * P]`: each request's pages, padded with block 0 (masked out).
+    pub block_table: Array,
+    /// `[R, 1, Q, P * block_size]`.
+    pub mask: Array,
+}
+
 /// Requests whose queries attend together in one padded `[R, Q]` x `[R, P * block_size]` call.
 pub struct AttnGroup {
     pub num_seqs: i32,
     pub max_q: i32,
-    pub max_pages: i32,
     /// `[R * Q]`: the flat token feeding each padded query row (padding repeats a real row).
     pub q_index: Array,
-    /// `[R * P]`: each request's pages, padded with block 0 (masked out).
-    pub block_table: Array,
-    /// `[R, 1, Q, P * block_size]`: key position <= query position.
-    pub mask: Array,
-    /// `mask` and key position > query position - window, for the model's sliding-window layers.
-    pub window_mask: Option<Array>,
+    /// Every page from position 0; key position <= query position.
+    pub full: Pages,
+    /// For the model's sliding-window layers: only the pages the window reaches (from the first
+    /// query's position - window + 1); also key position > query position - window.
+    pub window: Option<Pages>,
 }
 
 pub struct StepBatch {
@@ -91,6 +98,19 @@ impl StepBatch {
             let mut q_index = Vec::with_capacity(m.len() * q);
             let mut q_pos = Vec::with_capacity(m.len() * q);
             let mut table = Vec::with_capacity(m.len() * p);
+            // First page each request's window reaches.
+            let first: Vec<usize> = m
+                .iter()
+                .map(|&r| window.map_or(0, |w| (chunks[r].start + 1).saturating_sub(w) / block_size))
+                .collect();
+            let pw = m
+                .iter()
+                .zip(&first)
+                .map(|(&r, f)| (chunks[r].start + chunks[r].tokens.len()).div_ceil(block_size) - f)
+                .max()
+                .unwrap();
+            let mut wtable = Vec::with_capacity(m.len() * pw);
+            let mut wkpos = Vec::with_capacity(m.len() * pw * block_size);
             for (row, &r) in m.iter().enumerate() {
                 let c = &chunks[r];
                 let n = c.tokens.len();
@@ -105,23 +125,32 @@ impl StepBatch {
                 let pages = (c.start + n).div_ceil(block_size);
                 table.extend_from_slice(&c.block_ids[..pages]);
                 table.extend(std::iter::repeat(0).take(p - pages));
+                wtable.extend_from_slice(&c.block_ids[first[row]..pages]);
+                wtable.extend(std::iter::repeat(0).take(pw - (pages - first[row])));
+                // Padding pages get positions past the request's end: masked as future keys.
+                wkpos.extend((0..pw * block_size).map(|j| (first[row] * block_size + j) as i32));
             }
             let (rq, qi, pi) = (m.len() as i32, q as i32, p as i32);
             let kpos = Array::from_iter(0..pi * block_size as i32, &[1, 1, 1, pi * block_size as i32]);
             let qpos = Array::from_slice(&q_pos, &[rq, 1, qi, 1]);
-            let mask = kpos.le(&qpos)?;
-            let window_mask = match window {
-                Some(w) => Some(mask.logical_and(kpos.gt(qpos.subtract(Array::from_int(w as i32))?)?)?),
+            let window = match window {
+                Some(w) => {
+                    let kpos = Array::from_slice(&wkpos, &[rq, 1, 1, (pw * block_size) as i32]);
+                    let mask = kpos.le(&qpos)?.logical_and(kpos.gt(qpos.subtract(Array::from_int(w as i32))?)?)?;
+                    Some(Pages {
+                        max_pages: pw as i32,
+                        block_table: Array::from_slice(&wtable, &[rq * pw as i32]),
+                        mask,
+                    })
+                }
                 None => None,
             };
             groups.push(AttnGroup {
                 num_seqs: rq,
                 max_q: qi,
-                max_pages: pi,
                 q_index: Array::from_slice(&q_index, &[rq * qi]),
-                block_table: Array::from_slice(&table, &[rq * pi]),
-                mask,
-                window_mask,
+                full: Pages { max_pages: pi, block_table: Array::from_slice(&table, &[rq * pi]), mask: kpos.le(&qpos)? },
+                window,
             });
             row_base += m.len() * q;
         }
