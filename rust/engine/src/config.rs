@@ -326,4 +326,53 @@ mod tests {
         let err = ModelConfig::from_json(&text).unwrap_err();
         assert!(format!("{err:#}").contains("\"awq\""));
     }
+
+    #[test]
+    fn gemma3_legacy_and_hf5_layouts_give_the_same_layers() {
+        let base = r#""architectures":["Gemma3ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":6,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "vocab_size":100,"hidden_activation":"gelu_pytorch_tanh","sliding_window":8"#;
+        let legacy = format!(
+            r#"{{{base},"sliding_window_pattern":3,"rope_theta":1000000.0,"rope_local_base_freq":10000.0,
+            "rope_scaling":{{"rope_type":"linear","factor":8.0}}}}"#
+        );
+        let hf5 = format!(
+            r#"{{{base},"layer_types":["sliding_attention","sliding_attention","full_attention",
+            "sliding_attention","sliding_attention","full_attention"],
+            "rope_parameters":{{"sliding_attention":{{"rope_type":"default","rope_theta":10000.0}},
+            "full_attention":{{"rope_type":"linear","factor":8.0,"rope_theta":1000000.0}}}}}}"#
+        );
+        for text in [legacy, hf5] {
+            let c = ModelConfig::from_json(&text).unwrap();
+            let w = Some(8);
+            assert_eq!(c.layer_windows(), vec![w, w, None, w, w, None]);
+            assert_eq!(c.rope_theta, 1000000.0);
+            assert_eq!(c.rope_local_base_freq, Some(10000.0));
+            assert_eq!(c.rope_scaling.as_ref().unwrap().factor, Some(8.0));
+        }
+    }
+
+    #[test]
+    fn qwen_window_only_with_use_sliding_window() {
+        let text = LLAMA.replace("LlamaForCausalLM", "Qwen2ForCausalLM")
+            .replace("\"rms_norm_eps\"", "\"sliding_window\":32,\"use_sliding_window\":false,\"rms_norm_eps\"");
+        assert_eq!(ModelConfig::from_json(&text).unwrap().layer_windows(), vec![None, None]);
+        let err = ModelConfig::from_json(&text.replace("false", "true")).unwrap_err();
+        assert!(format!("{err:#}").contains("use_sliding_window"));
+        // Mistral's window applies to every layer.
+        let text = LLAMA.replace("LlamaForCausalLM", "MistralForCausalLM")
+            .replace("\"rms_norm_eps\"", "\"sliding_window\":32,\"rms_norm_eps\"");
+        assert_eq!(ModelConfig::from_json(&text).unwrap().layer_windows(), vec![Some(32), Some(32)]);
+    }
+
+    #[test]
+    fn mlx_quantization_accepted_other_methods_refused() {
+        let q = r#"{"group_size":64,"bits":4}"#;
+        let both = LLAMA.replace("\"vocab_size\"", &format!("\"quantization\":{q},\"quantization_config\":{q},\"vocab_size\""));
+        ModelConfig::from_json(&both).unwrap();
+        let bad = LLAMA.replace("\"vocab_size\"", "\"quantization\":{\"group_size\":64,\"bits\":7},\"vocab_size\"");
+        assert!(format!("{:#}", ModelConfig::from_json(&bad).unwrap_err()).contains("bits"));
+        let fp8 = LLAMA.replace("\"vocab_size\"", "\"quantization_config\":{\"quant_method\":\"fp8\"},\"vocab_size\"");
+        assert!(format!("{:#}", ModelConfig::from_json(&fp8).unwrap_err()).contains("\"fp8\""));
+    }
 }
