@@ -171,6 +171,14 @@ def test_family_mlx_quantized(core, tiny_models, family):
 # --------------------------------------------------------------------------------------------------
 
 
+#: KV blocks vLLM gets, in blocks of one KV-cache group: few enough that four requests do not fit
+#: together, so blocks are freed (windows), preempted and reused. vLLM's hybrid manager gives each
+#: of Gemma's three layers (local, global, local) its own group, overlaid in one storage.
+VLLM_KV_BLOCKS = 20
+#: Layers per KV-cache group (vLLM's plan for the tiny checkpoints).
+_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1}
+
+
 @pytest.mark.vllm
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_vllm_greedy(tiny_models, family):
@@ -178,7 +186,7 @@ def test_family_vllm_greedy(tiny_models, family):
     from vllm.inputs import TokensPrompt
 
     spec = R.TINY_VARIANTS[family]
-    prompts = [_rand_ids(300 + i, n, spec.vocab_size) for i, n in enumerate([7, 45])]
+    prompts = [_rand_ids(300 + i, n, spec.vocab_size) for i, n in enumerate([7, 45, 30, 50])]
     if family in VLLM_QUANTIZED:
         # vLLM's front end must take the mlx quantization keys (no quant_method) as they are.
         model, ref_model = _quantized(tiny_models, family)
@@ -186,22 +194,27 @@ def test_family_vllm_greedy(tiny_models, family):
     else:
         model, ref_model = tiny_models.path(family), tiny_models.hf(family)
     refs = [R.hf_greedy(ref_model, p, GEN_TOKENS) for p in prompts]
+    group_layers = _GROUP_LAYERS.get(family, spec.num_layers)
+    per_layer_block = spec.kv_bytes_per_block(BLOCK_SIZE) // spec.num_layers
     llm = LLM(
         model=str(model),
         dtype="float32",
         max_model_len=128,
         block_size=BLOCK_SIZE,
-        kv_cache_memory_bytes=64 * spec.kv_bytes_per_block(BLOCK_SIZE),
+        kv_cache_memory_bytes=VLLM_KV_BLOCKS * group_layers * per_layer_block,
         max_num_seqs=4,
         max_num_batched_tokens=32,
         enable_chunked_prefill=True,
         seed=0,
+        disable_log_stats=False,
     )
     try:
         params = SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        preemptions = sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
     finally:
         shutdown_llm(llm)
+    print(f"{family}: {preemptions} preemptions")
     for i, (o, (ref, logits)) in enumerate(zip(outs, refs)):
         note = R.check_greedy_match(list(o.outputs[0].token_ids), ref, logits, what=f"{family} vLLM prompt {i}")
         if note:

@@ -45,7 +45,9 @@ impl Attention {
         }
         let q = self.rope.forward(&q, &batch.positions, &batch.seq_ends)?;
         let k = self.rope.forward(&k, &batch.positions, &batch.seq_ends)?;
-        cache.write(layer, &k, &v, &batch.slots)?;
+        let g = cache.layer_group[layer];
+        let slots = batch.slots.get(g).ok_or_else(|| anyhow::anyhow!("batch has no block tables of KV group {g}"))?;
+        cache.write(layer, &k, &v, slots)?;
         let o = paged_attention(&q, cache, layer, batch, self.scale, self.sliding_window.is_some(), self.softcap)?;
         self.o_proj.forward(&o)
     }
@@ -75,12 +77,14 @@ pub fn paged_attention(
     let kv_heads = cache.kv_heads as i32;
     let bs = cache.block_size as i32;
     let (k_blocks, v_blocks) = cache.blocks(layer)?;
+    let kv_group = cache.layer_group[layer];
     let mut outs = Vec::with_capacity(batch.groups.len());
     for g in &batch.groups {
-        let pages = match (windowed, &g.window) {
+        let group = g.pages.get(kv_group).ok_or_else(|| anyhow::anyhow!("batch has no block tables of KV group {kv_group}"))?;
+        let pages = match (windowed, &group.window) {
             (true, Some(p)) => p,
             (true, None) => anyhow::bail!("sliding-window layer but the batch has no window pages"),
-            (false, _) => &g.full,
+            (false, _) => &group.full,
         };
         let (r, qn, kn) = (g.num_seqs, g.max_q, pages.max_pages * bs);
         let qg = q

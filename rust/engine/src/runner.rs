@@ -30,7 +30,8 @@ pub struct RunnerOptions {
 pub struct NewRequest {
     pub req_id: String,
     pub prompt_token_ids: Vec<i32>,
-    pub block_ids: Vec<i32>,
+    /// One block table per KV-cache group.
+    pub block_ids: Vec<Vec<i32>>,
     /// > 0 when a prefix of the prompt is already cached.
     pub num_computed_tokens: usize,
     pub sampling: SamplingParams,
@@ -42,7 +43,8 @@ pub struct CachedRequest {
     pub req_id: String,
     /// Preempted and scheduled again: `new_block_ids` replaces the block table.
     pub resumed: bool,
-    pub new_block_ids: Option<Vec<i32>>,
+    /// Per KV-cache group.
+    pub new_block_ids: Option<Vec<Vec<i32>>>,
     pub num_computed_tokens: usize,
     pub num_output_tokens: usize,
     /// The request's full token list, when the scheduler sends it (resumed requests).
@@ -68,7 +70,8 @@ pub struct StepOutput {
 struct RequestState {
     tokens: Vec<i32>,
     num_prompt: usize,
-    block_ids: Vec<i32>,
+    /// Per KV-cache group.
+    block_ids: Vec<Vec<i32>>,
     num_computed: usize,
     sampling: SamplingParams,
 }
@@ -184,9 +187,23 @@ impl ModelRunner {
     }
 
     pub fn allocate_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
+        let n = self.num_layers();
+        self.allocate_kv_cache_groups(num_blocks, vec![0; n], (0..n).collect())
+    }
+
+    /// The KV cache as vLLM plans it: each layer's KV-cache group (its block tables) and
+    /// storage (shared by one layer of each group).
+    pub fn allocate_kv_cache_groups(&mut self, num_blocks: usize, layer_group: Vec<usize>, layer_storage: Vec<usize>) -> Result<()> {
+        ensure!(
+            layer_group.len() == self.num_layers(),
+            "KV-cache plan covers {} layers, the model has {}",
+            layer_group.len(),
+            self.num_layers()
+        );
         self.cache = None;
-        self.cache = Some(PagedKvCache::new(
-            self.num_layers(),
+        self.cache = Some(PagedKvCache::with_groups(
+            layer_group,
+            layer_storage,
             num_blocks,
             self.block_size,
             self.config.num_kv_heads(),
@@ -194,9 +211,10 @@ impl ModelRunner {
             self.dtype,
         )?);
         log::info!(
-            "KV cache: {num_blocks} blocks of {} tokens, {:.1} MiB",
+            "KV cache: {num_blocks} blocks of {} tokens, {} KV-cache group(s), {:.1} MiB",
             self.block_size,
-            (num_blocks * self.kv_bytes_per_block()) as f64 / (1 << 20) as f64
+            self.cache.as_ref().map_or(0, |c| c.num_groups()),
+            self.cache.as_ref().map_or(0, |c| c.arrays().map(|a| a.nbytes()).sum::<usize>()) as f64 / (1 << 20) as f64
         );
         Ok(())
     }
@@ -221,6 +239,7 @@ impl ModelRunner {
             self.allocate_kv_cache(blocks)?;
             let tokens = vec![0i32; num_tokens];
             let block_ids: Vec<i32> = (0..blocks as i32).collect();
+            let block_ids = [block_ids];
             let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
             let batch = StepBatch::build(&[chunk], self.block_size, self.sliding_window())?;
             let cache = self.cache.as_mut().unwrap();
@@ -262,7 +281,18 @@ impl ModelRunner {
             }
             match (&c.new_block_ids, c.resumed) {
                 (Some(ids), true) => state.block_ids = ids.clone(),
-                (Some(ids), false) => state.block_ids.extend_from_slice(ids),
+                (Some(ids), false) => {
+                    ensure!(
+                        ids.len() == state.block_ids.len(),
+                        "request {}: {} new block tables for {} KV-cache groups",
+                        c.req_id,
+                        ids.len(),
+                        state.block_ids.len()
+                    );
+                    for (table, new) in state.block_ids.iter_mut().zip(ids) {
+                        table.extend_from_slice(new);
+                    }
+                }
                 (None, _) => {}
             }
             state.num_computed = c.num_computed_tokens;
@@ -379,6 +409,7 @@ impl ModelRunner {
     ) -> Result<Vec<Vec<i32>>> {
         let bs = self.block_size;
         let num_blocks = self.cache_mut()?.num_blocks;
+        ensure!(self.cache_mut()?.num_groups() == 1, "generate runs on a KV cache of one group");
         let mut next_block = 0i32;
         let mut step = SchedulerStep::default();
         for (i, p) in prompts.iter().enumerate() {
@@ -392,7 +423,7 @@ impl ModelRunner {
             step.new_requests.push(NewRequest {
                 req_id: id.clone(),
                 prompt_token_ids: p.clone(),
-                block_ids: (next_block..next_block + need).collect(),
+                block_ids: vec![(next_block..next_block + need).collect()],
                 num_computed_tokens: 0,
                 sampling: sampling.clone(),
             });
