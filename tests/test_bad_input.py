@@ -232,6 +232,16 @@ def test_gguf_unsupported_tensor_type(core, tiny_models, tmp_path, qtype_name):
     _assert_mentions(msg, qtype_name)
 
 
+def test_longrope_without_factors_refused(core, tiny_models, tmp_path):
+    d = _copy(tiny_models, tmp_path, "model", variant="phi3")
+    cfg = json.loads((d / "config.json").read_text())
+    rope = dict(cfg["rope_parameters"])
+    del rope["long_factor"]
+    _edit_config(d, rope_parameters=rope)
+    msg = _construct_error(core, d)
+    _assert_mentions(msg, "long_factor")
+
+
 def test_gguf_architecture_mismatch(core, tiny_models, tmp_path):
     """A llama GGUF beside a config.json naming Qwen2 (whose GGUFs are not permuted) is refused."""
     d = _gguf_dir(tiny_models, tmp_path, "model", {})

@@ -72,13 +72,19 @@ pub fn attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usi
     } else {
         (None, None)
     };
-    Ok(attention_from(config, layer, [q_proj, k_proj, v_proj, o_proj], q_norm, k_norm))
+    attention_from(config, layer, [q_proj, k_proj, v_proj, o_proj], q_norm, k_norm)
 }
 
 /// The shape, scale, RoPE and window of a layer's attention around given projections.
-pub fn attention_from(config: &ModelConfig, layer: usize, [q_proj, k_proj, v_proj, o_proj]: [Linear; 4], q_norm: Option<RmsNorm>, k_norm: Option<RmsNorm>) -> Attention {
+pub fn attention_from(
+    config: &ModelConfig,
+    layer: usize,
+    [q_proj, k_proj, v_proj, o_proj]: [Linear; 4],
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+) -> Result<Attention> {
     let head_dim = config.head_dim();
-    Attention {
+    Ok(Attention {
         q_proj,
         k_proj,
         v_proj,
@@ -89,10 +95,10 @@ pub fn attention_from(config: &ModelConfig, layer: usize, [q_proj, k_proj, v_pro
         num_kv_heads: config.num_kv_heads() as i32,
         head_dim: head_dim as i32,
         scale: 1.0 / (head_dim as f32).sqrt(),
-        rope: rope(config).expect("rope parameters were validated with the config"),
+        rope: rope(config)?,
         sliding_window: config.layer_windows()[layer],
         softcap: None,
-    }
+    })
 }
 
 /// RoPE of the config (theta and scaling).

@@ -22,7 +22,7 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
             ensure!(qkv.out_features() == q + 2 * kv, "{p}.self_attn.qkv_proj has {} rows, expected {}", qkv.out_features(), q + 2 * kv);
             let o_proj = w.linear(&format!("{p}.self_attn.o_proj"), false)?;
             let projs = [qkv.slice_rows(0, q)?, qkv.slice_rows(q, q + kv)?, qkv.slice_rows(q + kv, q + 2 * kv)?, o_proj];
-            Ok(attention_from(config, i, projs, None, None))
+            attention_from(config, i, projs, None, None)
         },
         |w, p, _| {
             let gate_up = w.linear(&format!("{p}.mlp.gate_up_proj"), false)?;
