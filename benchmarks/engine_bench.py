@@ -6,8 +6,10 @@ For every model and weight format this measures, for our engine and for mlx-lm i
 - peak memory: the side's weights plus the peak MLX allocation above the level before the run
   (KV cache and activations). Both sides share one libmlx, so the counters are the same.
 
-Models: `smollm2` (the real SmolLM2-135M weights of `--smollm2-dir`; a GGUF is dequantized) and
-`llama1b` (random weights of the Llama-3.2-1B shape: decode speed does not depend on the values).
+Models: `smollm2` (the real SmolLM2-135M weights of `--smollm2-dir`; a GGUF is dequantized),
+`llama1b` (random weights of the Llama-3.2-1B shape: decode speed does not depend on the values)
+and `moe` (random weights of a tiny-but-wide Qwen3-MoE: 64 experts, 8 active, experts stacked as
+mlx-lm's `switch_mlp`).
 Both are written once as safetensors directories under `--cache-dir` (outside the repository) and
 then loaded by both engines, so both run the very same tensors:
 - `f32`: float32, the only format the CPU backend runs fast (BLAS); used on `--device cpu`;
@@ -79,6 +81,34 @@ LLAMA1B_CONFIG = {
     "mlp_bias": False,
     "bos_token_id": 128000,
     "eos_token_id": 128001,
+}
+
+# A tiny-but-wide mixture of experts (Qwen3-MoE layout): 64 experts of which 8 run per token, so
+# the decode step is dominated by routing and gathered expert matmuls rather than dense layers.
+MOE_CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "model_type": "qwen3_moe",
+    "hidden_size": 1024,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 4,
+    "head_dim": 64,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 256,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "norm_topk_prob": True,
+    "vocab_size": 32000,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
 }
 
 VARIANT_DTYPE = {"f32": "float32", "bf16": "bfloat16", "q4": "bfloat16"}
@@ -220,6 +250,42 @@ def random_llama_bf16(mx, config: dict, seed: int = 0) -> dict:
     return out
 
 
+def random_moe_bf16(mx, config: dict, seed: int = 0) -> dict:
+    """Random bfloat16 weights of a Qwen3-MoE config, experts stacked as mlx-lm's `switch_mlp`
+    (the layout of mlx-community MoE checkpoints, which both engines read)."""
+    d, hd, e, f = config["hidden_size"], config["head_dim"], config["num_experts"], config["moe_intermediate_size"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], d), "model.norm.weight": (d,),
+              "lm_head.weight": (config["vocab_size"], d)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes.update({
+            f"{p}.input_layernorm.weight": (d,),
+            f"{p}.post_attention_layernorm.weight": (d,),
+            f"{p}.self_attn.q_norm.weight": (hd,),
+            f"{p}.self_attn.k_norm.weight": (hd,),
+            f"{p}.self_attn.q_proj.weight": (q, d),
+            f"{p}.self_attn.k_proj.weight": (kv, d),
+            f"{p}.self_attn.v_proj.weight": (kv, d),
+            f"{p}.self_attn.o_proj.weight": (d, q),
+            f"{p}.mlp.gate.weight": (e, d),
+            f"{p}.mlp.switch_mlp.gate_proj.weight": (e, f, d),
+            f"{p}.mlp.switch_mlp.up_proj.weight": (e, f, d),
+            f"{p}.mlp.switch_mlp.down_proj.weight": (e, d, f),
+        })
+    out = {}
+    for i, (name, shape) in enumerate(sorted(shapes.items())):
+        if len(shape) == 1:
+            out[name] = mx.ones(shape, dtype=mx.bfloat16)
+        else:
+            out[name] = mx.random.normal(shape, dtype=mx.bfloat16, scale=0.02, key=mx.random.key(seed * 100003 + i))
+        mx.eval(out[name])
+    return out
+
+
+RANDOM_MODELS = {"llama1b": (LLAMA1B_CONFIG, random_llama_bf16), "moe": (MOE_CONFIG, random_moe_bf16)}
+
+
 def write_variant(mx, dest: Path, config: dict, weights: dict, variant: str, source: dict) -> None:
     """Write `weights` (float) as `variant` into `dest`: config.json, model.safetensors, bench.json."""
     tmp = dest.with_name(dest.name + ".partial")
@@ -229,8 +295,9 @@ def write_variant(mx, dest: Path, config: dict, weights: dict, variant: str, sou
     tensors = {}
     for name, w in weights.items():
         w = w.astype(mx.float32 if variant == "f32" else mx.bfloat16)
-        # Every 2-D weight is a linear layer or the embedding: what mlx-lm's quantizer converts.
-        if variant == "q4" and w.ndim == 2:
+        # Every 2-D weight is a linear layer or the embedding, every 3-D one stacked experts: what
+        # mlx-lm's quantizer converts.
+        if variant == "q4" and w.ndim >= 2:
             wq, scales, biases = mx.quantize(w, group_size=Q_GROUP, bits=Q_BITS)
             base = name[: -len(".weight")]
             tensors.update({name: wq, f"{base}.scales": scales, f"{base}.biases": biases})
@@ -267,7 +334,7 @@ def prepare(mx, model: str, variants: list[str], cache_dir: Path, smollm2_dir: P
             raise SystemExit(f"no .gguf or .safetensors in {src} (pass --smollm2-dir)")
         source = {"model": model, "files": [[f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in files]}
     else:
-        source = {"model": model, "seed": 0, "config": LLAMA1B_CONFIG}
+        source = {"model": model, "seed": 0, "config": RANDOM_MODELS[model][0]}
     dirs = {v: cache_dir / f"{model}-{v}" for v in variants}
     todo = [v for v in variants if not _cached(dirs[v], source)]
     if todo:
@@ -276,8 +343,8 @@ def prepare(mx, model: str, variants: list[str], cache_dir: Path, smollm2_dir: P
             config = json.loads((src / "config.json").read_text())
             weights = float32_from_gguf(mx, files[0], config) if ggufs else float32_from_safetensors(mx, src)
         else:
-            config = dict(LLAMA1B_CONFIG)
-            weights = random_llama_bf16(mx, config)
+            config = dict(RANDOM_MODELS[model][0])
+            weights = RANDOM_MODELS[model][1](mx, config)
         for v in todo:
             print(f"writing {model} {v} weights to {dirs[v]}", file=sys.stderr, flush=True)
             write_variant(mx, dirs[v], config, weights, v, source)
@@ -576,7 +643,7 @@ def _device_name(mx, device: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "gpu"], help="MLX device (default: the GPU when MLX has one)")
-    ap.add_argument("--models", default="smollm2,llama1b", help="comma-separated: smollm2, llama1b")
+    ap.add_argument("--models", default="smollm2,llama1b", help="comma-separated: smollm2, llama1b, moe")
     ap.add_argument("--variants", help="comma-separated weight formats: f32, bf16, q4 (default: f32 on cpu, bf16,q4 on gpu)")
     ap.add_argument("--batches", type=_ints, help="decode batch sizes (default 1,4,16,64)")
     ap.add_argument("--steps", type=int, help="decode steps per timed run (default 128)")
@@ -608,8 +675,8 @@ def main() -> None:
             raise SystemExit(f"unknown weight format {v!r}: use f32, bf16, q4")
     models = args.models.split(",")
     for m in models:
-        if m not in ("smollm2", "llama1b"):
-            raise SystemExit(f"unknown model {m!r}: use smollm2, llama1b")
+        if m not in ("smollm2", "llama1b", "moe"):
+            raise SystemExit(f"unknown model {m!r}: use smollm2, llama1b, moe")
     mlx_lm = None if args.no_mlx_lm else import_mlx_lm()
 
     if args.device == "cpu":

@@ -139,7 +139,7 @@ class TinyModels:
 
     def path(self, name: str) -> Path:
         if name not in self._paths:
-            self._paths[name] = R.make_tiny_llama(self.root / name, R.TINY_VARIANTS[name])
+            self._paths[name] = R.make_tiny_model(self.root / name, R.TINY_VARIANTS[name])
         return self._paths[name]
 
     def hf(self, name: str):
@@ -151,7 +151,7 @@ class TinyModels:
     def make(self, name: str, spec: R.TinySpec) -> Path:
         """A one-off checkpoint with a custom spec."""
         if name not in self._paths:
-            self._paths[name] = R.make_tiny_llama(self.root / name, spec)
+            self._paths[name] = R.make_tiny_model(self.root / name, spec)
         return self._paths[name]
 
 

@@ -61,10 +61,12 @@ class TinySpec:
     #: position/rope mistakes show up in the logits.
     init_std: float = 0.08
     architecture: str = "LlamaForCausalLM"
+    #: More config.json fields of the family (passed to its transformers config class).
+    extra_config: dict = field(default_factory=dict)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.extra_config.get("head_dim", self.hidden_size // self.num_heads)
 
     def kv_bytes_per_block(self, block_size: int, dtype_bytes: int = 4) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes * block_size
@@ -99,6 +101,87 @@ TINY_VARIANTS: dict[str, TinySpec] = {
     # Sharded safetensors with model.safetensors.index.json.
     "sharded": TinySpec(seed=6, max_shard_size="100KB"),
 }
+
+
+#: One tiny checkpoint per model family, each exercising what sets the family apart. Windows are
+#: shorter than the test prompts; head_dim differs from hidden/heads where the family allows it.
+_WINDOW = 24
+FAMILY_VARIANTS: dict[str, TinySpec] = {
+    # q/k/v biases.
+    "qwen2": TinySpec(seed=11, architecture="Qwen2ForCausalLM"),
+    # per-head q_norm / k_norm, head_dim 24 (hidden 64 / 4 heads would be 16).
+    "qwen3": TinySpec(seed=12, architecture="Qwen3ForCausalLM", extra_config={"head_dim": 24}),
+    # sliding window on every layer.
+    "mistral": TinySpec(seed=13, architecture="MistralForCausalLM", extra_config={"sliding_window": _WINDOW}),
+    # soft-capped attention scores and logits (caps small enough to bite), sandwich norms,
+    # (1 + w) gains, query_pre_attn_scalar != head_dim, local/global/local layers.
+    "gemma2": TinySpec(
+        seed=14,
+        architecture="Gemma2ForCausalLM",
+        tie_word_embeddings=True,
+        extra_config={
+            "query_pre_attn_scalar": 24,
+            "sliding_window": _WINDOW,
+            "attn_logit_softcapping": 1.5,
+            "final_logit_softcapping": 3.0,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "hidden_activation": "gelu_pytorch_tanh",
+        },
+    ),
+    # per-head (1 + w) q/k norms, local layers with their own rope base, linear scaling on the
+    # global layer.
+    "gemma3": TinySpec(
+        seed=15,
+        architecture="Gemma3ForCausalLM",
+        tie_word_embeddings=True,
+        extra_config={
+            "query_pre_attn_scalar": 24,
+            "sliding_window": _WINDOW,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1000000.0},
+            },
+            "hidden_activation": "gelu_pytorch_tanh",
+        },
+    ),
+    # fused qkv / gate_up projections, longrope with original context 64 (the 100-token prompt
+    # runs on the long factors, shorter ones on the short factors).
+    "phi3": TinySpec(
+        seed=16,
+        architecture="Phi3ForCausalLM",
+        max_position_embeddings=256,
+        extra_config={
+            "original_max_position_embeddings": 64,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": 10000.0,
+                "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                "long_factor": [1.0 + 0.9 * i for i in range(8)],
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
+    # 4 experts, 2 active, renormalised.
+    "mixtral": TinySpec(
+        seed=17,
+        architecture="MixtralForCausalLM",
+        extra_config={"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    # 8 experts, 3 active, renormalised; layer 1 is dense (mlp_only_layers).
+    "qwen3_moe": TinySpec(
+        seed=18,
+        architecture="Qwen3MoeForCausalLM",
+        extra_config={
+            "num_experts": 8,
+            "num_experts_per_tok": 3,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [1],
+        },
+    ),
+}
+TINY_VARIANTS.update(FAMILY_VARIANTS)
 
 
 def chat_template() -> str:
@@ -143,13 +226,27 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
-def _llama_config(spec: TinySpec):
-    from transformers import LlamaConfig
+#: transformers model_type of each architecture the tiny checkpoints come in.
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "MixtralForCausalLM": "mixtral",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+    "Phi3ForCausalLM": "phi3",
+}
+
+
+def _hf_config(spec: TinySpec):
+    from transformers import AutoConfig
 
     rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
     if spec.rope_scaling is not None:
         rope = dict(spec.rope_scaling, rope_theta=spec.rope_theta)
-    return LlamaConfig(
+    kwargs = dict(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -164,7 +261,10 @@ def _llama_config(spec: TinySpec):
         bos_token_id=BOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
+        head_dim=spec.head_dim,
     )
+    kwargs.update(spec.extra_config)
+    return AutoConfig.for_model(MODEL_TYPES[spec.architecture], **kwargs)
 
 
 def randomize_(model, spec: TinySpec) -> None:
@@ -180,16 +280,18 @@ def randomize_(model, spec: TinySpec) -> None:
                 p.copy_(spec.init_std * torch.randn(p.shape, generator=gen))
 
 
-def make_tiny_llama(out_dir: str | os.PathLike, spec: TinySpec) -> Path:
-    """Write a tiny random checkpoint (float32 safetensors, tokenizer, generation config)."""
+def make_tiny_model(out_dir: str | os.PathLike, spec: TinySpec) -> Path:
+    """Write a tiny random checkpoint of spec.architecture (float32 safetensors, tokenizer,
+    generation config)."""
     import torch
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(spec.seed)
-    config = _llama_config(spec)
-    model = LlamaForCausalLM(config).to(torch.float32).eval()
+    config = _hf_config(spec)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float32).eval()
+    assert type(model).__name__ == spec.architecture, type(model).__name__
     randomize_(model, spec)
     if spec.tie_word_embeddings:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
@@ -204,8 +306,7 @@ def make_tiny_llama(out_dir: str | os.PathLike, spec: TinySpec) -> Path:
 
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
-    if spec.architecture != "LlamaForCausalLM":
-        cfg["architectures"] = [spec.architecture]
+    assert cfg["architectures"] == [spec.architecture], cfg["architectures"]
     if spec.config_format == "legacy":
         rope = dict(cfg.pop("rope_parameters"))
         cfg["rope_theta"] = rope.pop("rope_theta")
@@ -218,12 +319,16 @@ def make_tiny_llama(out_dir: str | os.PathLike, spec: TinySpec) -> Path:
     return out
 
 
-def load_hf(model_dir: str | os.PathLike):
-    """transformers' own model from the files on disk (float32, eval)."""
+def load_hf(model_dir: str | os.PathLike, **overrides):
+    """transformers' own model from the files on disk (float32, eval); `overrides` change config
+    fields."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    # Eager attention: transformers' SDPA path skips Gemma 2's attention soft-capping.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="eager", **overrides
+    )
     return model.eval()
 
 
@@ -361,7 +466,9 @@ def load_hf_gguf(gguf_path: str | os.PathLike):
         # transformers rebuilds the same (pure) name map once per module of the model, ~8 s for
         # SmolLM2; the answer does not change, so memoize it for this call.
         gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(orig_name_map)
-        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p.parent), gguf_file=p.name, dtype=torch.float32, attn_implementation="eager"
+        )
     finally:
         mu.is_accelerate_available = orig
         gguf.get_tensor_name_map = orig_name_map
@@ -395,7 +502,8 @@ def write_tiny_gguf(
     weight_type=None,
     override_types: dict[str, "object"] | None = None,
 ) -> Path:
-    """Write the tiny safetensors checkpoint in `model_dir` as a llama GGUF.
+    """Write the tiny safetensors checkpoint in `model_dir` as a GGUF of its llama.cpp architecture
+    ("llama" for LlamaForCausalLM, "qwen2" for Qwen2ForCausalLM, with its q/k/v biases).
 
     2-D weights are stored as `weight_type` (a gguf.GGMLQuantizationType, default F32); the RMSNorm
     gains always as F32, as llama.cpp does. `override_types` maps a GGUF tensor name (e.g. "blk.0.ffn_down.weight") to a
@@ -423,8 +531,11 @@ def write_tiny_gguf(
     n_kv = cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
 
-    w = gguf.GGUFWriter(str(out_path), "llama")
-    w.add_name("tiny-llama")
+    arch = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}[cfg["architectures"][0]]
+    # llama.cpp permutes q/k rows (for its interleaved RoPE) in llama files only.
+    permute = arch == "llama"
+    w = gguf.GGUFWriter(str(out_path), arch)
+    w.add_name(f"tiny-{arch}")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
@@ -452,6 +563,9 @@ def write_tiny_gguf(
         "mlp.down_proj.weight": "ffn_down.weight",
         "input_layernorm.weight": "attn_norm.weight",
         "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.bias": "attn_q.bias",
+        "self_attn.k_proj.bias": "attn_k.bias",
+        "self_attn.v_proj.bias": "attn_v.bias",
     }
     for i in range(cfg["num_hidden_layers"]):
         for k, v in per_layer.items():
@@ -463,9 +577,9 @@ def write_tiny_gguf(
             raise KeyError(f"unexpected tensor {hf_name}")
         g_name = names[hf_name]
         arr = np.ascontiguousarray(tensors[hf_name].astype(np.float32))
-        if hf_name.endswith("q_proj.weight"):
+        if permute and hf_name.endswith("q_proj.weight"):
             arr = _llama_cpp_permute(arr, n_head)
-        elif hf_name.endswith("k_proj.weight"):
+        elif permute and hf_name.endswith("k_proj.weight"):
             arr = _llama_cpp_permute(arr, n_kv)
         qtype = override_types.get(g_name, weight_type if arr.ndim == 2 else None)
         if qtype is None or qtype == gguf.GGMLQuantizationType.F32:
@@ -492,6 +606,82 @@ def write_tiny_gguf(
     w.write_tensors_to_file()
     w.close()
     return Path(out_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# MLX-quantized directories (the layout of mlx-community checkpoints)
+# --------------------------------------------------------------------------------------------------
+
+
+def _copy_side_files(src: Path, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            (out / f.name).write_bytes(f.read_bytes())
+
+
+def write_mlx_quantized(
+    model_dir: str | os.PathLike,
+    out_quantized: str | os.PathLike,
+    out_dequantized: str | os.PathLike,
+    *,
+    group_size: int,
+    bits: int,
+    layer_bits: dict[str, int] | None = None,
+    stack_experts: bool = False,
+) -> tuple[Path, Path]:
+    """Quantize the float32 checkpoint in `model_dir` with MLX's own quantizer (mx.quantize, affine)
+    as mlx-lm's converter lays it out, and write the same weights dequantized (mx.dequantize) as a
+    plain float32 checkpoint for transformers to run as the reference.
+
+    Every 2-D `.weight` but the norms whose input dimension is a multiple of `group_size` is
+    quantized (embedding and LM head included), as mlx-lm does. `layer_bits` maps a suffix of a
+    layer path (e.g. "mlp.gate") to its own bit width, recorded as a per-layer entry of config.json's
+    `quantization`. `stack_experts` writes MoE experts stacked as mlx-lm's `switch_mlp` tensors.
+    """
+    import re
+
+    import mlx.core as mx
+    from safetensors.numpy import load_file, save_file
+
+    src = Path(model_dir)
+    outq, outd = Path(out_quantized), Path(out_dequantized)
+    _copy_side_files(src, outq)
+    _copy_side_files(src, outd)
+    tensors = load_file(str(src / "model.safetensors"))
+    layer_bits = layer_bits or {}
+    quant: dict[str, np.ndarray] = {}
+    deq: dict[str, np.ndarray] = {}
+    qcfg: dict = {"group_size": group_size, "bits": bits}
+    for name, w in sorted(tensors.items()):
+        prefix = name[: -len(".weight")] if name.endswith(".weight") else None
+        if prefix is None or w.ndim != 2 or "norm" in name or w.shape[-1] % group_size:
+            quant[name] = deq[name] = w
+            continue
+        b = next((v for k, v in layer_bits.items() if prefix.endswith(k)), bits)
+        if b != bits:
+            qcfg[prefix] = {"group_size": group_size, "bits": b}
+        wq, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=b)
+        deq[name] = np.array(mx.dequantize(wq, scales, biases, group_size=group_size, bits=b))
+        quant[name] = np.array(wq)
+        quant[f"{prefix}.scales"] = np.array(scales)
+        quant[f"{prefix}.biases"] = np.array(biases)
+    if stack_experts:
+        pattern = re.compile(r"^(.*)\.experts\.(\d+)\.(\w+)\.(weight|scales|biases)$")
+        groups: dict[tuple[str, str, str], dict[int, np.ndarray]] = {}
+        for name in [n for n in quant if pattern.match(n)]:
+            base, e, proj, kind = pattern.match(name).groups()
+            groups.setdefault((base, proj, kind), {})[int(e)] = quant.pop(name)
+        for (base, proj, kind), per in groups.items():
+            quant[f"{base}.switch_mlp.{proj}.{kind}"] = np.stack([per[e] for e in sorted(per)])
+    save_file(quant, str(outq / "model.safetensors"))
+    save_file(deq, str(outd / "model.safetensors"))
+    cfg = json.loads((outq / "config.json").read_text())
+    # mlx-lm writes the same dict under both keys.
+    cfg["quantization"] = qcfg
+    cfg["quantization_config"] = qcfg
+    (outq / "config.json").write_text(json.dumps(cfg, indent=2))
+    return outq, outd
 
 
 # --------------------------------------------------------------------------------------------------

@@ -160,8 +160,10 @@ def test_missing_tensor(core, tiny_models, tmp_path):
     [
         {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
         {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
     ],
-    ids=["awq", "gptq"],
+    ids=["awq", "gptq", "bitsandbytes", "fp8"],
 )
 def test_quantization_config_refused(core, tiny_models, tmp_path, qconfig):
     d = _copy(tiny_models, tmp_path, "model")
@@ -228,6 +230,34 @@ def test_gguf_unsupported_tensor_type(core, tiny_models, tmp_path, qtype_name):
     assert types[tensor] == qtype, f"test bug: {tensor} stored as {types[tensor]}"
     msg = _construct_error(core, d)
     _assert_mentions(msg, qtype_name)
+
+
+def test_longrope_without_factors_refused(core, tiny_models, tmp_path):
+    d = _copy(tiny_models, tmp_path, "model", variant="phi3")
+    cfg = json.loads((d / "config.json").read_text())
+    rope = dict(cfg["rope_parameters"])
+    del rope["long_factor"]
+    _edit_config(d, rope_parameters=rope)
+    msg = _construct_error(core, d)
+    _assert_mentions(msg, "long_factor")
+
+
+def test_gguf_architecture_mismatch(core, tiny_models, tmp_path):
+    """A llama GGUF beside a config.json naming Qwen2 (whose GGUFs are not permuted) is refused."""
+    d = _gguf_dir(tiny_models, tmp_path, "model", {})
+    _edit_config(d, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    msg = _construct_error(core, d)
+    _assert_mentions(msg, "llama", "Qwen2ForCausalLM")
+
+
+def test_mlx_quantization_bits_mismatch(core, tiny_models, tmp_path):
+    """config.json's quantization must agree with the packed tensors."""
+    q, _ = R.write_mlx_quantized(
+        tiny_models.path(BASE), tmp_path / "q", tmp_path / "d", group_size=64, bits=4
+    )
+    _edit_config(q, quantization={"group_size": 64, "bits": 8})
+    msg = _construct_error(core, q)
+    _assert_mentions(msg, "8 bits", "4")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -301,7 +301,7 @@ def test_gguf_writer_roundtrip(tiny_models, tmp_path):
     """The F32 GGUF written by the test helper is, for transformers, the safetensors model."""
     import gguf
 
-    for variant in ["gqa_untied", "tied"]:
+    for variant in ["gqa_untied", "tied", "qwen2"]:
         d = _gguf_model_dir(tiny_models, tmp_path, variant, gguf.GGMLQuantizationType.F32)
         ids = _rand_ids(9, 40, 320)
         err = R.rel_err(R.hf_logits(R.load_hf_gguf(d / "model.gguf"), ids), R.hf_logits(tiny_models.hf(variant), ids))
@@ -310,7 +310,8 @@ def test_gguf_writer_roundtrip(tiny_models, tmp_path):
 
 @pytest.mark.parametrize(
     "variant,qtype_name",
-    [("gqa_untied", t) for t in ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]] + [("tied", "F32"), ("tied", "Q4_1")],
+    [(v, t) for v in ["gqa_untied", "qwen2"] for t in ["F32", "F16", "Q8_0", "Q4_0", "Q4_1"]]
+    + [("tied", "F32"), ("tied", "Q4_1")],
 )
 def test_tiny_gguf_logits(core, tiny_models, tmp_path, variant, qtype_name):
     import gguf

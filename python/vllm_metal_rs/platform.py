@@ -129,7 +129,8 @@ class MetalPlatform(Platform):
 
     @classmethod
     def support_hybrid_kv_cache(cls) -> bool:
-        return False
+        # The engine keeps one block table per KV-cache group (Gemma's local and global layers).
+        return True
 
     # --- device ------------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
     LogprobsLists,
@@ -188,12 +188,20 @@ class MetalWorker(WorkerBase):
             raise ValueError(
                 f"vllm-metal-rs: engine reported unknown KV cache dtype {r.kv_cache_dtype!r}"
             ) from None
-        spec = FullAttentionSpec(
+        shape = dict(
             block_size=self.cache_config.block_size,
             num_kv_heads=r.num_kv_heads,
             head_size=r.head_dim,
             dtype=dtype,
         )
+        # Sliding-window layers get vLLM's sliding-window spec, so that the block manager frees
+        # blocks that left the window. A model mixing both kinds (Gemma) gets one KV-cache group
+        # per kind from vLLM's hybrid manager, each with its own block tables.
+        specs = [
+            SlidingWindowSpec(**shape, sliding_window=w) if w else FullAttentionSpec(**shape)
+            for w in r.layer_windows
+        ]
+        spec = specs[0]
         per_block = r.kv_bytes_per_block()
         if spec.page_size_bytes * r.num_layers != per_block:
             # vLLM sizes the pool with the spec; the engine allocates with its own figure.
@@ -202,7 +210,7 @@ class MetalWorker(WorkerBase):
                 spec.page_size_bytes * r.num_layers,
                 per_block,
             )
-        return {f"model.layers.{i}.self_attn.attn": spec for i in range(r.num_layers)}
+        return {f"model.layers.{i}.self_attn.attn": s for i, s in enumerate(specs)}
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
         # The base asks torch attention backends, of which this platform has none.
@@ -267,14 +275,25 @@ class MetalWorker(WorkerBase):
         return budget
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
-        groups = kv_cache_config.kv_cache_groups
-        if len(groups) != 1:
-            raise ValueError(
-                f"vllm-metal-rs: expected one KV cache group, vLLM planned {len(groups)}"
-            )
+        r = self._runner()
+        index = {f"model.layers.{i}.self_attn.attn": i for i in range(r.num_layers)}
+        # Each layer's KV-cache group (whose block tables it uses) and storage: vLLM overlays the
+        # groups' tensors from byte 0, so layers at the same byte offset share memory (one layer
+        # of each group; a block id belongs to one group at a time).
+        layer_group: list[int | None] = [None] * r.num_layers
+        for g, group in enumerate(kv_cache_config.kv_cache_groups):
+            for name in group.layer_names:
+                layer_group[index[name]] = g
+        starts: list[int | None] = [None] * r.num_layers
+        for tensor in kv_cache_config.kv_cache_tensors:
+            for pos, name in enumerate(tensor.layers):
+                starts[index[name]] = tensor.offset + pos * tensor.layer_stride
+        if None in layer_group or None in starts:
+            raise ValueError("vllm-metal-rs: vLLM's KV-cache plan does not place every layer")
+        storage_of = {s: i for i, s in enumerate(sorted(set(starts)))}
         num_blocks = kv_cache_config.num_blocks
         self.cache_config.num_gpu_blocks = num_blocks
-        self._runner().allocate_kv_cache(num_blocks)
+        r.allocate_kv_cache(num_blocks, layer_group, [storage_of[s] for s in starts])
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         # Nothing is compiled ahead of time; MLX builds its kernels on first use.

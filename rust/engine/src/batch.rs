@@ -9,45 +9,59 @@ pub struct SeqChunk<'a> {
     /// Tokens of the request already in the KV cache (position of the chunk's first token).
     pub start: usize,
     pub tokens: &'a [i32],
-    /// The request's whole block table.
-    pub block_ids: &'a [i32],
+    /// The request's whole block table, one per KV-cache group (vLLM gives layers of different
+    /// attention types, e.g. Gemma's local and global layers, their own tables).
+    pub block_ids: &'a [Vec<i32>],
 }
 
-/// Requests whose queries attend together in one padded `[R, Q]` x `[R, K]` call.
+/// The pages a group's queries read, and which of their keys each query sees.
+pub struct Pages {
+    pub max_pages: i32,
+    /// `[R * P]`: each request's pages, padded with block 0 (masked out).
+    pub block_table: Array,
+    /// `[R, 1, Q, P * block_size]`.
+    pub mask: Array,
+}
+
+/// Every request of a group has `len` tokens in the cache and its queries end at its last one (a
+/// single request, or decode rows of equal length): exactly those slots are gathered and attention
+/// is causal aligned to the end (none for one query) — no mask array, so MLX can use its fused
+/// decode kernels.
+pub struct Exact {
+    pub len: i32,
+    /// `[R * len]`: the cache slots of positions `0..len` of each request.
+    pub slots: Array,
+}
+
+/// The pages of one KV-cache group.
+pub struct GroupPages {
+    /// Every page from position 0; key position <= query position.
+    pub full: Pages,
+    /// The same keys as `full` without padding or mask, when the group's requests share a length.
+    pub exact: Option<Exact>,
+    /// For the model's sliding-window layers: only the pages the window reaches (from the first
+    /// query's position - window + 1); also key position > query position - window.
+    pub window: Option<Pages>,
+}
+
+/// Requests whose queries attend together in one padded `[R, Q]` x `[R, P * block_size]` call.
 pub struct AttnGroup {
     pub num_seqs: i32,
     pub max_q: i32,
     /// `[R * Q]`: the flat token feeding each padded query row (padding repeats a real row).
     pub q_index: Array,
-    pub keys: GroupKeys,
-}
-
-/// Which cached keys a group's queries see.
-pub enum GroupKeys {
-    /// Every request of the group has `len` tokens in the cache and `Q` queries ending at its last
-    /// one (a single request, or decode rows of equal length): exactly its slots are gathered and
-    /// attention is causal aligned to the end (none for one query) — no mask array, so MLX can
-    /// use its fused decode kernels.
-    Exact {
-        len: i32,
-        /// `[R * len]`: the cache slots of positions `0..len` of each request.
-        slots: Array,
-    },
-    /// Requests of different lengths: whole pages gathered, padded and masked by position.
-    Paged {
-        max_pages: i32,
-        /// `[R * P]`: each request's pages, padded with block 0 (masked out).
-        block_table: Array,
-        /// `[R, 1, Q, P * block_size]`: key position <= query position.
-        mask: Array,
-    },
+    /// Per KV-cache group.
+    pub pages: Vec<GroupPages>,
 }
 
 pub struct StepBatch {
     pub num_tokens: usize,
     pub token_ids: Array,
     pub positions: Array,
-    pub slots: Array,
+    /// `[T]` per KV-cache group: the cache slot of each token's K/V.
+    pub slots: Vec<Array>,
+    /// `[T]`: each token's request length at the end of this step's chunk.
+    pub seq_ends: Array,
     pub groups: Vec<AttnGroup>,
     /// `[T]`: row of each flat token in the concatenated padded group outputs.
     pub out_index: Array,
@@ -58,11 +72,14 @@ pub struct StepBatch {
 
 impl StepBatch {
     /// Decode chunks (one token) share one group; each prefill chunk gets its own, so a long
-    /// prompt does not pad every decode row to its length.
-    pub fn build(chunks: &[SeqChunk], block_size: usize) -> Result<Self> {
+    /// prompt does not pad every decode row to its length. `window`: the sliding window of the
+    /// model's local layers, if it has any.
+    pub fn build(chunks: &[SeqChunk], block_size: usize, window: Option<usize>) -> Result<Self> {
+        let num_kv_groups = chunks.first().map_or(1, |c| c.block_ids.len());
         let mut token_ids = Vec::new();
         let mut positions = Vec::new();
-        let mut slots = Vec::new();
+        let mut seq_ends = Vec::new();
+        let mut slots = vec![Vec::new(); num_kv_groups];
         let mut offsets = Vec::with_capacity(chunks.len());
         for (r, c) in chunks.iter().enumerate() {
             if c.tokens.is_empty() {
@@ -71,17 +88,25 @@ impl StepBatch {
             offsets.push(token_ids.len());
             let end = c.start + c.tokens.len();
             let pages = end.div_ceil(block_size);
-            if pages > c.block_ids.len() {
-                bail!(
-                    "batch entry {r}: positions up to {end} need {pages} blocks, block table has {}",
-                    c.block_ids.len()
-                );
+            if c.block_ids.len() != num_kv_groups {
+                bail!("batch entry {r} has {} block tables, entry 0 has {num_kv_groups}", c.block_ids.len());
+            }
+            for table in c.block_ids {
+                if pages > table.len() {
+                    bail!(
+                        "batch entry {r}: positions up to {end} need {pages} blocks, block table has {}",
+                        table.len()
+                    );
+                }
             }
             for (i, &t) in c.tokens.iter().enumerate() {
                 let p = c.start + i;
                 token_ids.push(t);
                 positions.push(p as i32);
-                slots.push(c.block_ids[p / block_size] * block_size as i32 + (p % block_size) as i32);
+                seq_ends.push(end as i32);
+                for (g, table) in c.block_ids.iter().enumerate() {
+                    slots[g].push(table[p / block_size] * block_size as i32 + (p % block_size) as i32);
+                }
             }
         }
         let decode: Vec<usize> = (0..chunks.len()).filter(|&r| chunks[r].tokens.len() == 1).collect();
@@ -96,14 +121,8 @@ impl StepBatch {
         let mut row_base = 0usize;
         for m in &members {
             let q = m.iter().map(|&r| chunks[r].tokens.len()).max().unwrap();
-            let p = m
-                .iter()
-                .map(|&r| (chunks[r].start + chunks[r].tokens.len()).div_ceil(block_size))
-                .max()
-                .unwrap();
             let mut q_index = Vec::with_capacity(m.len() * q);
             let mut q_pos = Vec::with_capacity(m.len() * q);
-            let mut table = Vec::with_capacity(m.len() * p);
             for (row, &r) in m.iter().enumerate() {
                 let c = &chunks[r];
                 let n = c.tokens.len();
@@ -115,27 +134,58 @@ impl StepBatch {
                 for i in 0..n {
                     out_index[offsets[r] + i] = (row_base + row * q + i) as i32;
                 }
-                let pages = (c.start + n).div_ceil(block_size);
-                table.extend_from_slice(&c.block_ids[..pages]);
-                table.extend(std::iter::repeat(0).take(p - pages));
             }
-            let (rq, qi, pi) = (m.len() as i32, q as i32, p as i32);
-            let ends: Vec<usize> = m.iter().map(|&r| chunks[r].start + chunks[r].tokens.len()).collect();
-            let exact = ends.iter().all(|&e| e == ends[0]) && m.iter().all(|&r| chunks[r].tokens.len() == q);
-            let keys = if exact {
-                let len = ends[0];
-                let mut slots = Vec::with_capacity(m.len() * len);
-                for &r in m {
-                    let ids = chunks[r].block_ids;
-                    slots.extend((0..len).map(|p| ids[p / block_size] * block_size as i32 + (p % block_size) as i32));
+            let (rq, qi) = (m.len() as i32, q as i32);
+            let qpos = Array::from_slice(&q_pos, &[rq, 1, qi, 1]);
+            // Pages: all of them, or from the first page the window reaches.
+            let pages_from = |first: &dyn Fn(usize) -> usize, g: usize| -> Result<(Pages, Array)> {
+                let firsts: Vec<usize> = m.iter().map(|&r| first(r)).collect();
+                let ends: Vec<usize> =
+                    m.iter().map(|&r| (chunks[r].start + chunks[r].tokens.len()).div_ceil(block_size)).collect();
+                let pn = firsts.iter().zip(&ends).map(|(f, e)| e - f).max().unwrap();
+                let mut table = Vec::with_capacity(m.len() * pn);
+                let mut kpos = Vec::with_capacity(m.len() * pn * block_size);
+                for (row, &r) in m.iter().enumerate() {
+                    let (f, e) = (firsts[row], ends[row]);
+                    table.extend_from_slice(&chunks[r].block_ids[g][f..e]);
+                    table.extend(std::iter::repeat(0).take(pn - (e - f)));
+                    // Padding pages get positions past the request's end: masked as future keys.
+                    kpos.extend((0..pn * block_size).map(|j| (f * block_size + j) as i32));
                 }
-                GroupKeys::Exact { len: len as i32, slots: Array::from_slice(&slots, &[rq * len as i32]) }
-            } else {
-                let kpos = Array::from_iter(0..pi * block_size as i32, &[1, 1, 1, pi * block_size as i32]);
-                let qpos = Array::from_slice(&q_pos, &[rq, 1, qi, 1]);
-                GroupKeys::Paged { max_pages: pi, block_table: Array::from_slice(&table, &[rq * pi]), mask: kpos.le(&qpos)? }
+                let kpos = Array::from_slice(&kpos, &[rq, 1, 1, (pn * block_size) as i32]);
+                let pages = Pages {
+                    max_pages: pn as i32,
+                    block_table: Array::from_slice(&table, &[rq * pn as i32]),
+                    mask: kpos.le(&qpos)?,
+                };
+                Ok((pages, kpos))
             };
-            groups.push(AttnGroup { num_seqs: rq, max_q: qi, q_index: Array::from_slice(&q_index, &[rq * qi]), keys });
+            let ends: Vec<usize> = m.iter().map(|&r| chunks[r].start + chunks[r].tokens.len()).collect();
+            let same_len = ends.iter().all(|&e| e == ends[0]) && m.iter().all(|&r| chunks[r].tokens.len() == q);
+            let mut pages = Vec::with_capacity(num_kv_groups);
+            for g in 0..num_kv_groups {
+                let (full, _) = pages_from(&|_| 0, g)?;
+                let exact = same_len.then(|| {
+                    let len = ends[0];
+                    let mut slots = Vec::with_capacity(m.len() * len);
+                    for &r in m {
+                        let ids = &chunks[r].block_ids[g];
+                        slots.extend((0..len).map(|p| ids[p / block_size] * block_size as i32 + (p % block_size) as i32));
+                    }
+                    Exact { len: len as i32, slots: Array::from_slice(&slots, &[rq * len as i32]) }
+                });
+                let window = match window {
+                    Some(w) => {
+                        let first = |r: usize| (chunks[r].start + 1).saturating_sub(w) / block_size;
+                        let (mut p, kpos) = pages_from(&first, g)?;
+                        p.mask = p.mask.logical_and(kpos.gt(qpos.subtract(Array::from_int(w as i32))?)?)?;
+                        Some(p)
+                    }
+                    None => None,
+                };
+                pages.push(GroupPages { full, exact, window });
+            }
+            groups.push(AttnGroup { num_seqs: rq, max_q: qi, q_index: Array::from_slice(&q_index, &[rq * qi]), pages });
             row_base += m.len() * q;
         }
         let t = token_ids.len() as i32;
@@ -144,7 +194,8 @@ impl StepBatch {
             num_tokens: token_ids.len(),
             token_ids: Array::from_slice(&token_ids, &[t]),
             positions: Array::from_slice(&positions, &[t]),
-            slots: Array::from_slice(&slots, &[t]),
+            slots: slots.iter().map(|s| Array::from_slice(s, &[t])).collect(),
+            seq_ends: Array::from_slice(&seq_ends, &[t]),
             groups,
             out_index: Array::from_slice(&out_index, &[t]),
             identity,

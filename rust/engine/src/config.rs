@@ -6,7 +6,17 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 /// Architectures this engine executes (the `architectures` entry of config.json).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
+];
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeScaling {
@@ -16,6 +26,10 @@ pub struct RopeScaling {
     pub low_freq_factor: Option<f32>,
     pub high_freq_factor: Option<f32>,
     pub original_max_position_embeddings: Option<usize>,
+    /// Phi-3 longrope: per-frequency divisors below / above the original context.
+    pub short_factor: Option<Vec<f32>>,
+    pub long_factor: Option<Vec<f32>>,
+    pub attention_factor: Option<f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,7 +58,35 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     pub max_position_embeddings: Option<usize>,
     pub sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: the window is off unless this is true.
+    pub use_sliding_window: Option<bool>,
+    /// Per layer "full_attention" / "sliding_attention" (transformers 5; Gemma, Qwen).
+    pub layer_types: Option<Vec<String>>,
+    /// Gemma 3 before transformers 5: every n-th layer is global.
+    pub sliding_window_pattern: Option<usize>,
+    /// Gemma 3 before transformers 5: rope base of the local (sliding) layers.
+    pub rope_local_base_freq: Option<f32>,
     pub hidden_act: Option<String>,
+    /// Gemma's spelling of hidden_act.
+    pub hidden_activation: Option<String>,
+    /// Gemma: attention scale is query_pre_attn_scalar^-0.5 instead of head_dim^-0.5.
+    pub query_pre_attn_scalar: Option<f32>,
+    pub attn_logit_softcapping: Option<f32>,
+    pub final_logit_softcapping: Option<f32>,
+    /// Phi-3: context length the short rope factors were trained for.
+    pub original_max_position_embeddings: Option<usize>,
+    pub partial_rotary_factor: Option<f32>,
+    /// MoE: experts (Mixtral `num_local_experts`, Qwen3-MoE `num_experts`).
+    #[serde(alias = "num_local_experts")]
+    pub num_experts: Option<usize>,
+    pub num_experts_per_tok: Option<usize>,
+    pub moe_intermediate_size: Option<usize>,
+    /// Qwen3-MoE: renormalise the top-k routing weights.
+    #[serde(default)]
+    pub norm_topk_prob: bool,
+    pub decoder_sparse_step: Option<usize>,
+    #[serde(default)]
+    pub mlp_only_layers: Vec<usize>,
     pub torch_dtype: Option<String>,
     pub dtype: Option<String>,
     /// mlx-community quantized checkpoints (`{"group_size": 64, "bits": 4}`).
@@ -93,19 +135,68 @@ impl ModelConfig {
         Ok(config)
     }
 
-    /// Fold transformers 5's `rope_parameters` into `rope_theta` / `rope_scaling`.
+    /// Fold transformers 5's `rope_parameters` into `rope_theta` / `rope_scaling` (and, for Gemma 3's
+    /// per-layer-type parameters, `rope_local_base_freq`).
     fn normalize_rope(&mut self) -> Result<()> {
         let Some(params) = self.rope_parameters.take() else { return Ok(()) };
-        if let Some(theta) = params.get("rope_theta").and_then(|t| t.as_f64()) {
+        let global = match (params.get("full_attention"), params.get("sliding_attention")) {
+            (Some(full), local) => {
+                if let Some(local) = local {
+                    let kind = local.get("rope_type").and_then(|t| t.as_str()).unwrap_or("default");
+                    if kind != "default" {
+                        bail!("unsupported rope_type {kind:?} for sliding-attention layers: supported is default");
+                    }
+                    self.rope_local_base_freq =
+                        local.get("rope_theta").and_then(|t| t.as_f64()).map(|t| t as f32);
+                }
+                full.clone()
+            }
+            (None, _) => params.clone(),
+        };
+        if let Some(theta) = global.get("rope_theta").and_then(|t| t.as_f64()) {
             self.rope_theta = theta as f32;
         }
-        let kind = params.get("rope_type").or_else(|| params.get("type")).and_then(|t| t.as_str());
+        if let Some(f) = global.get("partial_rotary_factor").and_then(|t| t.as_f64()) {
+            self.partial_rotary_factor = Some(f as f32);
+        }
+        let kind = global.get("rope_type").or_else(|| global.get("type")).and_then(|t| t.as_str());
         if self.rope_scaling.is_none() && kind.is_some_and(|k| k != "default") {
             self.rope_scaling =
-                Some(serde_json::from_value(params.clone()).context("parsing rope_parameters")?);
+                Some(serde_json::from_value(global.clone()).context("parsing rope_parameters")?);
         }
         self.rope_parameters = Some(params);
         Ok(())
+    }
+
+    /// Attention window of each layer (None: full attention). HF semantics: a query at position p
+    /// sees keys at positions > p - window.
+    pub fn layer_windows(&self) -> Vec<Option<usize>> {
+        let n = self.num_hidden_layers;
+        let window = self.sliding_window;
+        match self.architectures.first().map(String::as_str).unwrap_or("") {
+            "Gemma2ForCausalLM" | "Gemma3ForCausalLM" => (0..n)
+                .map(|i| {
+                    let local = match (&self.layer_types, self.sliding_window_pattern) {
+                        (Some(t), _) => t.get(i).is_some_and(|t| t == "sliding_attention"),
+                        (None, Some(p)) => (i + 1) % p != 0,
+                        // Gemma 2 alternates, starting with a local layer.
+                        (None, None) => i % 2 == 0,
+                    };
+                    if local { window } else { None }
+                })
+                .collect(),
+            // Qwen's window is off unless use_sliding_window (refused in validate).
+            "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Qwen3MoeForCausalLM" | "LlamaForCausalLM" => vec![None; n],
+            _ => {
+                let max_pos = self.max_position_embeddings.unwrap_or(usize::MAX);
+                vec![window.filter(|&w| w < max_pos); n]
+            }
+        }
+    }
+
+    /// The activation of the MLP (Gemma names it hidden_activation).
+    pub fn activation(&self) -> &str {
+        self.hidden_activation.as_deref().or(self.hidden_act.as_deref()).unwrap_or("silu")
     }
 
     /// The one architecture this config asks for, if we run it.
@@ -114,27 +205,41 @@ impl ModelConfig {
     }
 
     fn validate(&self) -> Result<()> {
-        self.architecture()?;
+        let arch = self.architecture()?;
         if let Some(q) = &self.quantization_config {
-            let method = q.get("quant_method").and_then(|m| m.as_str()).unwrap_or("unknown");
-            bail!(
-                "unsupported quantization method {method:?}: vllm-metal-rs runs unquantized \
-                 safetensors (f32/f16/bf16) and GGUF (Q4_0, Q4_1, Q8_0, F16, F32)"
-            );
-        }
-        if let Some(act) = &self.hidden_act {
-            if act != "silu" {
-                bail!("unsupported hidden_act {act:?}: Llama-family models here use silu");
-            }
-        }
-        if let Some(window) = self.sliding_window {
-            let max_pos = self.max_position_embeddings.unwrap_or(usize::MAX);
-            if window < max_pos {
+            // mlx-lm writes its own `quantization` dict under both keys; that one is ours.
+            let method = q.get("quant_method").and_then(|m| m.as_str());
+            if method.is_some() || q.get("bits").is_none() {
                 bail!(
-                    "sliding-window attention (sliding_window={window}) is not supported yet; \
-                     only Mistral checkpoints without a sliding window run"
+                    "unsupported quantization method {:?}: vllm-metal-rs runs unquantized safetensors \
+                     (f32/f16/bf16), MLX-quantized directories (config.json \"quantization\": \
+                     {{\"group_size\", \"bits\"}}) and GGUF (Q4_0, Q4_1, Q8_0, F16, F32)",
+                    method.unwrap_or("unknown")
                 );
             }
+        }
+        if let Some(q) = self.quantization.as_ref().or(self.quantization_config.as_ref()) {
+            let bits = q.get("bits").and_then(|b| b.as_i64());
+            let group = q.get("group_size").and_then(|g| g.as_i64());
+            if !matches!(bits, Some(2 | 3 | 4 | 5 | 6 | 8)) || !matches!(group, Some(32 | 64 | 128)) {
+                bail!(
+                    "unsupported MLX quantization {q}: supported are bits 2-6 or 8 with group_size 32, 64 or 128"
+                );
+            }
+            if let Some(mode) = q.get("mode").and_then(|m| m.as_str()) {
+                if mode != "affine" {
+                    bail!("unsupported MLX quantization mode {mode:?}: supported is affine");
+                }
+            }
+        }
+        let act = self.activation();
+        let gemma = arch.starts_with("Gemma");
+        let expected = if gemma { "gelu_pytorch_tanh" } else { "silu" };
+        if act != expected {
+            bail!("unsupported activation {act:?} for {arch}: supported is {expected}");
+        }
+        if arch.starts_with("Qwen") && self.use_sliding_window == Some(true) {
+            bail!("Qwen sliding-window attention (use_sliding_window=true) is not supported");
         }
         if self.num_attention_heads % self.num_kv_heads() != 0 {
             bail!(
@@ -143,12 +248,23 @@ impl ModelConfig {
                 self.num_kv_heads()
             );
         }
+        if self.partial_rotary_factor.is_some_and(|f| f != 1.0) {
+            bail!("partial rotary embeddings (partial_rotary_factor < 1) are not supported");
+        }
         if let Some(rs) = &self.rope_scaling {
             match rs.rope_type.as_deref() {
                 None | Some("default") | Some("linear") | Some("llama3") => {}
+                Some("longrope") | Some("su") if arch == "Phi3ForCausalLM" => {}
                 Some(other) => bail!(
-                    "unsupported rope_scaling type {other:?}: supported are default, linear, llama3"
+                    "unsupported rope_scaling type {other:?}: supported are default, linear, llama3 \
+                     (and longrope for Phi-3)"
                 ),
+            }
+        }
+        if matches!(arch, "MixtralForCausalLM" | "Qwen3MoeForCausalLM") {
+            let (e, k) = (self.num_experts.unwrap_or(0), self.num_experts_per_tok.unwrap_or(0));
+            if e == 0 || k == 0 || k > e {
+                bail!("{arch} needs num_experts >= num_experts_per_tok >= 1, got {e} and {k}");
             }
         }
         Ok(())
@@ -209,5 +325,54 @@ mod tests {
         let text = LLAMA.replace("\"vocab_size\"", "\"quantization_config\":{\"quant_method\":\"awq\"},\"vocab_size\"");
         let err = ModelConfig::from_json(&text).unwrap_err();
         assert!(format!("{err:#}").contains("\"awq\""));
+    }
+
+    #[test]
+    fn gemma3_legacy_and_hf5_layouts_give_the_same_layers() {
+        let base = r#""architectures":["Gemma3ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":6,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "vocab_size":100,"hidden_activation":"gelu_pytorch_tanh","sliding_window":8"#;
+        let legacy = format!(
+            r#"{{{base},"sliding_window_pattern":3,"rope_theta":1000000.0,"rope_local_base_freq":10000.0,
+            "rope_scaling":{{"rope_type":"linear","factor":8.0}}}}"#
+        );
+        let hf5 = format!(
+            r#"{{{base},"layer_types":["sliding_attention","sliding_attention","full_attention",
+            "sliding_attention","sliding_attention","full_attention"],
+            "rope_parameters":{{"sliding_attention":{{"rope_type":"default","rope_theta":10000.0}},
+            "full_attention":{{"rope_type":"linear","factor":8.0,"rope_theta":1000000.0}}}}}}"#
+        );
+        for text in [legacy, hf5] {
+            let c = ModelConfig::from_json(&text).unwrap();
+            let w = Some(8);
+            assert_eq!(c.layer_windows(), vec![w, w, None, w, w, None]);
+            assert_eq!(c.rope_theta, 1000000.0);
+            assert_eq!(c.rope_local_base_freq, Some(10000.0));
+            assert_eq!(c.rope_scaling.as_ref().unwrap().factor, Some(8.0));
+        }
+    }
+
+    #[test]
+    fn qwen_window_only_with_use_sliding_window() {
+        let text = LLAMA.replace("LlamaForCausalLM", "Qwen2ForCausalLM")
+            .replace("\"rms_norm_eps\"", "\"sliding_window\":32,\"use_sliding_window\":false,\"rms_norm_eps\"");
+        assert_eq!(ModelConfig::from_json(&text).unwrap().layer_windows(), vec![None, None]);
+        let err = ModelConfig::from_json(&text.replace("false", "true")).unwrap_err();
+        assert!(format!("{err:#}").contains("use_sliding_window"));
+        // Mistral's window applies to every layer.
+        let text = LLAMA.replace("LlamaForCausalLM", "MistralForCausalLM")
+            .replace("\"rms_norm_eps\"", "\"sliding_window\":32,\"rms_norm_eps\"");
+        assert_eq!(ModelConfig::from_json(&text).unwrap().layer_windows(), vec![Some(32), Some(32)]);
+    }
+
+    #[test]
+    fn mlx_quantization_accepted_other_methods_refused() {
+        let q = r#"{"group_size":64,"bits":4}"#;
+        let both = LLAMA.replace("\"vocab_size\"", &format!("\"quantization\":{q},\"quantization_config\":{q},\"vocab_size\""));
+        ModelConfig::from_json(&both).unwrap();
+        let bad = LLAMA.replace("\"vocab_size\"", "\"quantization\":{\"group_size\":64,\"bits\":7},\"vocab_size\"");
+        assert!(format!("{:#}", ModelConfig::from_json(&bad).unwrap_err()).contains("bits"));
+        let fp8 = LLAMA.replace("\"vocab_size\"", "\"quantization_config\":{\"quant_method\":\"fp8\"},\"vocab_size\"");
+        assert!(format!("{:#}", ModelConfig::from_json(&fp8).unwrap_err()).contains("\"fp8\""));
     }
 }

@@ -100,9 +100,19 @@ impl<R: Read + Seek> Reader<R> {
 
 /// (name, ggml type) of every tensor in the file.
 pub fn tensor_types(path: &Path) -> Result<Vec<(String, u32)>> {
+    Ok(read_header(path)?.1)
+}
+
+/// `general.architecture` of the file (llama.cpp's name: "llama", "qwen2", ...).
+pub fn architecture(path: &Path) -> Result<Option<String>> {
+    Ok(read_header(path)?.0)
+}
+
+/// `general.architecture` and (name, ggml type) of every tensor.
+fn read_header(path: &Path) -> Result<(Option<String>, Vec<(String, u32)>)> {
     let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut r = Reader(BufReader::new(file));
-    let read = |r: &mut Reader<BufReader<File>>| -> Result<Vec<(String, u32)>> {
+    let read = |r: &mut Reader<BufReader<File>>| -> Result<(Option<String>, Vec<(String, u32)>)> {
         let mut magic = [0u8; 4];
         r.0.read_exact(&mut magic)?;
         if &magic != b"GGUF" {
@@ -114,10 +124,15 @@ pub fn tensor_types(path: &Path) -> Result<Vec<(String, u32)>> {
         }
         let n_tensors = r.u64()?;
         let n_kv = r.u64()?;
+        let mut arch = None;
         for _ in 0..n_kv {
-            r.string()?;
+            let key = r.string()?;
             let t = r.u32()?;
-            r.skip_value(t)?;
+            if key == "general.architecture" && t == 8 {
+                arch = Some(r.string()?);
+            } else {
+                r.skip_value(t)?;
+            }
         }
         let mut out = Vec::with_capacity(n_tensors as usize);
         for _ in 0..n_tensors {
@@ -128,7 +143,7 @@ pub fn tensor_types(path: &Path) -> Result<Vec<(String, u32)>> {
             r.u64()?; // offset
             out.push((name, t));
         }
-        Ok(out)
+        Ok((arch, out))
     };
     read(&mut r).with_context(|| format!("reading the GGUF header of {} (truncated or corrupt?)", path.display()))
 }

@@ -1,4 +1,5 @@
-//! Layers shared by every model family: (quantized) linear / embedding, RMSNorm, RoPE.
+//! Layers shared by every model family: (quantized) linear / embedding, gathered expert linears,
+//! RMSNorm, gated MLP, RoPE (default, linear, llama3, longrope), soft-capping.
 
 use anyhow::{Context, Result};
 use mlx_rs::{fast, ops, Array, Dtype};
@@ -40,6 +41,49 @@ impl Linear {
         })
     }
 
+    /// Expert linears stacked in one `[experts, out, in]` weight: `x` `[T, 1, 1, in]` times the
+    /// experts `idx` `[T, k]` chose, `[T, k, 1, out]`. One gather_mm / gather_qmm for the whole batch.
+    pub fn forward_experts(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array> {
+        Ok(match &self.quant {
+            None => ops::gather_mm(x, self.weight.swap_axes(-1, -2)?, None, idx, sorted)?,
+            Some(q) => ops::gather_qmm(
+                x,
+                &self.weight,
+                &q.scales,
+                q.biases.as_ref(),
+                None,
+                idx,
+                true,
+                q.group_size,
+                q.bits,
+                sorted,
+            )?,
+        })
+    }
+
+    /// Output rows `[start, end)` as a linear of their own (splits fused projections; quantized
+    /// weights split exactly because groups run along the input dimension).
+    pub fn slice_rows(&self, start: i32, end: i32) -> Result<Linear> {
+        let idx = Array::from_iter(start..end, &[end - start]);
+        let rows = |a: &Array| a.take_axis(&idx, 0);
+        Ok(Linear {
+            weight: rows(&self.weight)?,
+            bias: self.bias.as_ref().map(rows).transpose()?,
+            quant: self
+                .quant
+                .as_ref()
+                .map(|q| -> Result<Quantization> {
+                    Ok(Quantization {
+                        scales: rows(&q.scales)?,
+                        biases: q.biases.as_ref().map(rows).transpose()?,
+                        group_size: q.group_size,
+                        bits: q.bits,
+                    })
+                })
+                .transpose()?,
+        })
+    }
+
     /// Embedding lookup: rows `ids` of W, dequantized when W is quantized.
     pub fn rows(&self, ids: &Array) -> Result<Array> {
         match &self.quant {
@@ -56,7 +100,7 @@ impl Linear {
 
     /// Output features.
     pub fn out_features(&self) -> i32 {
-        self.weight.shape()[0]
+        self.weight.shape()[self.weight.ndim() - 2]
     }
 
     pub fn nbytes(&self) -> usize {
@@ -89,6 +133,125 @@ impl RmsNorm {
     }
 }
 
+/// Activations of gated MLPs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "silu" => Ok(Self::Silu),
+            "gelu_pytorch_tanh" => Ok(Self::GeluTanh),
+            other => anyhow::bail!("unsupported activation {other:?}: supported are silu, gelu_pytorch_tanh"),
+        }
+    }
+
+    pub fn forward(self, x: &Array) -> Result<Array> {
+        Ok(match self {
+            Self::Silu => x.multiply(ops::sigmoid(x)?)?,
+            Self::GeluTanh => {
+                // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+                let c = (2.0f32 / std::f32::consts::PI).sqrt();
+                let inner = x.add(x.multiply(x)?.multiply(x)?.multiply(scalar(0.044715, x)?)?)?;
+                let t = ops::tanh(&inner.multiply(scalar(c, x)?)?)?;
+                x.multiply(scalar(0.5, x)?)?.multiply(t.add(scalar(1.0, x)?)?)?
+            }
+        })
+    }
+}
+
+/// `down(act(gate(x)) * up(x))`.
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    pub act: Activation,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
+        self.down_proj.forward(&gate.multiply(self.up_proj.forward(x)?)?)
+    }
+
+    pub fn linears(&self) -> [&Linear; 3] {
+        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+}
+
+/// Mixture of experts (Mixtral, Qwen3-MoE): a router picks `top_k` experts per token, each a gated
+/// MLP; experts are stacked `[experts, out, in]` and run with gathered matmuls, no loop.
+pub struct SparseMoe {
+    pub gate: Linear,
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+    pub top_k: i32,
+    /// Renormalise the top-k probabilities to sum to one (Mixtral always; Qwen3-MoE by config).
+    pub norm_topk_prob: bool,
+}
+
+impl SparseMoe {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let t = x.shape()[0];
+        let hidden = x.shape()[1];
+        let k = self.top_k;
+        let probs = ops::softmax_axis(&self.gate.forward(x)?.as_dtype(Dtype::Float32)?, -1, None)?;
+        // Top-k experts per token: the last k of an ascending partition (order within k is irrelevant).
+        let e = probs.shape()[1];
+        let last_k = Array::from_iter(e - k..e, &[k]);
+        let idx = ops::argpartition_axis(&probs, e - k, -1)?.take_axis(&last_k, -1)?;
+        let mut w = probs.take_along_axis(&idx, -1)?;
+        if self.norm_topk_prob {
+            w = w.divide(w.sum_axis(-1, true)?)?;
+        }
+        let w = w.as_dtype(x.dtype())?;
+        let xe = x.reshape(&[t, 1, 1, hidden])?;
+        // Sorting the (token, expert) pairs by expert lets gather_mm read each expert once; worth
+        // it only when there are many pairs (prefill).
+        let sorted = t * k >= 64;
+        let (xe, idx_run, order) = if sorted {
+            let flat = idx.flatten(None, None)?;
+            let order = ops::argsort_axis(&flat, 0)?;
+            let tok = order.floor_divide(Array::from_int(k))?;
+            let xs = xe.reshape(&[t, hidden])?.take_axis(&tok, 0)?.reshape(&[t * k, 1, 1, hidden])?;
+            (xs, flat.take_axis(&order, 0)?.reshape(&[t * k, 1])?, Some(order))
+        } else {
+            (xe, idx.clone(), None)
+        };
+        let g = self.gate_proj.forward_experts(&xe, &idx_run, sorted)?;
+        let u = self.up_proj.forward_experts(&xe, &idx_run, sorted)?;
+        let h = Activation::Silu.forward(&g)?.multiply(u)?;
+        let y = self.down_proj.forward_experts(&h, &idx_run, sorted)?; // [N, kk, 1, hidden]
+        let y = match order {
+            Some(order) => {
+                let inv = ops::argsort_axis(&order, 0)?;
+                y.reshape(&[t * k, hidden])?.take_axis(&inv, 0)?.reshape(&[t, k, hidden])?
+            }
+            None => y.reshape(&[t, k, hidden])?,
+        };
+        Ok(y.multiply(w.expand_dims(-1)?)?.sum_axis(1, false)?)
+    }
+
+    pub fn linears(&self) -> [&Linear; 4] {
+        [&self.gate, &self.gate_proj, &self.up_proj, &self.down_proj]
+    }
+}
+
+/// `cap * tanh(x / cap)` (Gemma 2 attention scores and final logits).
+pub fn softcap(x: &Array, cap: f32) -> Result<Array> {
+    Ok(ops::tanh(&x.divide(scalar(cap, x)?)?)?.multiply(scalar(cap, x)?)?)
+}
+
+/// A scalar in `like`'s dtype (an f32 scalar would promote half-precision arrays).
+pub fn scalar(v: f32, like: &Array) -> Result<Array> {
+    Ok(Array::from_f32(v).as_dtype(like.dtype())?)
+}
+
 /// Rotary position embedding applied at explicit per-token positions (tokens of a flattened batch
 /// belong to different requests, so there is no single offset).
 pub struct Rope {
@@ -97,24 +260,79 @@ pub struct Rope {
     pub scale: f32,
     /// Per-frequency periods (MLX's `freqs`), used instead of `base` by scaled variants.
     pub freqs: Option<Array>,
+    /// Longrope: periods for requests longer than the original context.
+    pub long: Option<LongRope>,
+    /// Longrope's attention factor (scales cos and sin, i.e. the rotated vector).
+    pub mscale: f32,
+}
+
+pub struct LongRope {
+    pub freqs: Array,
+    pub original_max_position_embeddings: i32,
 }
 
 impl Rope {
-    /// `rope_scaling` of a Llama-style config: none/default, linear, or llama3.
+    /// `rope_scaling` of a config: none/default, linear, llama3, or longrope (`max_pos` is the
+    /// config's max_position_embeddings, longrope's default factor is max_pos / original).
     pub fn from_config(
         head_dim: usize,
         theta: f32,
         scaling: Option<&crate::config::RopeScaling>,
+        max_pos: Option<usize>,
+        original_max_pos: Option<usize>,
     ) -> Result<Self> {
         let dims = head_dim as i32;
+        let plain = |base: Option<f32>, scale: f32, freqs: Option<Array>| Self {
+            dims,
+            base,
+            scale,
+            freqs,
+            long: None,
+            mscale: 1.0,
+        };
         let kind = scaling.and_then(|s| s.rope_type.as_deref()).unwrap_or("default");
         match (kind, scaling) {
-            ("linear", Some(s)) => Ok(Self {
-                dims,
-                base: Some(theta),
-                scale: 1.0 / s.factor.context("linear rope_scaling needs factor")?,
-                freqs: None,
-            }),
+            ("linear", Some(s)) => {
+                Ok(plain(Some(theta), 1.0 / s.factor.context("linear rope_scaling needs factor")?, None))
+            }
+            ("longrope" | "su", Some(s)) => {
+                let orig = s
+                    .original_max_position_embeddings
+                    .or(original_max_pos)
+                    .context("longrope needs original_max_position_embeddings")?;
+                let periods = |factors: &Option<Vec<f32>>, what: &str| -> Result<Array> {
+                    let f = factors.as_ref().with_context(|| format!("longrope needs {what}"))?;
+                    anyhow::ensure!(
+                        f.len() == (dims / 2) as usize,
+                        "longrope {what} has {} entries, head_dim/2 is {}",
+                        f.len(),
+                        dims / 2
+                    );
+                    let p: Vec<f32> = (0..dims / 2)
+                        .map(|i| f[i as usize] * theta.powf((2 * i) as f32 / dims as f32))
+                        .collect();
+                    Ok(Array::from_slice(&p, &[dims / 2]))
+                };
+                let factor = s.factor.unwrap_or_else(|| {
+                    max_pos.map_or(1.0, |m| m as f32 / orig as f32)
+                });
+                let mscale = s.attention_factor.unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / (orig as f32).ln()).sqrt()
+                });
+                Ok(Self {
+                    dims,
+                    base: None,
+                    scale: 1.0,
+                    freqs: Some(periods(&s.short_factor, "short_factor")?),
+                    long: Some(LongRope {
+                        freqs: periods(&s.long_factor, "long_factor")?,
+                        original_max_position_embeddings: orig as i32,
+                    }),
+                    mscale,
+                })
+            }
             ("llama3", Some(s)) => {
                 let factor = s.factor.context("llama3 rope_scaling needs factor")?;
                 let low = s.low_freq_factor.unwrap_or(1.0);
@@ -142,31 +360,32 @@ impl Rope {
                         1.0 / scaled
                     })
                     .collect();
-                Ok(Self {
-                    dims,
-                    base: None,
-                    scale: 1.0,
-                    freqs: Some(Array::from_slice(&periods, &[dims / 2])),
-                })
+                Ok(plain(None, 1.0, Some(Array::from_slice(&periods, &[dims / 2]))))
             }
-            _ => Ok(Self { dims, base: Some(theta), scale: 1.0, freqs: None }),
+            _ => Ok(plain(Some(theta), 1.0, None)),
         }
     }
 
-    /// `x`: `[T, heads, head_dim]`, `positions`: `[T]` int32.
-    pub fn forward(&self, x: &Array, positions: &Array) -> Result<Array> {
+    /// `x`: `[T, heads, head_dim]`, `positions`: `[T]` int32, `seq_ends`: `[T]` int32, the length
+    /// of each token's request up to the end of this step's chunk (longrope picks its factors by it,
+    /// as transformers does by the length of the sequence in the forward).
+    pub fn forward(&self, x: &Array, positions: &Array, seq_ends: &Array) -> Result<Array> {
         let shape = x.shape().to_vec();
         // MLX rotates along axis -2 with one offset per leading index: one "sequence" per token.
         let x4 = x.reshape(&[shape[0], shape[1], 1, shape[2]])?;
-        let y = fast::rope_dynamic(
-            &x4,
-            self.dims,
-            false,
-            self.base,
-            self.scale,
-            positions,
-            self.freqs.as_ref(),
-        )?;
+        let rope = |freqs: Option<&Array>| {
+            fast::rope_dynamic(&x4, self.dims, false, self.base, self.scale, positions, freqs)
+        };
+        let mut y = rope(self.freqs.as_ref())?;
+        if let Some(long) = &self.long {
+            let is_long = seq_ends
+                .gt(Array::from_int(long.original_max_position_embeddings))?
+                .reshape(&[shape[0], 1, 1, 1])?;
+            y = ops::select(&is_long, &rope(Some(&long.freqs))?, &y)?;
+        }
+        if self.mscale != 1.0 {
+            y = y.multiply(scalar(self.mscale, &y)?)?;
+        }
         Ok(y.reshape(&shape)?)
     }
 }
@@ -196,5 +415,93 @@ pub fn parse_dtype(name: &str) -> Result<Dtype> {
         "float16" | "half" | "fp16" => Ok(Dtype::Float16),
         "bfloat16" | "bf16" => Ok(Dtype::Bfloat16),
         other => anyhow::bail!("unsupported dtype {other:?}: supported are float32, float16, bfloat16"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mlx_rs::random;
+
+    fn randn(shape: &[i32], seed: u64, scale: f32) -> Array {
+        random::normal::<f32>(shape, None, scale, &random::key(seed).unwrap()).unwrap()
+    }
+
+    fn host(a: &Array) -> Vec<f32> {
+        let a = a.as_dtype(Dtype::Float32).unwrap();
+        a.eval().unwrap();
+        a.as_slice::<f32>().to_vec()
+    }
+
+    /// y = x W^T for one expert's row-major `[out, in]` slice.
+    fn matvec(w: &[f32], x: &[f32], out: usize) -> Vec<f32> {
+        let inp = x.len();
+        (0..out).map(|o| (0..inp).map(|i| w[o * inp + i] * x[i]).sum()).collect()
+    }
+
+    /// The mixture computed token by token on the host: softmax router, top-k, (renormalised)
+    /// weights, SiLU-gated experts.
+    fn reference(x: &[f32], t: usize, h: usize, moe: &SparseMoe, e: usize, inter: usize) -> Vec<f32> {
+        let dense = |l: &Linear| match &l.quant {
+            None => host(&l.weight),
+            Some(q) => host(&ops::dequantize(&l.weight, &q.scales, q.biases.as_ref(), q.group_size, q.bits).unwrap()),
+        };
+        let (g, gp, up, down) = (dense(&moe.gate), dense(&moe.gate_proj), dense(&moe.up_proj), dense(&moe.down_proj));
+        let mut y = vec![0f32; t * h];
+        for tok in 0..t {
+            let xt = &x[tok * h..(tok + 1) * h];
+            let logits = matvec(&g, xt, e);
+            let m = logits.iter().cloned().fold(f32::MIN, f32::max);
+            let ex: Vec<f32> = logits.iter().map(|l| (l - m).exp()).collect();
+            let s: f32 = ex.iter().sum();
+            let probs: Vec<f32> = ex.iter().map(|v| v / s).collect();
+            let mut order: Vec<usize> = (0..e).collect();
+            order.sort_by(|a, b| probs[*b].partial_cmp(&probs[*a]).unwrap());
+            let top = &order[..moe.top_k as usize];
+            let norm: f32 = if moe.norm_topk_prob { top.iter().map(|&i| probs[i]).sum() } else { 1.0 };
+            for &ex_i in top {
+                let wsz = inter * h;
+                let a = matvec(&gp[ex_i * wsz..(ex_i + 1) * wsz], xt, inter);
+                let b = matvec(&up[ex_i * wsz..(ex_i + 1) * wsz], xt, inter);
+                let act: Vec<f32> = a.iter().zip(&b).map(|(a, b)| a / (1.0 + (-a).exp()) * b).collect();
+                let o = matvec(&down[ex_i * wsz..(ex_i + 1) * wsz], &act, h);
+                for j in 0..h {
+                    y[tok * h + j] += probs[ex_i] / norm * o[j];
+                }
+            }
+        }
+        y
+    }
+
+    fn linear(weight: Array, quantize: bool) -> Linear {
+        if !quantize {
+            return Linear { weight, bias: None, quant: None };
+        }
+        let (w, scales, biases) = ops::quantize(&weight, 32, 4).unwrap();
+        Linear { weight: w, bias: None, quant: Some(Quantization { scales, biases: Some(biases), group_size: 32, bits: 4 }) }
+    }
+
+    #[test]
+    fn sparse_moe_matches_token_by_token_reference() {
+        let (h, inter, e, k) = (64, 32, 8, 3);
+        for quantize in [false, true] {
+            for (norm, t) in [(true, 5), (false, 40)] {
+                // t * k = 120 >= 64 takes the sorted (prefill) path; 15 the unsorted one.
+                let moe = SparseMoe {
+                    gate: linear(randn(&[e, h], 1, 0.5), quantize),
+                    gate_proj: linear(randn(&[e, inter, h], 2, 0.2), quantize),
+                    up_proj: linear(randn(&[e, inter, h], 3, 0.2), quantize),
+                    down_proj: linear(randn(&[e, h, inter], 4, 0.2), quantize),
+                    top_k: k,
+                    norm_topk_prob: norm,
+                };
+                let x = randn(&[t, h], 5, 1.0);
+                let ours = host(&moe.forward(&x).unwrap());
+                let want = reference(&host(&x), t as usize, h as usize, &moe, e as usize, inter as usize);
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = ours.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+                assert!(err < 1e-5, "quantized={quantize} t={t}: rel err {err}");
+            }
+        }
     }
 }

@@ -35,7 +35,8 @@ pub struct RunnerOptions {
 pub struct NewRequest {
     pub req_id: String,
     pub prompt_token_ids: Vec<i32>,
-    pub block_ids: Vec<i32>,
+    /// One block table per KV-cache group.
+    pub block_ids: Vec<Vec<i32>>,
     /// > 0 when a prefix of the prompt is already cached.
     pub num_computed_tokens: usize,
     pub sampling: SamplingParams,
@@ -47,7 +48,8 @@ pub struct CachedRequest {
     pub req_id: String,
     /// Preempted and scheduled again: `new_block_ids` replaces the block table.
     pub resumed: bool,
-    pub new_block_ids: Option<Vec<i32>>,
+    /// Per KV-cache group.
+    pub new_block_ids: Option<Vec<Vec<i32>>>,
     pub num_computed_tokens: usize,
     pub num_output_tokens: usize,
     /// The request's full token list, when the scheduler sends it (resumed requests).
@@ -115,7 +117,8 @@ pub struct GrammarBitmask<'a> {
 struct RequestState {
     tokens: Vec<i32>,
     num_prompt: usize,
-    block_ids: Vec<i32>,
+    /// Per KV-cache group.
+    block_ids: Vec<Vec<i32>>,
     num_computed: usize,
     sampling: SamplingParams,
     /// Prompt logprobs gathered so far, while the prompt is being prefilled.
@@ -203,19 +206,14 @@ impl ModelRunner {
                 None => Dtype::Float16,
             },
         };
-        let group_size = config
-            .quantization
-            .as_ref()
-            .and_then(|q| q.get("group_size"))
-            .and_then(|g| g.as_i64())
-            .map(|g| g as i32);
+        // mlx-lm writes its quantization under both keys; config validation refused any other.
+        let quantization = config.quantization.clone().or_else(|| config.quantization_config.clone());
         let mut weights = Weights::load(
             source.clone(),
             dtype,
             device == DeviceKind::Cpu,
-            config.num_attention_heads,
-            config.num_kv_heads(),
-            group_size,
+            &config,
+            quantization,
         )?;
         let model = models::load(&config, &mut weights)
             .with_context(|| format!("building the model from {}", model_path.display()))?;
@@ -259,6 +257,11 @@ impl ModelRunner {
         })
     }
 
+    /// The window of the model's sliding-window layers (families have one size at most).
+    pub fn sliding_window(&self) -> Option<usize> {
+        self.config.layer_windows().into_iter().flatten().max()
+    }
+
     pub fn num_layers(&self) -> usize {
         self.config.num_hidden_layers
     }
@@ -294,9 +297,23 @@ impl ModelRunner {
     }
 
     pub fn allocate_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
+        let n = self.num_layers();
+        self.allocate_kv_cache_groups(num_blocks, vec![0; n], (0..n).collect())
+    }
+
+    /// The KV cache as vLLM plans it: each layer's KV-cache group (its block tables) and
+    /// storage (shared by one layer of each group).
+    pub fn allocate_kv_cache_groups(&mut self, num_blocks: usize, layer_group: Vec<usize>, layer_storage: Vec<usize>) -> Result<()> {
+        ensure!(
+            layer_group.len() == self.num_layers(),
+            "KV-cache plan covers {} layers, the model has {}",
+            layer_group.len(),
+            self.num_layers()
+        );
         self.cache = None;
-        self.cache = Some(PagedKvCache::new(
-            self.num_layers(),
+        self.cache = Some(PagedKvCache::with_groups(
+            layer_group,
+            layer_storage,
             num_blocks,
             self.block_size,
             self.config.num_kv_heads(),
@@ -304,9 +321,10 @@ impl ModelRunner {
             self.dtype,
         )?);
         log::info!(
-            "KV cache: {num_blocks} blocks of {} tokens, {:.1} MiB",
+            "KV cache: {num_blocks} blocks of {} tokens, {} KV-cache group(s), {:.1} MiB",
             self.block_size,
-            (num_blocks * self.kv_bytes_per_block()) as f64 / (1 << 20) as f64
+            self.cache.as_ref().map_or(0, |c| c.num_groups()),
+            self.cache.as_ref().map_or(0, |c| c.arrays().map(|a| a.nbytes()).sum::<usize>()) as f64 / (1 << 20) as f64
         );
         Ok(())
     }
@@ -331,8 +349,9 @@ impl ModelRunner {
             self.allocate_kv_cache(blocks)?;
             let tokens = vec![0i32; num_tokens];
             let block_ids: Vec<i32> = (0..blocks as i32).collect();
+            let block_ids = [block_ids];
             let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
-            let batch = StepBatch::build(&[chunk], self.block_size)?;
+            let batch = StepBatch::build(&[chunk], self.block_size, self.sliding_window())?;
             let cache = self.cache.as_mut().unwrap();
             let hidden = self.model.forward(&batch, cache)?;
             let last = hidden.take_axis(&Array::from_slice(&[num_tokens as i32 - 1], &[1]), 0)?;
@@ -385,7 +404,18 @@ impl ModelRunner {
             }
             match (&c.new_block_ids, c.resumed) {
                 (Some(ids), true) => state.block_ids = ids.clone(),
-                (Some(ids), false) => state.block_ids.extend_from_slice(ids),
+                (Some(ids), false) => {
+                    ensure!(
+                        ids.len() == state.block_ids.len(),
+                        "request {}: {} new block tables for {} KV-cache groups",
+                        c.req_id,
+                        ids.len(),
+                        state.block_ids.len()
+                    );
+                    for (table, new) in state.block_ids.iter_mut().zip(ids) {
+                        table.extend_from_slice(new);
+                    }
+                }
                 (None, _) => {}
             }
             state.num_computed = c.num_computed_tokens;
@@ -427,7 +457,7 @@ impl ModelRunner {
                 flat_last.push(flat as i32 - 1);
             }
         }
-        let batch = StepBatch::build(&chunks, self.block_size)?;
+        let batch = StepBatch::build(&chunks, self.block_size, self.sliding_window())?;
         drop(chunks);
 
         let mut keys = Vec::with_capacity(sample_rows.len());
@@ -630,7 +660,7 @@ impl ModelRunner {
     /// Logits of every token of a batch of explicit chunks (req_id is informational). For tests of
     /// the paged path: KV of positions before each chunk's start must already be in its blocks.
     pub fn step_logits(&mut self, chunks: &[SeqChunk]) -> Result<Array> {
-        let batch = StepBatch::build(chunks, self.block_size)?;
+        let batch = StepBatch::build(chunks, self.block_size, self.sliding_window())?;
         let model = &self.model;
         let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
         let hidden = model.forward(&batch, cache)?;
@@ -650,6 +680,7 @@ impl ModelRunner {
     ) -> Result<Vec<Vec<i32>>> {
         let bs = self.block_size;
         let num_blocks = self.cache_mut()?.num_blocks;
+        ensure!(self.cache_mut()?.num_groups() == 1, "generate runs on a KV cache of one group");
         let mut next_block = 0i32;
         let mut step = SchedulerStep::default();
         for (i, p) in prompts.iter().enumerate() {
@@ -663,7 +694,7 @@ impl ModelRunner {
             step.new_requests.push(NewRequest {
                 req_id: id.clone(),
                 prompt_token_ids: p.clone(),
-                block_ids: (next_block..next_block + need).collect(),
+                block_ids: vec![(next_block..next_block + need).collect()],
                 num_computed_tokens: 0,
                 sampling: sampling.clone(),
             });

@@ -79,13 +79,20 @@ pub struct Weights {
     pub dtype: Dtype,
     /// Dequantize packed weights at load (the CPU backend has fast matmul for float32 only).
     pub dequantize: bool,
-    /// Group size of MLX-quantized checkpoints (GGUF quants use 32).
-    pub group_size: i32,
+    /// config.json's `quantization` of MLX-quantized checkpoints: `group_size`, `bits`, and
+    /// per-layer overrides keyed by layer path (None: GGUF quants, group size 32).
+    quantization: Option<serde_json::Value>,
     pub source: WeightSource,
 }
 
 impl Weights {
-    pub fn load(source: WeightSource, dtype: Dtype, dequantize: bool, num_heads: usize, num_kv_heads: usize, group_size: Option<i32>) -> Result<Self> {
+    pub fn load(
+        source: WeightSource,
+        dtype: Dtype,
+        dequantize: bool,
+        config: &crate::config::ModelConfig,
+        quantization: Option<serde_json::Value>,
+    ) -> Result<Self> {
         let tensors = match &source {
             WeightSource::Safetensors(files) => {
                 let mut all = HashMap::new();
@@ -97,9 +104,9 @@ impl Weights {
                 }
                 all
             }
-            WeightSource::Gguf(path) => load_gguf(path, num_heads, num_kv_heads)?,
+            WeightSource::Gguf(path) => load_gguf(path, config)?,
         };
-        Ok(Self { tensors, dtype, dequantize, group_size: group_size.unwrap_or(32), source })
+        Ok(Self { tensors, dtype, dequantize, quantization, source })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -125,6 +132,53 @@ impl Weights {
         Ok(RmsNorm { weight: self.take(&format!("{prefix}.weight"))?, eps })
     }
 
+    /// Gemma's RMSNorm, whose gain is (1 + w): the 1 is added once here, in float32.
+    pub fn rms_norm_plus_one(&mut self, prefix: &str, eps: f32) -> Result<RmsNorm> {
+        let w = self.take_raw(&format!("{prefix}.weight"))?.as_dtype(Dtype::Float32)?;
+        Ok(RmsNorm { weight: w.add(Array::from_f32(1.0))?.as_dtype(self.dtype)?, eps })
+    }
+
+    /// `n` expert linears stacked into one `[n, out, in]` linear: read stacked from
+    /// `{stacked}.weight` when the checkpoint has it (mlx-lm's `switch_mlp`), else stacked from
+    /// `{prefix}.{e}.{name}` (HF).
+    pub fn experts(&mut self, prefix: &str, n: usize, name: &str, stacked: &str) -> Result<Linear> {
+        if self.contains(&format!("{stacked}.weight")) {
+            let l = self.linear(stacked, false)?;
+            if l.weight.ndim() != 3 || l.weight.shape()[0] as usize != n {
+                bail!("{stacked}.weight has shape {:?}, expected {n} stacked experts", l.weight.shape());
+            }
+            return Ok(l);
+        }
+        let parts: Vec<Linear> =
+            (0..n).map(|e| self.linear(&format!("{prefix}.{e}.{name}"), false)).collect::<Result<_>>()?;
+        let stack = |f: &dyn Fn(&Linear) -> Option<&Array>| -> Result<Option<Array>> {
+            let arrays: Vec<&Array> = parts.iter().filter_map(|p| f(p)).collect();
+            if arrays.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(ops::stack(&arrays, 0)?))
+        };
+        let weight = stack(&|p| Some(&p.weight))?.unwrap();
+        let quant = match &parts[0].quant {
+            None => None,
+            Some(q) => Some(Quantization {
+                scales: stack(&|p| p.quant.as_ref().map(|q| &q.scales))?.unwrap(),
+                biases: stack(&|p| p.quant.as_ref().and_then(|q| q.biases.as_ref()))?,
+                group_size: q.group_size,
+                bits: q.bits,
+            }),
+        };
+        Ok(Linear { weight, bias: None, quant })
+    }
+
+    /// Group size and bits of the quantized layer `prefix` (per-layer override, else the default).
+    fn quant_params(&self, prefix: &str) -> (i32, Option<i32>) {
+        let Some(q) = &self.quantization else { return (32, None) };
+        let get = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_i64()).map(|x| x as i32);
+        let layer = q.get(prefix).filter(|v| v.is_object()).unwrap_or(q);
+        (get(layer, "group_size").or(get(q, "group_size")).unwrap_or(64), get(layer, "bits").or(get(q, "bits")))
+    }
+
     /// A linear layer `prefix.weight` (+ `.scales`/`.biases` when quantized, + `.bias` when `bias`).
     pub fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
         let bias = if bias { Some(self.take(&format!("{prefix}.bias"))?) } else { None };
@@ -135,13 +189,16 @@ impl Weights {
         let weight = self.take_raw(&format!("{prefix}.weight"))?;
         let scales = self.take_raw(&scales_name)?;
         let biases = self.tensors.remove(&format!("{prefix}.biases"));
-        let group_size = self.group_size;
+        let (group_size, declared_bits) = self.quant_params(prefix);
         // Packed uint32 columns * 32 bits = input features = scale columns * group size.
         let packed = weight.shape()[weight.ndim() - 1];
         let groups = scales.shape()[scales.ndim() - 1];
         let bits = packed * 32 / (groups * group_size);
-        if weight.dtype() != Dtype::Uint32 || ![2, 3, 4, 5, 6, 8].contains(&bits) {
-            bail!("tensor {prefix:?}: unsupported quantized layout (dtype {:?}, {bits} bits)", weight.dtype());
+        if weight.dtype() != Dtype::Uint32 || ![2, 3, 4, 5, 6, 8].contains(&bits) || packed * 32 != bits * groups * group_size {
+            bail!("tensor {prefix:?}: unsupported quantized layout (dtype {:?}, {bits} bits at group size {group_size})", weight.dtype());
+        }
+        if declared_bits.is_some_and(|b| b != bits) {
+            bail!("tensor {prefix:?}: config.json says {} bits, the tensor shapes say {bits}", declared_bits.unwrap());
         }
         // Scales and biases in the compute dtype first: dequantizing in the checkpoint's float16
         // would round every weight to float16.
@@ -207,8 +264,33 @@ fn unpermute_rows(num_heads: usize, rows: usize) -> Vec<i32> {
     order
 }
 
-fn load_gguf(path: &Path, num_heads: usize, num_kv_heads: usize) -> Result<HashMap<String, Array>> {
+/// llama.cpp architecture names of the GGUF files each config architecture loads from.
+fn gguf_architecture(hf: &str) -> Option<&'static str> {
+    match hf {
+        "LlamaForCausalLM" | "MistralForCausalLM" => Some("llama"),
+        "Qwen2ForCausalLM" => Some("qwen2"),
+        _ => None,
+    }
+}
+
+fn load_gguf(path: &Path, config: &crate::config::ModelConfig) -> Result<HashMap<String, Array>> {
     crate::gguf::check_supported(path)?;
+    let hf_arch = config.architecture()?;
+    let found = crate::gguf::architecture(path)?.unwrap_or_else(|| "unknown".into());
+    match gguf_architecture(hf_arch) {
+        Some(expected) if expected == found => {}
+        Some(expected) => bail!(
+            "GGUF {} has architecture {found:?} but config.json says {hf_arch} (GGUF {expected:?})",
+            path.display()
+        ),
+        None => bail!(
+            "GGUF weights are supported for llama (LlamaForCausalLM, MistralForCausalLM) and qwen2 \
+             (Qwen2ForCausalLM), not {hf_arch} (GGUF {found:?})"
+        ),
+    }
+    // llama.cpp permutes Q/K rows for its interleaved RoPE only in llama-architecture files.
+    let permute = found == "llama";
+    let (num_heads, num_kv_heads) = (config.num_attention_heads, config.num_kv_heads());
     let file = mlx_rs::io::GgufFile::load(path).map_err(|e| {
         anyhow!(
             "cannot load GGUF {}: {e} (supported tensor types: {GGUF_SUPPORTED})",
@@ -224,7 +306,9 @@ fn load_gguf(path: &Path, num_heads: usize, num_kv_heads: usize) -> Result<HashM
             log::debug!("GGUF tensor {name} is not used");
             continue;
         };
-        let heads = if hf.contains("self_attn.q_proj.") {
+        let heads = if !permute {
+            None
+        } else if hf.contains("self_attn.q_proj.") {
             Some(num_heads)
         } else if hf.contains("self_attn.k_proj.") {
             Some(num_kv_heads)

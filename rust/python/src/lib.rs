@@ -86,14 +86,9 @@ fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 
 // ---- reading vLLM objects ----
 
-fn block_ids_of(groups: &Bound<'_, PyAny>) -> PyResult<Vec<i32>> {
-    // One list per KV-cache group; every layer of our models is in the one full-attention group.
-    let groups: Vec<Vec<i32>> = groups.extract()?;
-    match groups.len() {
-        1 => Ok(groups.into_iter().next().unwrap()),
-        0 => Ok(Vec::new()),
-        n => Err(EngineError::new_err(format!("expected one KV-cache group, got {n}"))),
-    }
+fn block_ids_of(groups: &Bound<'_, PyAny>) -> PyResult<Vec<Vec<i32>>> {
+    // One list per KV-cache group.
+    groups.extract()
 }
 
 /// Attribute of a vLLM object, or key of a dict (tests and benchmarks pass dicts); None if absent.
@@ -379,6 +374,11 @@ impl PyModelRunner {
     fn weights_nbytes(&self) -> usize {
         self.weights_nbytes
     }
+    /// Per layer, its sliding window in tokens (None: full attention).
+    #[getter]
+    fn layer_windows(&self) -> Vec<Option<usize>> {
+        self.lock().config.layer_windows()
+    }
     #[getter]
     fn max_position_embeddings(&self) -> Option<usize> {
         self.max_position_embeddings
@@ -404,8 +404,25 @@ impl PyModelRunner {
         py.detach(|| self.lock().profile_peak_memory(num_tokens)).map_err(engine_err)
     }
 
-    fn allocate_kv_cache(&self, py: Python<'_>, num_blocks: usize) -> PyResult<()> {
-        py.detach(|| self.lock().allocate_kv_cache(num_blocks)).map_err(engine_err)
+    /// `layer_group` / `layer_storage`: vLLM's KV-cache plan (each layer's group and shared
+    /// tensor); default: one group, one storage per layer.
+    #[pyo3(signature = (num_blocks, layer_group=None, layer_storage=None))]
+    fn allocate_kv_cache(
+        &self,
+        py: Python<'_>,
+        num_blocks: usize,
+        layer_group: Option<Vec<usize>>,
+        layer_storage: Option<Vec<usize>>,
+    ) -> PyResult<()> {
+        py.detach(|| {
+            let mut r = self.lock();
+            match (layer_group, layer_storage) {
+                (Some(g), Some(s)) => r.allocate_kv_cache_groups(num_blocks, g, s),
+                (None, None) => r.allocate_kv_cache(num_blocks),
+                _ => Err(anyhow::anyhow!("pass both layer_group and layer_storage, or neither")),
+            }
+        })
+        .map_err(engine_err)
     }
 
     /// Host timings of the steps run since the last call: one dict per step with num_tokens,
@@ -477,7 +494,11 @@ impl PyModelRunner {
             .detach(|| {
                 let chunks: Vec<SeqChunk> = batch
                     .iter()
-                    .map(|(_, tokens, start, blocks)| SeqChunk { start: *start, tokens, block_ids: blocks })
+                    .map(|(_, tokens, start, blocks)| SeqChunk {
+                        start: *start,
+                        tokens,
+                        block_ids: std::slice::from_ref(blocks),
+                    })
                     .collect();
                 self.lock().step_logits(&chunks)
             })

@@ -1,60 +1,43 @@
-//! Llama family (`LlamaForCausalLM`, `MistralForCausalLM` without sliding window): Llama 2/3,
-//! SmolLM2, Mistral. Names follow the HF config and checkpoint.
+//! The Llama decoder (`LlamaForCausalLM`, `MistralForCausalLM`): pre-norm blocks of attention and a
+//! gated MLP. Qwen2, Qwen3, Phi-3, Mixtral and Qwen3-MoE are this decoder with other attention or
+//! MLP weights; their files build it through [`Model::load_with`]. Names follow the HF checkpoint.
 
 use anyhow::{bail, Result};
-use mlx_rs::{ops, Array};
+use mlx_rs::Array;
 
-use crate::attention::paged_attention;
+use crate::attention::Attention;
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
 use crate::models::CausalLm;
-use crate::nn::{Linear, RmsNorm, Rope};
+use crate::nn::{Activation, Linear, Mlp, RmsNorm, Rope, SparseMoe};
 use crate::weights::Weights;
 
-pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
-    pub num_heads: i32,
-    pub num_kv_heads: i32,
-    pub head_dim: i32,
-    pub scale: f32,
-    pub rope: Rope,
+/// The MLP of a block: dense, or a mixture of experts.
+pub enum FeedForward {
+    Dense(Mlp),
+    Sparse(SparseMoe),
 }
 
-impl Attention {
-    fn forward(&self, x: &Array, batch: &StepBatch, cache: &mut PagedKvCache, layer: usize) -> Result<Array> {
-        let t = x.shape()[0];
-        let q = self.q_proj.forward(x)?.reshape(&[t, self.num_heads, self.head_dim])?;
-        let k = self.k_proj.forward(x)?.reshape(&[t, self.num_kv_heads, self.head_dim])?;
-        let v = self.v_proj.forward(x)?.reshape(&[t, self.num_kv_heads, self.head_dim])?;
-        let q = self.rope.forward(&q, &batch.positions)?;
-        let k = self.rope.forward(&k, &batch.positions)?;
-        cache.write(layer, &k, &v, &batch.slots)?;
-        let o = paged_attention(&q, cache, layer, batch, self.scale)?;
-        self.o_proj.forward(&o)
-    }
-}
-
-pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
-}
-
-impl Mlp {
+impl FeedForward {
     fn forward(&self, x: &Array) -> Result<Array> {
-        let gate = self.gate_proj.forward(x)?;
-        let silu = gate.multiply(ops::sigmoid(&gate)?)?;
-        self.down_proj.forward(&silu.multiply(self.up_proj.forward(x)?)?)
+        match self {
+            Self::Dense(m) => m.forward(x),
+            Self::Sparse(m) => m.forward(x),
+        }
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Self::Dense(m) => m.linears().to_vec(),
+            Self::Sparse(m) => m.linears().to_vec(),
+        }
     }
 }
 
 pub struct Block {
     pub self_attn: Attention,
-    pub mlp: Mlp,
+    pub mlp: FeedForward,
     pub input_layernorm: RmsNorm,
     pub post_attention_layernorm: RmsNorm,
 }
@@ -74,54 +57,126 @@ pub struct Model {
     pub lm_head: Option<Linear>,
 }
 
+/// Attention of layer `layer` at `{prefix}.self_attn` from separate q/k/v/o projections.
+/// `qkv_bias`: q/k/v have biases (o only with `attention_bias`); `qk_norm`: per-head RMSNorm of
+/// queries and keys before RoPE (Qwen3).
+pub fn attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usize, qkv_bias: bool, qk_norm: bool) -> Result<Attention> {
+    let p = format!("{prefix}.self_attn");
+    let q_proj = w.linear(&format!("{p}.q_proj"), qkv_bias)?;
+    let k_proj = w.linear(&format!("{p}.k_proj"), qkv_bias)?;
+    let v_proj = w.linear(&format!("{p}.v_proj"), qkv_bias)?;
+    let o_proj = w.linear(&format!("{p}.o_proj"), config.attention_bias)?;
+    let (q_norm, k_norm) = if qk_norm {
+        let eps = config.rms_norm_eps;
+        (Some(w.rms_norm(&format!("{p}.q_norm"), eps)?), Some(w.rms_norm(&format!("{p}.k_norm"), eps)?))
+    } else {
+        (None, None)
+    };
+    attention_from(config, layer, [q_proj, k_proj, v_proj, o_proj], q_norm, k_norm)
+}
+
+/// The shape, scale, RoPE and window of a layer's attention around given projections.
+pub fn attention_from(
+    config: &ModelConfig,
+    layer: usize,
+    [q_proj, k_proj, v_proj, o_proj]: [Linear; 4],
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
+) -> Result<Attention> {
+    let head_dim = config.head_dim();
+    Ok(Attention {
+        q_proj,
+        k_proj,
+        v_proj,
+        o_proj,
+        q_norm,
+        k_norm,
+        num_heads: config.num_attention_heads as i32,
+        num_kv_heads: config.num_kv_heads() as i32,
+        head_dim: head_dim as i32,
+        scale: 1.0 / (head_dim as f32).sqrt(),
+        rope: rope(config)?,
+        sliding_window: config.layer_windows()[layer],
+        softcap: None,
+    })
+}
+
+/// RoPE of the config (theta and scaling).
+pub fn rope(config: &ModelConfig) -> Result<Rope> {
+    Rope::from_config(
+        config.head_dim(),
+        config.rope_theta,
+        config.rope_scaling.as_ref(),
+        config.max_position_embeddings,
+        config.original_max_position_embeddings,
+    )
+}
+
+/// The gated MLP at `{prefix}.mlp`.
+pub fn dense_mlp(config: &ModelConfig, w: &mut Weights, prefix: &str) -> Result<FeedForward> {
+    let p = format!("{prefix}.mlp");
+    let b = config.mlp_bias;
+    Ok(FeedForward::Dense(Mlp {
+        gate_proj: w.linear(&format!("{p}.gate_proj"), b)?,
+        up_proj: w.linear(&format!("{p}.up_proj"), b)?,
+        down_proj: w.linear(&format!("{p}.down_proj"), b)?,
+        act: Activation::from_name(config.activation())?,
+    }))
+}
+
 impl Model {
     pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Self> {
-        let head_dim = config.head_dim();
+        Self::load_with(
+            config,
+            w,
+            |w, p, i| attention(config, w, p, i, config.attention_bias, false),
+            |w, p, _| dense_mlp(config, w, p),
+        )
+    }
+
+    /// The decoder with each layer's attention and MLP built by the given functions
+    /// (`(weights, "model.layers.{i}", i)`).
+    pub fn load_with(
+        config: &ModelConfig,
+        w: &mut Weights,
+        attn: impl Fn(&mut Weights, &str, usize) -> Result<Attention>,
+        mlp: impl Fn(&mut Weights, &str, usize) -> Result<FeedForward>,
+    ) -> Result<Self> {
         let eps = config.rms_norm_eps;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let ab = config.attention_bias;
-            let mb = config.mlp_bias;
             layers.push(Block {
-                self_attn: Attention {
-                    q_proj: w.linear(&format!("{p}.self_attn.q_proj"), ab)?,
-                    k_proj: w.linear(&format!("{p}.self_attn.k_proj"), ab)?,
-                    v_proj: w.linear(&format!("{p}.self_attn.v_proj"), ab)?,
-                    o_proj: w.linear(&format!("{p}.self_attn.o_proj"), ab)?,
-                    num_heads: config.num_attention_heads as i32,
-                    num_kv_heads: config.num_kv_heads() as i32,
-                    head_dim: head_dim as i32,
-                    scale: 1.0 / (head_dim as f32).sqrt(),
-                    rope: Rope::from_config(head_dim, config.rope_theta, config.rope_scaling.as_ref())?,
-                },
-                mlp: Mlp {
-                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), mb)?,
-                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), mb)?,
-                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), mb)?,
-                },
+                self_attn: attn(w, &p, i)?,
+                mlp: mlp(w, &p, i)?,
                 input_layernorm: w.rms_norm(&format!("{p}.input_layernorm"), eps)?,
                 post_attention_layernorm: w.rms_norm(&format!("{p}.post_attention_layernorm"), eps)?,
             });
         }
-        let embed_tokens = w.linear("model.embed_tokens", false)?;
-        let lm_head = if w.contains("lm_head.weight") {
-            Some(w.linear("lm_head", false)?)
-        } else if config.tie_word_embeddings {
-            None
-        } else {
-            bail!("checkpoint has no lm_head.weight and config.json does not tie word embeddings");
-        };
+        let (embed_tokens, lm_head) = embeddings(config, w, config.tie_word_embeddings)?;
         let norm = w.rms_norm("model.norm", eps)?;
-        if embed_tokens.out_features() as usize != config.vocab_size {
-            bail!(
-                "embedding has {} rows but config.json says vocab_size {}",
-                embed_tokens.out_features(),
-                config.vocab_size
-            );
-        }
         Ok(Self { embed_tokens, layers, norm, lm_head })
     }
+}
+
+/// The embedding, and the LM head unless it is tied to it (`tied`: the config says so).
+pub fn embeddings(config: &ModelConfig, w: &mut Weights, tied: bool) -> Result<(Linear, Option<Linear>)> {
+    let embed_tokens = w.linear("model.embed_tokens", false)?;
+    let lm_head = if w.contains("lm_head.weight") {
+        Some(w.linear("lm_head", false)?)
+    } else if tied {
+        None
+    } else {
+        bail!("checkpoint has no lm_head.weight and config.json does not tie word embeddings");
+    };
+    if embed_tokens.out_features() as usize != config.vocab_size {
+        bail!(
+            "embedding has {} rows but config.json says vocab_size {}",
+            embed_tokens.out_features(),
+            config.vocab_size
+        );
+    }
+    Ok((embed_tokens, lm_head))
 }
 
 impl CausalLm for Model {
@@ -143,9 +198,8 @@ impl CausalLm for Model {
         let mut v = vec![&self.embed_tokens];
         v.extend(self.lm_head.as_ref());
         for l in &self.layers {
-            let a = &l.self_attn;
-            v.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
-            v.extend([&l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj]);
+            v.extend(l.self_attn.linears());
+            v.extend(l.mlp.linears());
         }
         v
     }
@@ -154,6 +208,7 @@ impl CausalLm for Model {
         let mut v = vec![&self.norm];
         for l in &self.layers {
             v.extend([&l.input_layernorm, &l.post_attention_layernorm]);
+            v.extend(l.self_attn.norms());
         }
         v
     }

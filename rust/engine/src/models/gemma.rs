@@ -1,0 +1,143 @@
+//! Gemma 2 and Gemma 3 text (`Gemma2ForCausalLM`, `Gemma3ForCausalLM`): embeddings scaled by
+//! sqrt(hidden_size), RMSNorm with gain (1 + w), "sandwich" norms around attention and MLP,
+//! GELU (tanh) MLP, attention scale query_pre_attn_scalar^-0.5, alternating local (sliding
+//! window) and global layers, logit soft-capping (Gemma 2: attention scores and final logits).
+//! Gemma 3 adds per-head (1 + w) q/k norms and a separate RoPE base for local layers.
+
+use anyhow::Result;
+use mlx_rs::{Array, Dtype};
+
+use crate::attention::Attention;
+use crate::batch::StepBatch;
+use crate::config::ModelConfig;
+use crate::kv_cache::PagedKvCache;
+use crate::models::llama::{attention, embeddings};
+use crate::models::CausalLm;
+use crate::nn::{scalar, softcap, Activation, Linear, Mlp, RmsNorm, Rope};
+use crate::weights::Weights;
+
+pub struct Block {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+    pub pre_feedforward_layernorm: RmsNorm,
+    pub post_feedforward_layernorm: RmsNorm,
+}
+
+impl Block {
+    fn forward(&self, x: &Array, batch: &StepBatch, cache: &mut PagedKvCache, layer: usize) -> Result<Array> {
+        let a = self.self_attn.forward(&self.input_layernorm.forward(x)?, batch, cache, layer)?;
+        let h = x.add(self.post_attention_layernorm.forward(&a)?)?;
+        let m = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
+        Ok(h.add(self.post_feedforward_layernorm.forward(&m)?)?)
+    }
+}
+
+pub struct Model {
+    pub embed_tokens: Linear,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    /// Gemma ties the head to the embedding; a checkpoint may still carry lm_head.weight.
+    pub lm_head: Option<Linear>,
+    pub hidden_size: usize,
+    pub final_logit_softcapping: Option<f32>,
+}
+
+impl Model {
+    pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Self> {
+        let gemma3 = config.architecture()? == "Gemma3ForCausalLM";
+        let eps = config.rms_norm_eps;
+        let scale = config.query_pre_attn_scalar.unwrap_or(config.head_dim() as f32).powf(-0.5);
+        let windows = config.layer_windows();
+        // Gemma 3's local layers use their own base (and no scaling).
+        let local_rope = match (gemma3, config.rope_local_base_freq) {
+            (true, Some(base)) => Some(base),
+            (true, None) => Some(10000.0),
+            _ => None,
+        };
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut self_attn = attention(config, w, &p, i, config.attention_bias, false)?;
+            if gemma3 {
+                self_attn.q_norm = Some(w.rms_norm_plus_one(&format!("{p}.self_attn.q_norm"), eps)?);
+                self_attn.k_norm = Some(w.rms_norm_plus_one(&format!("{p}.self_attn.k_norm"), eps)?);
+            }
+            if let (Some(base), Some(_)) = (local_rope, windows[i]) {
+                self_attn.rope = Rope::from_config(config.head_dim(), base, None, None, None)?;
+            }
+            self_attn.scale = scale;
+            self_attn.softcap = config.attn_logit_softcapping;
+            let norm = |w: &mut Weights, name: &str| w.rms_norm_plus_one(&format!("{p}.{name}"), eps);
+            layers.push(Block {
+                self_attn,
+                mlp: Mlp {
+                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), false)?,
+                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), false)?,
+                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), false)?,
+                    act: Activation::from_name(config.activation())?,
+                },
+                input_layernorm: norm(w, "input_layernorm")?,
+                post_attention_layernorm: norm(w, "post_attention_layernorm")?,
+                pre_feedforward_layernorm: norm(w, "pre_feedforward_layernorm")?,
+                post_feedforward_layernorm: norm(w, "post_feedforward_layernorm")?,
+            });
+        }
+        let (embed_tokens, lm_head) = embeddings(config, w, true)?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: w.rms_norm_plus_one("model.norm", eps)?,
+            lm_head,
+            hidden_size: config.hidden_size,
+            final_logit_softcapping: config.final_logit_softcapping,
+        })
+    }
+}
+
+impl CausalLm for Model {
+    fn forward(&self, batch: &StepBatch, cache: &mut PagedKvCache) -> Result<Array> {
+        let h = self.embed_tokens.rows(&batch.token_ids)?;
+        // The normalizer is rounded to the activation dtype, as in the reference implementation.
+        let mut h = h.multiply(scalar((self.hidden_size as f32).sqrt(), &h)?)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, batch, cache, i)?;
+        }
+        Ok(h)
+    }
+
+    fn logits(&self, hidden: &Array) -> Result<Array> {
+        let x = self.norm.forward(hidden)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let logits = head.forward(&x)?.as_dtype(Dtype::Float32)?;
+        match self.final_logit_softcapping {
+            Some(cap) => softcap(&logits, cap),
+            None => Ok(logits),
+        }
+    }
+
+    fn parameters(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.embed_tokens];
+        v.extend(self.lm_head.as_ref());
+        for l in &self.layers {
+            v.extend(l.self_attn.linears());
+            v.extend(l.mlp.linears());
+        }
+        v
+    }
+
+    fn norms(&self) -> Vec<&RmsNorm> {
+        let mut v = vec![&self.norm];
+        for l in &self.layers {
+            v.extend([
+                &l.input_layernorm,
+                &l.post_attention_layernorm,
+                &l.pre_feedforward_layernorm,
+                &l.post_feedforward_layernorm,
+            ]);
+            v.extend(l.self_attn.norms());
+        }
+        v
+    }
+}

@@ -1,0 +1,38 @@
+//! Phi-3 (`Phi3ForCausalLM`): the Llama decoder with fused projections — `qkv_proj` (q, k, v rows
+//! in that order) and `gate_up_proj` (gate rows, then up rows) — split at load into the shared
+//! layers, and longrope scaling (short / long factors, attention factor) in the RoPE.
+
+use anyhow::{ensure, Result};
+
+use crate::config::ModelConfig;
+use crate::models::llama::{attention_from, FeedForward, Model};
+use crate::nn::{Activation, Mlp};
+use crate::weights::Weights;
+
+pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
+    let d = config.head_dim() as i32;
+    let q = config.num_attention_heads as i32 * d;
+    let kv = config.num_kv_heads() as i32 * d;
+    let inter = config.intermediate_size as i32;
+    Model::load_with(
+        config,
+        w,
+        |w, p, i| {
+            let qkv = w.linear(&format!("{p}.self_attn.qkv_proj"), false)?;
+            ensure!(qkv.out_features() == q + 2 * kv, "{p}.self_attn.qkv_proj has {} rows, expected {}", qkv.out_features(), q + 2 * kv);
+            let o_proj = w.linear(&format!("{p}.self_attn.o_proj"), false)?;
+            let projs = [qkv.slice_rows(0, q)?, qkv.slice_rows(q, q + kv)?, qkv.slice_rows(q + kv, q + 2 * kv)?, o_proj];
+            attention_from(config, i, projs, None, None)
+        },
+        |w, p, _| {
+            let gate_up = w.linear(&format!("{p}.mlp.gate_up_proj"), false)?;
+            ensure!(gate_up.out_features() == 2 * inter, "{p}.mlp.gate_up_proj has {} rows, expected {}", gate_up.out_features(), 2 * inter);
+            Ok(FeedForward::Dense(Mlp {
+                gate_proj: gate_up.slice_rows(0, inter)?,
+                up_proj: gate_up.slice_rows(inter, 2 * inter)?,
+                down_proj: w.linear(&format!("{p}.mlp.down_proj"), false)?,
+                act: Activation::from_name(config.activation())?,
+            }))
+        },
+    )
+}

@@ -1,0 +1,34 @@
+//! Qwen3 (`Qwen3ForCausalLM`): the Llama decoder with a per-head RMSNorm of queries and keys
+//! (`q_norm`, `k_norm` over head_dim) before RoPE; q/k/v biases only with `attention_bias`.
+//! Qwen3-MoE (`Qwen3MoeForCausalLM`) has the same attention and a mixture of experts in the
+//! layers `decoder_sparse_step` picks, except `mlp_only_layers`.
+
+use anyhow::Result;
+
+use crate::config::ModelConfig;
+use crate::models::llama::{attention, dense_mlp, FeedForward, Model};
+use crate::models::sparse_moe;
+use crate::weights::Weights;
+
+pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
+    let bias = config.attention_bias;
+    Model::load_with(config, w, |w, p, i| attention(config, w, p, i, bias, true), |w, p, _| dense_mlp(config, w, p))
+}
+
+pub fn load_moe(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
+    let bias = config.attention_bias;
+    let step = config.decoder_sparse_step.unwrap_or(1).max(1);
+    Model::load_with(
+        config,
+        w,
+        |w, p, i| attention(config, w, p, i, bias, true),
+        |w, p, i| -> Result<FeedForward> {
+            if config.mlp_only_layers.contains(&i) || (i + 1) % step != 0 {
+                return dense_mlp(config, w, p);
+            }
+            // Experts at mlp.experts.{e}.{gate,up,down}_proj, router at mlp.gate.
+            let names = ["gate_proj", "up_proj", "down_proj"];
+            Ok(FeedForward::Sparse(sparse_moe(config, w, &format!("{p}.mlp"), names, config.norm_topk_prob)?))
+        },
+    )
+}

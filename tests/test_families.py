@@ -1,0 +1,221 @@
+"""Model families beyond Llama against transformers (float32): Qwen2, Qwen3, Mistral with a
+sliding window, Gemma 2 / Gemma 3, Phi-3 with longrope, Mixtral and Qwen3-MoE.
+
+Each family's tiny checkpoint (reference.FAMILY_VARIANTS) exercises what sets it apart. Per family,
+one engine-level test compares logits of full prompts, of a paged run (chunked prefill, decode,
+two interleaved requests) and greedy generation with transformers; one vllm.LLM run compares
+greedy tokens. rel_err as in test_logits_vs_transformers (tolerance reference.LOGITS_REL_TOL).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import reference as R
+from conftest import shutdown_llm
+
+BLOCK_SIZE = 16
+FAMILIES = list(R.FAMILY_VARIANTS)
+GEN_TOKENS = 12
+
+
+#: MLX quantization of each family's checkpoint: (group_size, bits, per-layer bits, experts stacked
+#: as mlx-lm's switch_mlp). Both group sizes and bit widths occur; the MoE routers get 8 bits as a
+#: per-layer override, as mlx-lm's converter gives them.
+QUANTIZED = {
+    "qwen2": (64, 4, {}, False),
+    "qwen3": (32, 8, {}, False),
+    "mistral": (64, 8, {}, False),
+    "gemma2": (32, 4, {}, False),
+    "gemma3": (64, 4, {}, False),
+    "phi3": (32, 4, {}, False),
+    "mixtral": (64, 4, {"block_sparse_moe.gate": 8}, False),
+    "qwen3_moe": (32, 4, {"mlp.gate": 8}, True),
+}
+#: Families whose vllm.LLM run uses the quantized directory (and transformers the dequantized one).
+VLLM_QUANTIZED = {"mixtral", "qwen3_moe"}
+
+_quantized_dirs: dict[str, tuple] = {}
+
+
+def _quantized(tiny_models, family):
+    """(quantized dir, dequantized float32 dir) of a family, made once per session."""
+    if family not in _quantized_dirs:
+        gs, bits, layer_bits, stack = QUANTIZED[family]
+        root = tiny_models.root / "mlx-quantized"
+        _quantized_dirs[family] = R.write_mlx_quantized(
+            tiny_models.path(family),
+            root / f"{family}-q{bits}g{gs}",
+            root / f"{family}-dequantized",
+            group_size=gs,
+            bits=bits,
+            layer_bits=layer_bits,
+            stack_experts=stack,
+        )
+    return _quantized_dirs[family]
+
+
+def _rand_ids(seed: int, n: int, vocab: int) -> list[int]:
+    return np.random.default_rng(seed).integers(R.NUM_SPECIAL, vocab, size=n).tolist()
+
+
+#: Config changes that remove a family's peculiarity. The same weights with the change must give
+#: clearly different transformers logits on the test prompts, or matching them would prove nothing.
+#: (Qwen2's biases and Qwen3's q/k norms are weights: a model without them would not load them.)
+PECULIARITY_OFF = {
+    "mistral": {"sliding_window": None},
+    "gemma2": {"attn_logit_softcapping": None, "final_logit_softcapping": None},
+    "gemma3": {"sliding_window": 4096},
+    "phi3": {"original_max_position_embeddings": 4096},
+    "mixtral": {"num_experts_per_tok": 1},
+    "qwen3_moe": {"num_experts_per_tok": 1},
+}
+
+
+@pytest.mark.parametrize("family", list(PECULIARITY_OFF))
+def test_family_peculiarity_is_visible(tiny_models, family):
+    spec = R.TINY_VARIANTS[family]
+    path = tiny_models.path(family)
+    off = PECULIARITY_OFF[family]
+    if family == "phi3":
+        # Long factors apply beyond the original context: prompts of 100 tokens use them.
+        import json
+
+        rope = json.loads((path / "config.json").read_text())["rope_parameters"]
+        off = {"rope_parameters": dict(rope, original_max_position_embeddings=4096), **off}
+    plain = R.load_hf(path, **off)
+    ids = _rand_ids(7, 100, spec.vocab_size)
+    err = R.rowwise_rel_err(R.hf_logits(tiny_models.hf(family), ids), R.hf_logits(plain, ids))
+    assert err.max() > 100 * R.LOGITS_REL_TOL, f"{family}: {off} barely changes logits ({err.max():.3g})"
+
+
+def _check_rows(ours, ref, what):
+    err = R.rowwise_rel_err(ours, ref)
+    assert err.max() <= R.LOGITS_REL_TOL, (
+        f"{what}: max rel err {err.max():.3g} at position {int(np.argmax(err))} (> {R.LOGITS_REL_TOL})"
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_matches_transformers(core, tiny_models, family):
+    spec = R.TINY_VARIANTS[family]
+    hf = tiny_models.hf(family)
+    runner = core.ModelRunner(str(tiny_models.path(family)), block_size=BLOCK_SIZE)
+    assert runner.head_dim == spec.head_dim and runner.num_layers == spec.num_layers
+    runner.allocate_kv_cache(48)
+    perm = np.random.default_rng(spec.seed).permutation(48).tolist()
+
+    # Full prompts: 100 tokens (beyond the windows and Phi-3's original context), and 40.
+    for n, blocks in [(100, perm[:7]), (40, perm[7:10])]:
+        ids = _rand_ids(100 + spec.seed + n, n, spec.vocab_size)
+        _check_rows(runner.step_logits([("full", ids, 0, blocks)]), R.hf_logits(hf, ids), f"{family} prompt {n}")
+
+    # Paged: A prefills 30 + 27 then decodes past its window; B (prompt 9) decodes alongside.
+    a = R.PagedRequest("A", _rand_ids(1, 66, spec.vocab_size), perm[10:15], BLOCK_SIZE)
+    b = R.PagedRequest("B", _rand_ids(2, 19, spec.vocab_size), perm[15:17], BLOCK_SIZE)
+    schedule = [[("A", 30), ("B", 9)], [("B", 1), ("A", 27)]] + [[("A", 1), ("B", 1)]] * 9
+    reqs = {"A": a, "B": b}
+    for step in schedule:
+        out = runner.step_logits([reqs[rid].chunk(n) for rid, n in step])
+        row = 0
+        for rid, n in step:
+            reqs[rid].advance(n, out[row : row + n])
+            row += n
+    for r in reqs.values():
+        assert r.pos == len(r.tokens), f"test bug: {r.req_id} at {r.pos} of {len(r.tokens)}"
+        n = len(r.tokens)
+        if family == "phi3" and n > 64:
+            # Longrope picks its factors by the sequence length of each step: A's prefill (57
+            # tokens) ran on the short ones, as transformers' forward of those 57 tokens does.
+            n = 57
+        ours = np.stack([r.logits[p] for p in range(n)])
+        ref = R.hf_logits(hf, r.tokens[:n])
+        _check_rows(ours, ref, f"{family} paged {r.req_id}")
+
+    # Greedy generation, batched, against transformers' greedy.
+    prompts = [_rand_ids(200 + i, n, spec.vocab_size) for i, n in enumerate([5, 37])]
+    ours = runner.generate(prompts, GEN_TOKENS, temperature=0.0)
+    for i, (p, o) in enumerate(zip(prompts, ours)):
+        ref, ref_logits = R.hf_greedy(hf, p, GEN_TOKENS)
+        note = R.check_greedy_match(o, ref, ref_logits, what=f"{family} prompt {i}")
+        if note:
+            print(note)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_mlx_quantized(core, tiny_models, family):
+    """An mlx-community-style directory (weight/scales/biases, config.json "quantization") against
+    transformers running MLX's dequantization of the same weights."""
+    import json
+
+    quantized, dequantized = _quantized(tiny_models, family)
+    cfg = json.loads((quantized / "config.json").read_text())
+    gs, bits, layer_bits, stack = QUANTIZED[family]
+    per_layer = [k for k, v in cfg["quantization"].items() if isinstance(v, dict)]
+    assert cfg["quantization"]["bits"] == bits and bool(per_layer) == bool(layer_bits), cfg["quantization"]
+    spec = R.TINY_VARIANTS[family]
+    runner = core.ModelRunner(str(quantized), block_size=BLOCK_SIZE)
+    runner.allocate_kv_cache(8)
+    ids = _rand_ids(400 + spec.seed, 60, spec.vocab_size)
+    ours = runner.step_logits([("q", ids, 0, [3, 1, 6, 4])])
+    ref = R.hf_logits(R.load_hf(dequantized), ids)
+    _check_rows(ours, ref, f"{family} MLX {bits}-bit group {gs}")
+    # The quantization is visible: the original float32 weights give clearly different logits.
+    assert R.rel_err(R.hf_logits(tiny_models.hf(family), ids), ref) > 100 * R.LOGITS_REL_TOL
+
+
+# --------------------------------------------------------------------------------------------------
+# Through vllm.LLM: greedy tokens equal transformers' (the window and MoE paths under vLLM's
+# scheduler, with chunked prefill so prompts run in several steps).
+# --------------------------------------------------------------------------------------------------
+
+
+#: KV blocks vLLM gets, in blocks of one KV-cache group: few enough that four requests do not fit
+#: together, so blocks are freed (windows), preempted and reused. vLLM's hybrid manager gives each
+#: of Gemma's three layers (local, global, local) its own group, overlaid in one storage.
+VLLM_KV_BLOCKS = 20
+#: Layers per KV-cache group (vLLM's plan for the tiny checkpoints).
+_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1}
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_vllm_greedy(tiny_models, family):
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    spec = R.TINY_VARIANTS[family]
+    prompts = [_rand_ids(300 + i, n, spec.vocab_size) for i, n in enumerate([7, 45, 30, 50])]
+    if family in VLLM_QUANTIZED:
+        # vLLM's front end must take the mlx quantization keys (no quant_method) as they are.
+        model, ref_model = _quantized(tiny_models, family)
+        ref_model = R.load_hf(ref_model)
+    else:
+        model, ref_model = tiny_models.path(family), tiny_models.hf(family)
+    refs = [R.hf_greedy(ref_model, p, GEN_TOKENS) for p in prompts]
+    group_layers = _GROUP_LAYERS.get(family, spec.num_layers)
+    per_layer_block = spec.kv_bytes_per_block(BLOCK_SIZE) // spec.num_layers
+    llm = LLM(
+        model=str(model),
+        dtype="float32",
+        max_model_len=128,
+        block_size=BLOCK_SIZE,
+        kv_cache_memory_bytes=VLLM_KV_BLOCKS * group_layers * per_layer_block,
+        max_num_seqs=4,
+        max_num_batched_tokens=32,
+        enable_chunked_prefill=True,
+        seed=0,
+        disable_log_stats=False,
+    )
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        preemptions = sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    finally:
+        shutdown_llm(llm)
+    print(f"{family}: {preemptions} preemptions")
+    for i, (o, (ref, logits)) in enumerate(zip(outs, refs)):
+        note = R.check_greedy_match(list(o.outputs[0].token_ids), ref, logits, what=f"{family} vLLM prompt {i}")
+        if note:
+            print(note)
