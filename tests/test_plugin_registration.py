@@ -352,6 +352,10 @@ def _fake_config(**changes) -> SimpleNamespace:
         ({"model_config__quantization": "awq"}, "quantization='awq'"),
         ({"cache_config__cache_dtype": "fp8"}, "kv_cache_dtype='fp8'"),
         ({"model_config__logits_processors": ["my.Processor"]}, "logits_processors"),
+        (
+            {"model_config__disable_sliding_window": True, "model_config__hf_text_config": SimpleNamespace(sliding_window=24)},
+            "disable_sliding_window",
+        ),
     ],
 )
 def test_unsupported_features_are_rejected(monkeypatch, changes, fragment):

@@ -295,6 +295,12 @@ class MetalPlatform(Platform):
             "checkpoint's own weights (safetensors or GGUF) and no vLLM quantization method",
         )
         _reject(getattr(mc, "enable_prompt_embeds", False), "prompt embeddings are not supported")
+        window = getattr(getattr(mc, "hf_text_config", None), "sliding_window", None)
+        _reject(
+            bool(getattr(mc, "disable_sliding_window", False)) and bool(window),
+            "disable_sliding_window is not supported; the engine applies the model's "
+            f"sliding window ({window} tokens) from config.json",
+        )
         _reject(
             bool(getattr(mc, "logits_processors", None)),
             "custom logits_processors are not supported; the engine samples in Rust",
