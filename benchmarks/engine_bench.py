@@ -219,6 +219,18 @@ def float32_from_safetensors(mx, model_dir: Path) -> dict:
     return out
 
 
+def _random_bf16(mx, shapes: dict, seed: int) -> dict:
+    """bfloat16 tensors of these shapes: norms (1-D) at 1, the rest N(0, 0.02), seeded per name."""
+    out = {}
+    for i, (name, shape) in enumerate(sorted(shapes.items())):
+        if len(shape) == 1:
+            out[name] = mx.ones(shape, dtype=mx.bfloat16)
+        else:
+            out[name] = mx.random.normal(shape, dtype=mx.bfloat16, scale=0.02, key=mx.random.key(seed * 100003 + i))
+        mx.eval(out[name])
+    return out
+
+
 def random_llama_bf16(mx, config: dict, seed: int = 0) -> dict:
     """Random bfloat16 weights of a Llama config (std 0.02, unit norms)."""
     d, f = config["hidden_size"], config["intermediate_size"]
@@ -240,14 +252,7 @@ def random_llama_bf16(mx, config: dict, seed: int = 0) -> dict:
         })
     if not config.get("tie_word_embeddings"):
         shapes["lm_head.weight"] = (config["vocab_size"], d)
-    out = {}
-    for i, (name, shape) in enumerate(sorted(shapes.items())):
-        if len(shape) == 1:
-            out[name] = mx.ones(shape, dtype=mx.bfloat16)
-        else:
-            out[name] = mx.random.normal(shape, dtype=mx.bfloat16, scale=0.02, key=mx.random.key(seed * 100003 + i))
-        mx.eval(out[name])
-    return out
+    return _random_bf16(mx, shapes, seed)
 
 
 def random_moe_bf16(mx, config: dict, seed: int = 0) -> dict:
@@ -273,14 +278,7 @@ def random_moe_bf16(mx, config: dict, seed: int = 0) -> dict:
             f"{p}.mlp.switch_mlp.up_proj.weight": (e, f, d),
             f"{p}.mlp.switch_mlp.down_proj.weight": (e, d, f),
         })
-    out = {}
-    for i, (name, shape) in enumerate(sorted(shapes.items())):
-        if len(shape) == 1:
-            out[name] = mx.ones(shape, dtype=mx.bfloat16)
-        else:
-            out[name] = mx.random.normal(shape, dtype=mx.bfloat16, scale=0.02, key=mx.random.key(seed * 100003 + i))
-        mx.eval(out[name])
-    return out
+    return _random_bf16(mx, shapes, seed)
 
 
 RANDOM_MODELS = {"llama1b": (LLAMA1B_CONFIG, random_llama_bf16), "moe": (MOE_CONFIG, random_moe_bf16)}

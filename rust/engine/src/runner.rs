@@ -80,18 +80,20 @@ impl Logprobs {
         Self { cols, token_ids: vec![0; rows * cols], logprobs: vec![0.0; rows * cols], ranks: vec![0; rows] }
     }
 
-    /// Copy `top` (evaluated, `top.cols <= self.cols`) into rows `first..`.
-    fn fill(&mut self, first: usize, top: &TopLogprobs) -> Result<()> {
+    /// Copy the rows of `top` (evaluated, at most `self.cols` wide) into rows `rows` of `self`.
+    fn fill(&mut self, rows: impl ExactSizeIterator<Item = usize>, top: &TopLogprobs) -> Result<()> {
         let shape = top.token_ids.shape();
         let (n, c) = (shape[0] as usize, shape[1] as usize);
-        ensure!(c <= self.cols && first + n <= self.ranks.len(), "logprobs rows out of range");
-        let (ids, lps) = (top.token_ids.as_slice::<i32>(), top.scores.as_slice::<f32>());
-        for i in 0..n {
-            let row = (first + i) * self.cols;
+        ensure!(c <= self.cols && rows.len() == n, "logprobs rows out of range");
+        let (ids, lps, ranks) =
+            (top.token_ids.as_slice::<i32>(), top.scores.as_slice::<f32>(), top.ranks.as_slice::<i32>());
+        for (i, dst) in rows.enumerate() {
+            ensure!(dst < self.ranks.len(), "logprobs row {dst} out of range");
+            let row = dst * self.cols;
             self.token_ids[row..row + c].copy_from_slice(&ids[i * c..(i + 1) * c]);
             self.logprobs[row..row + c].copy_from_slice(&lps[i * c..(i + 1) * c]);
+            self.ranks[dst] = ranks[i];
         }
-        self.ranks[first..first + n].copy_from_slice(top.ranks.as_slice::<i32>());
         Ok(())
     }
 }
@@ -628,19 +630,7 @@ impl ModelRunner {
             if let Some((want, k, t)) = top {
                 // One row per request of the step; the rows of `t` are the sampling rows that asked.
                 let mut lp = Logprobs::zeros(p.scheduled.len(), k + 1);
-                let sub = Logprobs {
-                    cols: k + 1,
-                    token_ids: t.token_ids.as_slice::<i32>().to_vec(),
-                    logprobs: t.scores.as_slice::<f32>().to_vec(),
-                    ranks: t.ranks.as_slice::<i32>().to_vec(),
-                };
-                for (j, &r) in want.iter().enumerate() {
-                    let i = p.sample_rows[r as usize];
-                    let (dst, src) = (i * lp.cols, j * sub.cols);
-                    lp.token_ids[dst..dst + lp.cols].copy_from_slice(&sub.token_ids[src..src + sub.cols]);
-                    lp.logprobs[dst..dst + lp.cols].copy_from_slice(&sub.logprobs[src..src + sub.cols]);
-                    lp.ranks[i] = sub.ranks[j];
-                }
+                lp.fill(want.iter().map(|&r| p.sample_rows[r as usize]), &t)?;
                 out.logprobs = Some(lp);
             }
         }
@@ -648,7 +638,7 @@ impl ModelRunner {
             let Some(s) = self.requests.get_mut(&c.req_id) else { continue };
             let Some(buf) = s.prompt_logprobs.as_mut() else { continue };
             if let Some(top) = &c.top {
-                buf.fill(c.start, top)?;
+                buf.fill(c.start..c.start + top.ranks.shape()[0] as usize, top)?;
             }
             if c.complete {
                 out.prompt_logprobs.push((c.req_id, s.prompt_logprobs.take().unwrap()));
