@@ -10,7 +10,8 @@ Per step the runner records (host clock):
 - sample_build: the sampler's (and logprobs') graph;
 - wait: the final `eval` — the device finishing the step, then the ids read back.
 `other` is the rest of the measured wall time of a step (the engine-alone loop between steps).
-Greedy decode after a 128-token prompt; the first (prefill) step is left out; medians.
+Decode after a 128-token prompt, greedy unless `--sampling` names one of sampling_cost.py's
+parameter sets; the first (prefill) step is left out; medians.
 Weights come from engine_bench's cache.
 """
 
@@ -26,16 +27,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine_bench as eb  # noqa: E402
+from sampling_cost import SAMPLED, STAGES  # noqa: E402
+
+SAMPLING = {"greedy": {}, **STAGES, "sampled": SAMPLED}
 
 PARTS = ("build", "submit", "sample_build", "wait")
 
 
-def profile(runner, prompts, steps: int) -> dict:
+def profile(runner, prompts, steps: int, params: dict) -> dict:
     runner.allocate_kv_cache(sum(math.ceil((len(p) + steps + 1) / 16) for p in prompts))
-    runner.generate(prompts, 2)  # warm-up
+    runner.generate(prompts, 2, **params)  # warm-up
     runner.take_step_profile()
     t0 = time.perf_counter()
-    runner.generate(prompts, steps + 1)
+    runner.generate(prompts, steps + 1, **params)
     wall = time.perf_counter() - t0
     timings = runner.take_step_profile()
     runner.allocate_kv_cache(1)
@@ -57,6 +61,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--cache-dir", type=Path, default=eb.DEFAULT_CACHE)
     ap.add_argument("--smollm2-dir", type=Path, default=eb.DEFAULT_SMOLLM2)
+    ap.add_argument("--sampling", choices=list(SAMPLING), default="greedy")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -71,8 +76,10 @@ def main() -> None:
             runner = core.ModelRunner(str(dirs[variant]), block_size=16, device=args.device, dtype=eb.VARIANT_DTYPE[variant])
             for b in (int(x) for x in args.batches.split(",")):
                 prompts = eb.prompts_for(b, args.prompt_len, runner.vocab_size, seed=1)
-                m = profile(runner, prompts, args.steps)
-                rows.append({"model": model, "variant": variant, "batch": b, **{k: v * 1e3 for k, v in m.items()}})
+                m = profile(runner, prompts, args.steps, SAMPLING[args.sampling])
+                rows.append(
+                    {"model": model, "variant": variant, "batch": b, "sampling": args.sampling, **{k: v * 1e3 for k, v in m.items()}}
+                )
                 cells = " | ".join(f"{m[k] * 1e3:.2f}" for k in ("step", *PARTS, "other"))
                 print(f"| {model} | {variant} | {b} | {cells} |", flush=True)
             del runner

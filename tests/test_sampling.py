@@ -220,6 +220,30 @@ def test_draws_follow_the_filtered_distribution(core, temperature, top_k, top_p,
     assert p > 1e-3, f"chi-square p={p:.2e}: counts {counts.tolist()} vs {np.round(expected_p[~banned] * draws).tolist()}"
 
 
+# Twelve likely tokens spread over a 1000-token vocabulary: some share a 32-token block, one sits
+# in the last, partial block; the rest of the vocabulary has no mass.
+SPREAD_IDS = [3, 17, 40, 41, 300, 301, 302, 511, 640, 700, 960, 999]
+
+
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p,min_p",
+    [(1.0, 0, 1.0, 0.0), (0.7, 3, 1.0, 0.0), (1.0, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1), (1.2, 6, 0.9, 0.0)],
+)
+def test_draws_over_a_wide_vocabulary_follow_the_filtered_distribution(core, temperature, top_k, top_p, min_p):
+    base = np.full(1000, -1e4, dtype=np.float64)
+    base[SPREAD_IDS] = np.log(np.linspace(1.0, 3.0, len(SPREAD_IDS)))
+    draws = 20_000
+    logits = np.tile(base.astype(np.float32), (draws, 1))
+    spec = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+    tokens = np.array(core.sample_tokens(logits, [{**spec, "key": 104729 * i + 7} for i in range(draws)]))
+    expected_p = _analytic(base, temperature, top_k, top_p, min_p)
+    allowed = np.flatnonzero(expected_p > 0)
+    assert np.isin(tokens, allowed).all(), f"drew filtered-out tokens {sorted(set(tokens[~np.isin(tokens, allowed)]))}"
+    counts = np.bincount(tokens, minlength=1000)[allowed].astype(np.float64)
+    p = _chi_square_p(counts, expected_p[allowed] * draws)
+    assert p > 1e-3, f"chi-square p={p:.2e}: counts {counts.tolist()} vs {np.round(expected_p[allowed] * draws).tolist()}"
+
+
 def test_greedy_rows_ignore_noise_but_see_processors(core):
     logits = _logits(2, seed=9)
     top = int(np.argmax(logits[0]))

@@ -17,7 +17,7 @@ use crate::kv_cache::PagedKvCache;
 use crate::models::{self, CausalLm};
 use crate::nn::{dtype_name, parse_dtype};
 use crate::sampler::{
-    bitmask_to_additive, choose, gather_logprobs, mix_seed, LogprobsMode, Row, SamplingParams, TopLogprobs,
+    bitmask_to_additive, choose, gather_logprobs, mix_seed, LogprobsMode, Row, SamplingParams, TokenCounts, TopLogprobs,
 };
 use crate::weights::{WeightSource, Weights};
 
@@ -125,6 +125,8 @@ struct RequestState {
     sampling: SamplingParams,
     /// Prompt logprobs gathered so far, while the prompt is being prefilled.
     prompt_logprobs: Option<Logprobs>,
+    /// Distinct tokens for the penalties, counted as the request grows.
+    counts: TokenCounts,
 }
 
 /// Host-side timings of one step, in seconds (see `ModelRunner::take_step_profile`).
@@ -393,6 +395,7 @@ impl ModelRunner {
                     num_computed: r.num_computed_tokens,
                     sampling: r.sampling.clone(),
                     prompt_logprobs,
+                    counts: TokenCounts::default(),
                 },
             );
         }
@@ -553,6 +556,13 @@ impl ModelRunner {
 
         let mut chosen = None;
         if let Some(mut logits) = p.logits.clone() {
+            for &i in &p.sample_rows {
+                let s = self.requests.get_mut(&p.scheduled[i].0).unwrap();
+                if s.sampling.has_penalties() {
+                    let (prompt, output) = s.tokens.split_at(s.num_prompt);
+                    s.counts.update(prompt, output);
+                }
+            }
             let state = |i: usize| &self.requests[&p.scheduled[i].0];
             if let Some(g) = grammar.filter(|g| !g.req_ids.is_empty()) {
                 ensure!(
@@ -582,10 +592,11 @@ impl ModelRunner {
                 .zip(&p.keys)
                 .map(|(&i, &key)| {
                     let s = state(i);
-                    Row { params: &s.sampling, key, prompt: &s.tokens[..s.num_prompt], output: &s.tokens[s.num_prompt..] }
+                    let (prompt, output) = s.tokens.split_at(s.num_prompt);
+                    Row { params: &s.sampling, key, prompt, output, counts: Some(&s.counts) }
                 })
                 .collect();
-            let (ids, used) = choose(&logits, &rows)?;
+            let (ids, used) = choose(&logits, &rows, self.logprobs_mode.is_processed())?;
             // Sampled-token logprobs, for the rows that ask, from the logits the mode names.
             let want: Vec<i32> =
                 (0..rows.len() as i32).filter(|&r| rows[r as usize].params.logprobs.is_some()).collect();
@@ -597,7 +608,7 @@ impl ModelRunner {
                     .map(|&r| self.resolve_num_logprobs(rows[r as usize].params.logprobs.unwrap()))
                     .max()
                     .unwrap();
-                let source = if self.logprobs_mode.is_processed() { &used } else { &logits };
+                let source = used.as_ref().unwrap_or(&logits);
                 let idx = Array::from_slice(&want, &[want.len() as i32]);
                 let scores = self.logprobs_mode.scores(&source.take_axis(&idx, 0)?)?;
                 Some((want, k, gather_logprobs(&scores, k as i32, &ids.take_axis(&idx, 0)?)?))

@@ -3,7 +3,9 @@
 //! min_p, top-k/top-p and a seeded draw. Also the logprobs vLLM reports.
 
 use anyhow::{bail, ensure, Result};
-use mlx_rs::{ops, Array, Dtype};
+use std::collections::HashMap;
+
+use mlx_rs::{ops, ops::indexing::TryIndexOp, Array, Dtype};
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -63,7 +65,7 @@ impl SamplingParams {
         self.temperature < 1e-5
     }
 
-    fn has_penalties(&self) -> bool {
+    pub fn has_penalties(&self) -> bool {
         self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }
 
@@ -82,6 +84,58 @@ pub struct Row<'a> {
     pub key: u64,
     pub prompt: &'a [i32],
     pub output: &'a [i32],
+    /// The distinct tokens of `prompt` and `output`, when the caller keeps them up to date;
+    /// counted here otherwise.
+    pub counts: Option<&'a TokenCounts>,
+}
+
+/// A request's distinct tokens, for the penalties: occurrences in the output, presence in the
+/// prompt. Extended as the request grows, so a step costs the new tokens, not the whole history.
+#[derive(Debug, Clone, Default)]
+pub struct TokenCounts {
+    tokens: Vec<i32>,
+    in_output: Vec<f32>,
+    in_prompt: Vec<bool>,
+    index: HashMap<i32, usize>,
+    num_prompt: usize,
+    counted: usize,
+}
+
+impl TokenCounts {
+    pub fn of(prompt: &[i32], output: &[i32]) -> Self {
+        let mut c = Self::default();
+        c.update(prompt, output);
+        c
+    }
+
+    /// Counts the tokens added since the last call.
+    pub fn update(&mut self, prompt: &[i32], output: &[i32]) {
+        if self.num_prompt != prompt.len() || self.counted > prompt.len() + output.len() {
+            *self = Self { num_prompt: prompt.len(), ..Self::default() };
+        }
+        for (i, &t) in prompt.iter().chain(output).enumerate().skip(self.counted) {
+            let e = *self.index.entry(t).or_insert_with(|| {
+                self.tokens.push(t);
+                self.in_output.push(0.0);
+                self.in_prompt.push(false);
+                self.tokens.len() - 1
+            });
+            if i < self.num_prompt {
+                self.in_prompt[e] = true;
+            } else {
+                self.in_output[e] += 1.0;
+            }
+        }
+        self.counted = prompt.len() + output.len();
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
 }
 
 /// What reported logprobs are computed from (vLLM's `logprobs_mode`).
@@ -247,169 +301,334 @@ pub fn process_logits(logits: &Array, rows: &[Row]) -> Result<Array> {
     }
 
     if rows.iter().any(|row| row.params.has_penalties()) {
-        // Output token counts and prompt presence, scattered on the device.
-        let counts_of = |output: bool| -> Result<Array> {
-            let mut idx = Vec::new();
-            for (i, row) in rows.iter().enumerate() {
-                if row.params.has_penalties() {
-                    let tokens = if output { row.output } else { row.prompt };
-                    idx.extend(tokens.iter().filter(|&&t| (t as usize) < v).map(|&t| (i * v) as i32 + t));
-                }
+        // Only the tokens a row has seen change: gather them, penalise, scatter back — `[R, U]`
+        // work for U distinct tokens instead of dense `[R, V]` counts.
+        let counted: Vec<Option<TokenCounts>> = rows
+            .iter()
+            .map(|row| (row.params.has_penalties() && row.counts.is_none()).then(|| TokenCounts::of(row.prompt, row.output)))
+            .collect();
+        let entries: Vec<Vec<(i32, f32, bool)>> = rows
+            .iter()
+            .zip(&counted)
+            .map(|(row, own)| match row.counts.or(own.as_ref()).filter(|_| row.params.has_penalties()) {
+                Some(c) => (0..c.len())
+                    .filter(|&e| (c.tokens[e] as usize) < v)
+                    .map(|e| (c.tokens[e], c.in_output[e], c.in_prompt[e] || c.in_output[e] > 0.0))
+                    .collect(),
+                None => Vec::new(),
+            })
+            .collect();
+        let u = entries.iter().map(Vec::len).max().unwrap_or(0).max(1);
+        // Short rows repeat their last entry (the same value written twice); a row with none
+        // rewrites token 0 unchanged (not seen, no occurrences).
+        let (mut idx, mut occ, mut seen) = (vec![0i32; r * u], vec![0f32; r * u], vec![0f32; r * u]);
+        for (i, e) in entries.iter().enumerate() {
+            for j in 0..if e.is_empty() { 0 } else { u } {
+                let (t, o, s) = e[j.min(e.len() - 1)];
+                (idx[i * u + j], occ[i * u + j], seen[i * u + j]) = (t, o, s as i32 as f32);
             }
-            let zeros = ops::zeros::<f32>(&[(r * v) as i32])?;
-            if idx.is_empty() {
-                return Ok(zeros.reshape(&[r as i32, v as i32])?);
-            }
-            let n = idx.len() as i32;
-            let ones = ops::ones::<f32>(&[n, 1])?;
-            let c = ops::indexing::scatter_add_single(&zeros, Array::from_slice(&idx, &[n]), &ones, 0)?;
-            Ok(c.reshape(&[r as i32, v as i32])?)
-        };
-        let out_counts = counts_of(true)?;
-        let in_prompt = counts_of(false)?;
-        let zero = Array::from_f32(0.0);
-        let seen_out = out_counts.gt(&zero)?;
-        let seen = seen_out.logical_or(&in_prompt.gt(&zero)?)?;
+        }
+        let shape = [r as i32, u as i32];
+        let idx = Array::from_slice(&idx, &shape);
         let col = |f: &dyn Fn(&SamplingParams) -> f32| -> Array {
-            let vals: Vec<f32> = rows.iter().map(|row| f(row.params)).collect();
-            Array::from_slice(&vals, &[r as i32, 1])
+            Array::from_slice(&rows.iter().map(|row| f(row.params)).collect::<Vec<f32>>(), &[r as i32, 1])
         };
-        let rep = col(&|p| p.repetition_penalty);
-        let penalised = ops::select(&x.gt(&zero)?, &x.divide(&rep)?, &x.multiply(&rep)?)?;
-        x = ops::select(&seen, &penalised, &x)?;
-        x = x.subtract(col(&|p| p.frequency_penalty).multiply(&out_counts)?)?;
-        x = x.subtract(col(&|p| p.presence_penalty).multiply(seen_out.as_dtype(Dtype::Float32)?)?)?;
+        let args = [
+            x.take_along_axis(&idx, 1)?,
+            Array::from_slice(&occ, &shape),
+            Array::from_slice(&seen, &shape),
+            col(&|p| p.repetition_penalty),
+            col(&|p| p.frequency_penalty),
+            col(&|p| p.presence_penalty),
+        ];
+        let g = fused(Fused::Penalise, &args)?;
+        x = x.put_along_axis(&idx, &g, 1)?;
     }
     Ok(x)
 }
 
 /// `logits`: float32 `[R, V]`. Returns the chosen ids, int32 `[R]`.
 pub fn sample(logits: &Array, rows: &[Row]) -> Result<Array> {
-    Ok(choose(logits, rows)?.0)
+    Ok(choose(logits, rows, false)?.0)
 }
 
-/// The chosen ids, int32 `[R]`, and the logits the choice was made from (lazy; vLLM's
-/// "processed" logits): processed, then, when any row draws at random, tempered and filtered.
-pub fn choose(logits: &Array, rows: &[Row]) -> Result<(Array, Array)> {
+/// The chosen ids, int32 `[R]`, and, when `processed`, the logits the choice was made from
+/// (vLLM's "processed" logits): processed, then tempered and filtered.
+pub fn choose(logits: &Array, rows: &[Row], processed: bool) -> Result<(Array, Option<Array>)> {
     let x = process_logits(logits, rows)?;
-    let greedy = ops::indexing::argmax_axis(&x, 1, false)?;
-    if rows.iter().all(|row| row.params.is_greedy()) {
-        return Ok((greedy.as_dtype(Dtype::Int32)?, x));
-    }
     let r = rows.len() as i32;
     let v = x.shape()[1];
-    let keys: Vec<u64> = rows.iter().map(|row| row.key).collect();
-    // Gumbel-max: argmax(x + Gumbel noise) draws from softmax(x). The noise of token t in a row
-    // depends only on (the row's key, t), so a row draws the same token alone or in any batch,
-    // and over a few top-k candidates or the whole vocabulary alike.
-    let k_max = rows
+    // Each row's token depends on its own parameters and key only, never on its batch: a greedy
+    // row takes the argmax, a row with a top-k draws among its candidates, any other row over
+    // the whole filtered vocabulary. Paths no row takes are not built.
+    let filters: Vec<Filter> = rows.iter().map(|row| Filter::of(row.params, v)).collect();
+    let path: Vec<i32> = rows
         .iter()
-        .filter(|row| !row.params.is_greedy())
-        .map(|row| if row.params.top_k > 0 && row.params.top_k < v { row.params.top_k } else { v })
-        .max()
-        .unwrap_or(v);
-    let drawn = if k_max < v {
-        // Every drawing row has a top-k: draw among the k_max best candidates only, filtered
-        // as `filter_logits` filters the whole row (it stays the reference and the reported
-        // distribution).
-        let neg = x.negative()?;
-        let cand = ops::argpartition_axis(&neg, k_max - 1, 1)?.take_axis(Array::from_iter(0..k_max, &[k_max]), 1)?;
-        let order = ops::argsort_axis(neg.take_along_axis(&cand, 1)?, 1)?;
-        let cand = cand.take_along_axis(&order, 1)?;
-        let filtered = filter_sorted(&x.take_along_axis(&cand, 1)?, rows)?;
-        let pick = ops::indexing::argmax_axis(&filtered.add(gumbel_noise(&keys, &cand)?)?, 1, true)?;
-        cand.take_along_axis(&pick, 1)?.reshape(&[r])?
-    } else {
-        let ids = Array::from_iter(0..v, &[1, v]);
-        ops::indexing::argmax_axis(&filter_logits(&x, rows)?.add(gumbel_noise(&keys, &ids)?)?, 1, false)?
+        .zip(&filters)
+        .map(|(row, f)| if row.params.is_greedy() { 0 } else if f.top_k < v { 1 } else { 2 })
+        .collect();
+    let path_arr = Array::from_slice(&path, &[r]);
+    let mut out: Option<Array> = None;
+    let mut merge = |which: i32, ids: Array| -> Result<()> {
+        out = Some(match out.take() {
+            None => ids,
+            Some(prev) => ops::select(&path_arr.eq(Array::from_int(which))?, &ids, &prev)?,
+        });
+        Ok(())
     };
-    let is_greedy: Vec<bool> = rows.iter().map(|row| row.params.is_greedy()).collect();
-    let out = ops::select(&Array::from_slice(&is_greedy, &[r]), &greedy, &drawn)?;
-    Ok((out.as_dtype(Dtype::Int32)?, filter_logits(&x, rows)?))
+    let keys: Vec<u64> = rows.iter().map(|row| row.key).collect();
+    if path.contains(&0) {
+        merge(0, ops::indexing::argmax_axis(&x, 1, false)?.as_dtype(Dtype::Int32)?)?;
+    }
+    if path.contains(&1) {
+        // Gumbel-max over the candidates: the noise of a token depends only on (key, token),
+        // so the draw does not depend on how many candidates the batch's largest top-k brings.
+        let k_max = path.iter().zip(&filters).filter(|(&p, _)| p == 1).map(|(_, f)| f.top_k).max().unwrap();
+        let cand = top_candidates(&x, k_max)?;
+        let sorted = x.take_along_axis(&cand, 1)?;
+        let rank = Array::from_iter(0..k_max, &[1, k_max]);
+        let [t, m, k, p] = Filter::columns(&filters, k_max);
+        let filtered = fused(Fused::FilterSorted, &[sorted, rank, t, m, k, p])?;
+        let pick = gumbel_argmax(&filtered, &keys, TOKEN_STREAM, &cand)?;
+        merge(1, cand.take_along_axis(&pick, 1)?.reshape(&[r])?)?;
+    }
+    if path.contains(&2) {
+        // The top-k rows' filters are left out here: they would sort the whole vocabulary.
+        let whole: Vec<Filter> = path.iter().zip(&filters).map(|(&p, &f)| if p == 2 { f } else { Filter::NONE }).collect();
+        merge(2, draw_whole(&filter_rows(&x, &whole)?, &keys)?)?;
+    }
+    Ok((out.unwrap(), if processed { Some(filter_logits(&x, rows)?) } else { None }))
 }
 
-/// Standard Gumbel noise for token ids `ids` (`[R, K]` or `[1, K]`) of rows with PRNG `keys`:
-/// uniforms from a counter-based generator (Widynski's "squares", 64-bit wrapping arithmetic)
-/// of (key, token id) — one batch of elementwise ops for all rows instead of a PRNG call each.
-fn gumbel_noise(keys: &[u64], ids: &Array) -> Result<Array> {
+/// Tokens per block in the two-level searches over the vocabulary.
+const BLOCK: i32 = 32;
+const TOKEN_STREAM: u64 = 0x5EED;
+const BLOCK_STREAM: u64 = 0xB10C;
+
+/// `x` `[R, V]` padded with `fill` to whole blocks, as `[R, blocks, BLOCK]`.
+fn blocks(x: &Array, fill: f32) -> Result<Array> {
+    let (r, v) = (x.shape()[0], x.shape()[1]);
+    let nb = (v + BLOCK - 1) / BLOCK;
+    let x = if nb * BLOCK == v {
+        x.clone()
+    } else {
+        let pad = ops::full::<f32>(&[r, nb * BLOCK - v], Array::from_f32(fill))?.as_dtype(x.dtype())?;
+        ops::concatenate(&[x.clone(), pad], 1)?
+    };
+    Ok(x.reshape(&[r, nb, BLOCK])?)
+}
+
+/// The token ids of blocks `b` (`[R, n]`): `[R, n * BLOCK]`.
+fn block_tokens(b: &Array) -> Result<Array> {
+    let (r, n) = (b.shape()[0], b.shape()[1]);
+    let within = Array::from_iter(0..BLOCK, &[1, 1, BLOCK]);
+    Ok(b.as_dtype(Dtype::Int32)?.reshape(&[r, n, 1])?.multiply(Array::from_int(BLOCK))?.add(within)?.reshape(&[r, n * BLOCK])?)
+}
+
+/// The `k` best token ids of each row, best first, int32 `[R, k]`. Each of the k best tokens
+/// lies in a block whose maximum is among the k largest block maxima, so only the tokens of
+/// those k blocks are sorted, not the whole vocabulary (a full partition is a sort on some
+/// backends).
+fn top_candidates(x: &Array, k: i32) -> Result<Array> {
+    let (r, v) = (x.shape()[0], x.shape()[1]);
+    let neg = x.negative()?; // ascending order = best first
+    if k * BLOCK * 4 <= v {
+        let b = blocks(&neg, f32::INFINITY)?;
+        let best_blocks = ops::argpartition_axis(&b.min_axis(2, false)?, k - 1, 1)?.try_index((.., ..k))?;
+        let ids = block_tokens(&best_blocks)?;
+        let pool = b.reshape(&[r, -1])?.take_along_axis(&ids, 1)?;
+        let best = ops::argsort_axis(&pool, 1)?.try_index((.., ..k))?;
+        return Ok(ids.take_along_axis(&best, 1)?);
+    }
+    let part = ops::argpartition_axis(&neg, k - 1, 1)?.try_index((.., ..k))?;
+    let order = ops::argsort_axis(neg.take_along_axis(&part, 1)?, 1)?;
+    Ok(part.take_along_axis(&order, 1)?.as_dtype(Dtype::Int32)?)
+}
+
+/// One draw per row from softmax(`logits`) (-inf: excluded), by Gumbel-max in two levels: a
+/// block by its total mass, then a token inside it. The same distribution as one Gumbel-max
+/// over the vocabulary, with noise for V/32 blocks and 32 tokens per row instead of V.
+fn draw_whole(logits: &Array, keys: &[u64]) -> Result<Array> {
+    let r = logits.shape()[0];
+    let b = blocks(logits, f32::NEG_INFINITY)?;
+    let nb = b.shape()[1];
+    let mass = b.logsumexp_axis(2, false)?;
+    // A block with nothing allowed has no mass (-inf), whatever a backend makes of -inf - -inf.
+    let mass = ops::select(&mass.is_nan()?, Array::from_f32(f32::NEG_INFINITY), &mass)?;
+    let pick = gumbel_argmax(&mass, keys, BLOCK_STREAM, &Array::from_iter(0..nb, &[1, nb]))?;
+    let ids = block_tokens(&pick)?;
+    let vals = b.reshape(&[r, -1])?.take_along_axis(&ids, 1)?;
+    let t = gumbel_argmax(&vals, keys, TOKEN_STREAM, &ids)?;
+    Ok(ids.take_along_axis(&t, 1)?.reshape(&[r])?)
+}
+
+/// argmax(`scores` + Gumbel noise of `ids` in `stream`), `[R, 1]`: a draw from softmax(scores).
+fn gumbel_argmax(scores: &Array, keys: &[u64], stream: u64, ids: &Array) -> Result<Array> {
+    // The generator wants keys with well-spread bits; callers may pass small integers.
+    let mixed: Vec<u64> = keys.iter().map(|&k| mix_seed(k, stream) | 1).collect();
+    let key = Array::from_slice(&mixed, &[keys.len() as i32, 1]);
+    fused(Fused::GumbelArgmax, &[scores.clone(), key, ids.clone()])
+}
+
+type Exception = mlx_rs::error::Exception;
+
+/// Elementwise chains of the sampler that run as one MLX-compiled function on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Fused {
+    GumbelArgmax,
+    FilterSorted,
+    Penalise,
+}
+
+impl Fused {
+    fn plain(self) -> fn(&[Array]) -> std::result::Result<Array, Exception> {
+        match self {
+            Self::GumbelArgmax => |a| ops::indexing::argmax_axis(a[0].add(squares_gumbel(&a[1], &a[2])?)?, 1, true),
+            Self::FilterSorted => filter_sorted,
+            Self::Penalise => penalise,
+        }
+    }
+}
+
+type CompiledFn = Box<dyn FnMut(&[Array]) -> std::result::Result<Vec<Array>, Exception>>;
+
+thread_local! {
+    static COMPILED: std::cell::RefCell<HashMap<Fused, CompiledFn>> = std::cell::RefCell::new(HashMap::new());
+}
+
+/// `which` applied to `args`. On a GPU each small op costs a kernel launch, so there it runs
+/// compiled (traced once per thread, for any shapes), its elementwise chains fused into single
+/// kernels; elsewhere op by op (compiling for the CPU means running a C++ compiler).
+fn fused(which: Fused, args: &[Array]) -> Result<Array> {
+    let f = which.plain();
+    if !matches!(mlx_rs::Device::default().get_type(), Ok(mlx_rs::DeviceType::Gpu)) {
+        return Ok(f(args)?);
+    }
+    COMPILED.with(|cell| {
+        let mut map = cell.borrow_mut();
+        let g = map.entry(which).or_insert_with(|| compiled(f));
+        Ok(g(args)?.remove(0))
+    })
+}
+
+fn compiled(f: fn(&[Array]) -> std::result::Result<Array, Exception>) -> CompiledFn {
+    let g = move |args: &[Array]| -> std::result::Result<Vec<Array>, Exception> { Ok(vec![f(args)?]) };
+    let mut c = mlx_rs::transforms::compile::compile(g, true);
+    Box::new(move |args: &[Array]| c(args))
+}
+
+/// Gumbel noise of uint64 `key` `[R, 1]` and token `ids`, elementwise: uniforms from a
+/// counter-based generator (Widynski's "squares", 64-bit wrapping arithmetic) of (key, id) —
+/// one batch of elementwise ops for all rows instead of a PRNG call each.
+fn squares_gumbel(key: &Array, ids: &Array) -> std::result::Result<Array, Exception> {
     let u64c = |c: u64| Array::from_slice(&[c], &[1]);
     let two32 = u64c(1 << 32);
     // Rotate by 32 bits: the halves do not overlap, so adding them is or-ing them.
-    let rot = |x: &Array| -> Result<Array> { Ok(x.floor_divide(&two32)?.add(x.multiply(&two32)?)?) };
-    // The generator wants keys with well-spread bits; callers may pass small integers.
-    let mixed: Vec<u64> = keys.iter().map(|&k| mix_seed(k, 0x5EED) | 1).collect();
-    let key = Array::from_slice(&mixed, &[keys.len() as i32, 1]);
+    let rot = |x: &Array| -> std::result::Result<Array, Exception> { x.floor_divide(&two32)?.add(x.multiply(&two32)?) };
     let ctr = ids.as_dtype(Dtype::Uint64)?.add(u64c(1))?;
-    let y = ctr.multiply(&key)?;
-    let z = y.add(&key)?;
+    let y = ctr.multiply(key)?;
+    let z = y.add(key)?;
     let mut x = rot(&y.multiply(&y)?.add(&y)?)?;
     x = rot(&x.multiply(&x)?.add(&z)?)?;
     x = rot(&x.multiply(&x)?.add(&y)?)?;
     let bits = x.multiply(&x)?.add(&z)?.floor_divide(u64c(1 << 40))?; // top 24 bits
     let u = bits.as_dtype(Dtype::Float32)?.add(Array::from_f32(0.5))?.multiply(Array::from_f32(1.0 / (1u32 << 24) as f32))?;
-    Ok(u.log()?.negative()?.log()?.negative()?)
+    u.log()?.negative()?.log()?.negative()
 }
 
-/// `filter_logits` for rows of candidates sorted in descending order (`[R, K]`, K <= every
-/// drawing row's top_k): temperature, min_p relative to the best candidate, top-k, top-p.
-fn filter_sorted(sorted: &Array, rows: &[Row]) -> Result<Array> {
-    let r = rows.len() as i32;
-    let kn = sorted.shape()[1];
+/// Penalised values `g` of the tokens a row has seen (`[R, U]`): repetition where `seen`,
+/// frequency per output occurrence `occ`, presence once; `rep`, `freq`, `pres`: `[R, 1]`.
+/// (Per-row parameters come as separate columns: a compiled function's slice or gather of one
+/// packed array would fix the batch size.)
+fn penalise(a: &[Array]) -> std::result::Result<Array, Exception> {
+    let [g, occ, seen, rep, freq, pres] = a else { unreachable!("penalise takes 6 arrays") };
+    let zero = Array::from_f32(0.0);
+    let penalised = ops::select(&g.gt(&zero)?, &g.divide(rep)?, &g.multiply(rep)?)?;
+    ops::select(&seen.gt(&zero)?, &penalised, g)?
+        .subtract(freq.multiply(occ)?)?
+        .subtract(pres.multiply(occ.gt(&zero)?.as_dtype(Dtype::Float32)?)?)
+}
+
+/// `filter_rows` for rows of candidates sorted in descending order (`[R, K]`, K <= every
+/// drawing row's top_k), `rank` = `[[0, 1, .., K-1]]`, then `Filter::columns`: temperature,
+/// min_p relative to the best candidate, top-k, top-p.
+fn filter_sorted(a: &[Array]) -> std::result::Result<Array, Exception> {
+    let [sorted, rank, temperature, ln_min_p, top_k, top_p] = a else { unreachable!("filter_sorted takes 6 arrays") };
     let neg_inf = Array::from_f32(f32::NEG_INFINITY);
-    let temps: Vec<f32> =
-        rows.iter().map(|row| if row.params.is_greedy() { 1.0 } else { row.params.temperature }).collect();
-    let mut x = sorted.divide(Array::from_slice(&temps, &[r, 1]))?;
-    let rank = Array::from_iter(0..kn, &[1, kn]);
-    if rows.iter().any(|row| row.params.min_p > 0.0) {
-        // p >= min_p * p_max  <=>  x >= x_max + ln(min_p); the first candidate is the max.
-        let logs: Vec<f32> = rows
-            .iter()
-            .map(|row| if row.params.min_p > 0.0 { row.params.min_p.ln() } else { f32::NEG_INFINITY })
-            .collect();
-        let floor = x.take_axis(Array::from_int(0), 1)?.reshape(&[r, 1])?.add(Array::from_slice(&logs, &[r, 1]))?;
-        x = ops::select(&x.lt(&floor)?, &neg_inf, &x)?;
+    let x = sorted.divide(temperature)?;
+    // As in `filter_rows`; the first candidate is the max.
+    let floor = x.max_axis(1, true)?.add(ln_min_p)?;
+    let keep = x.ge(&floor)?.logical_and(&rank.lt(top_k)?)?;
+    let x = ops::select(&keep, &x, &neg_inf)?;
+    // A candidate stays while the mass of better candidates is below top_p.
+    let probs = ops::softmax_axis(&x, 1, None)?;
+    let before = probs.cumsum(1, None, None)?.subtract(&probs)?;
+    ops::select(&before.lt(top_p)?, &x, &neg_inf)
+}
+
+/// One row's draw filters as `filter_rows` applies them.
+#[derive(Debug, Clone, Copy)]
+struct Filter {
+    temperature: f32,
+    min_p: f32,
+    /// >= V: off.
+    top_k: i32,
+    top_p: f32,
+}
+
+impl Filter {
+    const NONE: Self = Self { temperature: 1.0, min_p: 0.0, top_k: i32::MAX, top_p: 1.0 };
+
+    /// `[R, 1]` columns for `filter_sorted` over `k` candidates: temperature, ln(min_p) (-inf:
+    /// off), top-k, top-p (+inf: off) — filters that are off pass everything, so one graph
+    /// serves every batch.
+    fn columns(filters: &[Self], k: i32) -> [Array; 4] {
+        let col = |f: &dyn Fn(&Self) -> f32| Array::from_slice(&filters.iter().map(f).collect::<Vec<f32>>(), &[filters.len() as i32, 1]);
+        [
+            col(&|f| f.temperature),
+            col(&|f| if f.min_p > 0.0 { f.min_p.ln() } else { f32::NEG_INFINITY }),
+            col(&|f| f.top_k.min(k) as f32),
+            col(&|f| if f.top_p < 1.0 { f.top_p } else { f32::INFINITY }),
+        ]
     }
-    let ks: Vec<i32> = rows.iter().map(|row| if row.params.top_k > 0 { row.params.top_k.min(kn) } else { kn }).collect();
-    let in_k = rank.lt(Array::from_slice(&ks, &[r, 1]))?;
-    x = ops::select(&in_k, &x, &neg_inf)?;
-    if rows.iter().any(|row| row.params.top_p < 1.0) {
-        // A candidate stays while the mass of better candidates is below top_p.
-        let probs = ops::softmax_axis(&x, 1, None)?;
-        let before = probs.cumsum(1, None, None)?.subtract(&probs)?;
-        let ps: Vec<f32> = rows.iter().map(|row| row.params.top_p).collect();
-        x = ops::select(&before.lt(Array::from_slice(&ps, &[r, 1]))?, &x, &neg_inf)?;
+
+    /// Greedy rows get temperature 1.
+    fn of(p: &SamplingParams, v: i32) -> Self {
+        Self {
+            temperature: if p.is_greedy() { 1.0 } else { p.temperature },
+            min_p: p.min_p,
+            top_k: if p.top_k > 0 && p.top_k < v { p.top_k } else { v },
+            top_p: p.top_p,
+        }
     }
-    Ok(x)
 }
 
 /// The distribution a random draw uses, as logits (-inf where filtered): processed logits divided
 /// by the temperature, then min_p, then top-k and top-p (vLLM's order). Greedy rows get
 /// temperature 1.
 pub fn filter_logits(processed: &Array, rows: &[Row]) -> Result<Array> {
-    let r = rows.len() as i32;
+    let v = processed.shape()[1];
+    filter_rows(processed, &rows.iter().map(|row| Filter::of(row.params, v)).collect::<Vec<_>>())
+}
+
+fn filter_rows(processed: &Array, filters: &[Filter]) -> Result<Array> {
+    let r = filters.len() as i32;
     let v = processed.shape()[1];
     let neg_inf = Array::from_f32(f32::NEG_INFINITY);
-    let temps: Vec<f32> =
-        rows.iter().map(|row| if row.params.is_greedy() { 1.0 } else { row.params.temperature }).collect();
-    let mut x = processed.divide(Array::from_slice(&temps, &[r, 1]))?;
+    let col = |f: &dyn Fn(&Filter) -> f32| Array::from_slice(&filters.iter().map(f).collect::<Vec<f32>>(), &[r, 1]);
+    let mut x = processed.divide(col(&|f| f.temperature))?;
 
-    if rows.iter().any(|row| row.params.min_p > 0.0) {
-        // Keep tokens with probability >= min_p * the row's top probability.
-        let probs = ops::softmax_axis(&x, 1, None)?;
-        let top = probs.max_axis(1, true)?;
-        let min_ps: Vec<f32> = rows.iter().map(|row| row.params.min_p).collect();
-        let floor = top.multiply(Array::from_slice(&min_ps, &[r, 1]))?;
-        x = ops::select(&probs.lt(&floor)?, &neg_inf, &x)?;
+    if filters.iter().any(|f| f.min_p > 0.0) {
+        // p >= min_p * p_max  <=>  x >= x_max + ln(min_p): no softmax needed.
+        let floor = x.max_axis(1, true)?.add(col(&|f| if f.min_p > 0.0 { f.min_p.ln() } else { f32::NEG_INFINITY }))?;
+        x = ops::select(&x.lt(&floor)?, &neg_inf, &x)?;
     }
 
-    let use_top_k = rows.iter().any(|row| row.params.top_k > 0 && row.params.top_k < v);
-    let use_top_p = rows.iter().any(|row| row.params.top_p < 1.0);
+    let use_top_k = filters.iter().any(|f| f.top_k < v);
+    let use_top_p = filters.iter().any(|f| f.top_p < 1.0);
     if use_top_k || use_top_p {
         let sorted = ops::sort_axis(x.negative()?, 1)?.negative()?; // descending
-        let ks: Vec<i32> = rows
-            .iter()
-            .map(|row| if row.params.top_k > 0 && row.params.top_k < v { row.params.top_k } else { v })
-            .collect();
+        let ks: Vec<i32> = filters.iter().map(|f| f.top_k.min(v)).collect();
         let k = Array::from_slice(&ks, &[r, 1]);
         // Smallest logit a row keeps: the k-th largest, then raised by top-p over those k (a
         // token stays while the mass of larger tokens is below top_p).
@@ -419,8 +638,7 @@ pub fn filter_logits(processed: &Array, rows: &[Row]) -> Result<Array> {
             let in_k = ops::select(&rank.lt(&k)?, &sorted, &neg_inf)?;
             let probs = ops::softmax_axis(&in_k, 1, None)?;
             let before = probs.cumsum(1, None, None)?.subtract(&probs)?;
-            let ps: Vec<f32> = rows.iter().map(|row| row.params.top_p).collect();
-            let kept = before.lt(Array::from_slice(&ps, &[r, 1]))?.logical_and(&rank.lt(&k)?)?;
+            let kept = before.lt(col(&|f| f.top_p))?.logical_and(&rank.lt(&k)?)?;
             let count = kept.as_dtype(Dtype::Int32)?.sum_axis(1, true)?;
             keep_from = ops::minimum(&keep_from, &count.subtract(Array::from_int(1))?)?;
         }
@@ -442,7 +660,7 @@ mod tests {
     }
 
     fn row(params: &SamplingParams, key: u64) -> Row<'_> {
-        Row { params, key, prompt: &[], output: &[] }
+        Row { params, key, prompt: &[], output: &[], counts: None }
     }
 
     fn draw(params: &SamplingParams, n: u64) -> Vec<usize> {
@@ -520,8 +738,8 @@ mod tests {
 
     #[test]
     fn top_k_rows_draw_the_same_over_candidates_or_the_whole_vocabulary() {
-        // A batch where every row has a top-k draws over candidates; adding a row without one
-        // sends the batch through the whole-vocabulary path. The top-k rows must not notice.
+        // Rows with a top-k draw over candidates; adding a row without one adds the
+        // whole-vocabulary path to the batch. The top-k rows must not notice.
         let v = 50;
         let l: Vec<f32> = (0..3 * v).map(|i| ((i * 37 % 101) as f32) / 17.0).collect();
         let logits = Array::from_slice(&l, &[3, v as i32]);
@@ -531,6 +749,78 @@ mod tests {
             let cand = sample(&logits, &[row(&k5, key), row(&k5, key + 1000), row(&k5, key + 2000)]).unwrap();
             let full = sample(&logits, &[row(&k5, key), row(&k5, key + 1000), row(&free, key + 2000)]).unwrap();
             assert_eq!(cand.as_slice::<i32>()[..2], full.as_slice::<i32>()[..2], "key {key}");
+        }
+    }
+
+    #[test]
+    fn top_candidates_are_the_k_best_through_blocks_or_not() {
+        // 1000 tokens: k = 5 goes through the block search, k = 40 partitions the whole row.
+        let v = 1000;
+        let l: Vec<f32> = (0..2 * v).map(|i| ((i as u64 * 7919 % 10007) as f32).sin() * 10.0).collect();
+        let x = Array::from_slice(&l, &[2, v as i32]);
+        for k in [5, 40] {
+            let got = top_candidates(&x, k).unwrap();
+            for r in 0..2 {
+                let row = &l[r * v..(r + 1) * v];
+                let mut order: Vec<usize> = (0..v).collect();
+                order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+                let want: Vec<i32> = order[..k as usize].iter().map(|&t| t as i32).collect();
+                assert_eq!(got.as_slice::<i32>()[r * k as usize..(r + 1) * k as usize], want[..], "k {k} row {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn token_counts_grow_like_a_fresh_count() {
+        let prompt = [5, 7, 5, 9];
+        let output = [7, 7, 11, 5, 11];
+        let mut grown = TokenCounts::default();
+        for n in 0..=output.len() {
+            grown.update(&prompt, &output[..n]);
+        }
+        let fresh = TokenCounts::of(&prompt, &output);
+        let view = |c: &TokenCounts| {
+            let mut e: Vec<(i32, f32, bool)> = (0..c.len()).map(|i| (c.tokens[i], c.in_output[i], c.in_prompt[i])).collect();
+            e.sort_by_key(|t| t.0);
+            e
+        };
+        assert_eq!(view(&grown), view(&fresh));
+        assert_eq!(view(&fresh), vec![(5, 1.0, true), (7, 2.0, true), (9, 0.0, true), (11, 2.0, false)]);
+    }
+
+    #[test]
+    fn compiled_chains_equal_the_plain_ops_for_any_shape() {
+        // Compiled here on the CPU backend; the engine compiles them on GPUs only.
+        let mut gumbel = compiled(Fused::GumbelArgmax.plain());
+        let mut filter = compiled(Fused::FilterSorted.plain());
+        let mut penalise = compiled(Fused::Penalise.plain());
+        let vals = |r: i32, k: i32, m: i32| Array::from_iter((0..r * k).map(|i| ((i * m % 97) as f32 / 9.0).sin() * 4.0), &[r, k]);
+        // (rows, ids per row, ids shared by all rows): every shape the sampler passes.
+        for (r, k, shared) in [(3, 5, false), (1, 40, false), (4, 9, true), (7, 32, false), (2, 3, true)] {
+            let key = Array::from_slice(&(0..r as u64).map(|i| mix_seed(i, 1) | 1).collect::<Vec<_>>(), &[r, 1]);
+            let n = if shared { 1 } else { r };
+            let ids = Array::from_iter((0..n * k).map(|i| i * 7 % 1000), &[n, k]);
+            let args = [vals(r, k, 13), key, ids];
+            let plain = Fused::GumbelArgmax.plain()(&args).unwrap();
+            let fused = gumbel(&args).unwrap().remove(0);
+            assert_eq!(plain.as_slice::<u32>(), fused.as_slice::<u32>(), "gumbel {r}x{k} shared {shared}");
+
+            let sorted = ops::sort_axis(vals(r, k, 13).negative().unwrap(), 1).unwrap().negative().unwrap();
+            let filters: Vec<Filter> = (0..r)
+                .map(|i| Filter { temperature: 0.5 + i as f32, min_p: [0.0, 0.1][i as usize % 2], top_k: 2 + i, top_p: [1.0, 0.7, 0.9][i as usize % 3] })
+                .collect();
+            let [t, m, kk, p] = Filter::columns(&filters, k);
+            let args = [sorted, Array::from_iter(0..k, &[1, k]), t, m, kk, p];
+            let plain = Fused::FilterSorted.plain()(&args).unwrap();
+            let fused = filter(&args).unwrap().remove(0);
+            assert_eq!(plain.as_slice::<f32>(), fused.as_slice::<f32>(), "filter {r}x{k}");
+
+            let col = |c: f32| Array::from_iter((0..r).map(|i| c + i as f32 / 10.0), &[r, 1]);
+            let seen = vals(r, k, 11).gt(Array::from_f32(0.0)).unwrap().as_dtype(Dtype::Float32).unwrap();
+            let args = [vals(r, k, 5), vals(r, k, 3).abs().unwrap().floor().unwrap(), seen, col(1.3), col(0.4), col(-0.2)];
+            let plain = Fused::Penalise.plain()(&args).unwrap();
+            let fused = penalise(&args).unwrap().remove(0);
+            assert_eq!(plain.as_slice::<f32>(), fused.as_slice::<f32>(), "penalise {r}x{k}");
         }
     }
 }

@@ -187,7 +187,7 @@ fn with_rows<'py>(
         let x = mlx_rs::Array::from_slice(&data, &[shape[0] as i32, shape[1] as i32]);
         let rows: Vec<Row> = owned
             .iter()
-            .map(|(params, key, prompt, output)| Row { params, key: *key, prompt, output })
+            .map(|(params, key, prompt, output)| Row { params, key: *key, prompt, output, counts: None })
             .collect();
         let out = f(&x, &rows)?;
         out.eval()?;
