@@ -54,11 +54,12 @@ for server in $SERVERS; do
         ours)
             "$VENV/vllm" serve "$MODEL" --host 127.0.0.1 --port "$PORT" --max-model-len 2048 \
                 --kv-cache-memory-bytes 1073741824 >"$LOG" 2>&1 &
-            backend=vllm ;;
+            backend=vllm; extra=() ;;
         mlx-lm)
             "$VENV/mlx_lm.server" --model "$MODEL" --host 127.0.0.1 --port "$PORT" \
                 --max-tokens "$OUTPUT_LEN" >"$LOG" 2>&1 &
-            backend=openai ;;
+            # vLLM's client sends "logprobs": null, which mlx_lm.server refuses (it wants a bool).
+            backend=openai; extra=(--extra-body '{"logprobs": false}') ;;
         *) echo "serve_bench.sh: unknown server $server (ours, mlx-lm)" >&2; exit 2 ;;
     esac
     SERVER=$!
@@ -73,7 +74,7 @@ for server in $SERVERS; do
         "$VENV/vllm" bench serve --backend "$backend" --base-url "http://127.0.0.1:$PORT" \
             --model "$MODEL" --tokenizer "$MODEL" --dataset-name random \
             --random-input-len "$INPUT_LEN" --random-output-len "$OUTPUT_LEN" --ignore-eos \
-            --num-prompts "$n" --max-concurrency "$c" \
+            --num-prompts "$n" --max-concurrency "$c" "${extra[@]}" \
             --percentile-metrics ttft,tpot --metric-percentiles 50,99 2>&1 |
             sed -n '/Serving Benchmark Result/,/^=*$/p'
     done
