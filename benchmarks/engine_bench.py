@@ -231,6 +231,18 @@ def _random_bf16(mx, shapes: dict, seed: int) -> dict:
     return out
 
 
+def _attention_shapes(p: str, d: int, q: int, kv: int) -> dict:
+    """A decoder layer's norms and attention projections, `{name: shape}`."""
+    return {
+        f"{p}.input_layernorm.weight": (d,),
+        f"{p}.post_attention_layernorm.weight": (d,),
+        f"{p}.self_attn.q_proj.weight": (q, d),
+        f"{p}.self_attn.k_proj.weight": (kv, d),
+        f"{p}.self_attn.v_proj.weight": (kv, d),
+        f"{p}.self_attn.o_proj.weight": (d, q),
+    }
+
+
 def random_llama_bf16(mx, config: dict, seed: int = 0) -> dict:
     """Random bfloat16 weights of a Llama config (std 0.02, unit norms)."""
     d, f = config["hidden_size"], config["intermediate_size"]
@@ -239,13 +251,8 @@ def random_llama_bf16(mx, config: dict, seed: int = 0) -> dict:
     shapes = {"model.embed_tokens.weight": (config["vocab_size"], d), "model.norm.weight": (d,)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
+        shapes.update(_attention_shapes(p, d, q, kv))
         shapes.update({
-            f"{p}.input_layernorm.weight": (d,),
-            f"{p}.post_attention_layernorm.weight": (d,),
-            f"{p}.self_attn.q_proj.weight": (q, d),
-            f"{p}.self_attn.k_proj.weight": (kv, d),
-            f"{p}.self_attn.v_proj.weight": (kv, d),
-            f"{p}.self_attn.o_proj.weight": (d, q),
             f"{p}.mlp.gate_proj.weight": (f, d),
             f"{p}.mlp.up_proj.weight": (f, d),
             f"{p}.mlp.down_proj.weight": (d, f),
@@ -264,15 +271,10 @@ def random_moe_bf16(mx, config: dict, seed: int = 0) -> dict:
               "lm_head.weight": (config["vocab_size"], d)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}"
+        shapes.update(_attention_shapes(p, d, q, kv))
         shapes.update({
-            f"{p}.input_layernorm.weight": (d,),
-            f"{p}.post_attention_layernorm.weight": (d,),
             f"{p}.self_attn.q_norm.weight": (hd,),
             f"{p}.self_attn.k_norm.weight": (hd,),
-            f"{p}.self_attn.q_proj.weight": (q, d),
-            f"{p}.self_attn.k_proj.weight": (kv, d),
-            f"{p}.self_attn.v_proj.weight": (kv, d),
-            f"{p}.self_attn.o_proj.weight": (d, q),
             f"{p}.mlp.gate.weight": (e, d),
             f"{p}.mlp.switch_mlp.gate_proj.weight": (e, f, d),
             f"{p}.mlp.switch_mlp.up_proj.weight": (e, f, d),

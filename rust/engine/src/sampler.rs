@@ -204,17 +204,7 @@ pub fn gather_logprobs(scores: &Array, k: i32, targets: &Array) -> Result<TopLog
     if k == 0 {
         return Ok(TopLogprobs { token_ids: targets, scores: target_scores, ranks });
     }
-    let neg = scores.negative()?;
-    let top = if k < v {
-        // Partition first: sorting k candidates instead of the whole vocabulary.
-        let part = ops::argpartition_axis(&neg, k - 1, 1)?;
-        part.take_axis(Array::from_iter(0..k, &[k]), 1)?
-    } else {
-        ops::argsort_axis(&neg, 1)?
-    };
-    let top_neg = neg.take_along_axis(&top, 1)?;
-    let order = ops::argsort_axis(&top_neg, 1)?;
-    let top = top.take_along_axis(&order, 1)?.as_dtype(Dtype::Int32)?;
+    let top = top_candidates(scores, k)?;
     let top_scores = scores.take_along_axis(&top, 1)?;
     Ok(TopLogprobs {
         token_ids: ops::concatenate(&[targets, top], 1)?,
