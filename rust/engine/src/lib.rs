@@ -9,6 +9,7 @@ pub mod batch;
 pub mod blas;
 pub mod config;
 pub mod device;
+pub mod fuse;
 pub mod gguf;
 pub mod kv_cache;
 pub mod models;

@@ -2,7 +2,9 @@
 //! RMSNorm, gated MLP, RoPE (default, linear, llama3, longrope), soft-capping.
 
 use anyhow::{Context, Result};
-use mlx_rs::{fast, ops, Array, Dtype};
+use mlx_rs::{error::Exception, fast, ops, Array, Dtype};
+
+use crate::fuse::{fused, ArrayFn};
 
 /// MLX affine quantization of a weight matrix (`weight` packed into uint32 along the input dimension).
 #[derive(Clone)]
@@ -63,6 +65,36 @@ impl Linear {
 
     /// Output rows `[start, end)` as a linear of their own (splits fused projections; quantized
     /// weights split exactly because groups run along the input dimension).
+    /// `a` and `b` as one linear, `a`'s rows first; `None` when they cannot share one weight
+    /// (different quantization, or a bias on one only).
+    pub fn stack_rows(a: &Linear, b: &Linear) -> Result<Option<Linear>> {
+        let cat = |x: &Array, y: &Array| ops::concatenate(&[x.clone(), y.clone()], 0);
+        let quant = match (&a.quant, &b.quant) {
+            (None, None) => None,
+            (Some(p), Some(q)) if p.group_size == q.group_size && p.bits == q.bits && p.biases.is_some() == q.biases.is_some() => {
+                Some(Quantization {
+                    scales: cat(&p.scales, &q.scales)?,
+                    biases: match (&p.biases, &q.biases) {
+                        (Some(x), Some(y)) => Some(cat(x, y)?),
+                        _ => None,
+                    },
+                    group_size: p.group_size,
+                    bits: p.bits,
+                })
+            }
+            _ => return Ok(None),
+        };
+        let bias = match (&a.bias, &b.bias) {
+            (None, None) => None,
+            (Some(x), Some(y)) => Some(cat(x, y)?),
+            _ => return Ok(None),
+        };
+        if a.weight.dtype() != b.weight.dtype() || a.weight.ndim() != 2 {
+            return Ok(None);
+        }
+        Ok(Some(Linear { weight: cat(&a.weight, &b.weight)?, bias, quant }))
+    }
+
     pub fn slice_rows(&self, start: i32, end: i32) -> Result<Linear> {
         let idx = Array::from_iter(start..end, &[end - start]);
         let rows = |a: &Array| a.take_axis(&idx, 0);
@@ -150,7 +182,20 @@ impl Activation {
         }
     }
 
+    /// `act(gate) * up`, one kernel on GPUs.
+    pub fn gated(self, gate: &Array, up: &Array) -> Result<Array> {
+        let f: ArrayFn = match self {
+            Self::Silu => |a| Activation::Silu.apply(&a[0])?.multiply(&a[1]),
+            Self::GeluTanh => |a| Activation::GeluTanh.apply(&a[0])?.multiply(&a[1]),
+        };
+        fused(f, &[gate.clone(), up.clone()])
+    }
+
     pub fn forward(self, x: &Array) -> Result<Array> {
+        Ok(self.apply(x)?)
+    }
+
+    fn apply(self, x: &Array) -> std::result::Result<Array, Exception> {
         Ok(match self {
             Self::Silu => x.multiply(ops::sigmoid(x)?)?,
             Self::GeluTanh => {
@@ -164,22 +209,52 @@ impl Activation {
     }
 }
 
-/// `down(act(gate(x)) * up(x))`.
+/// `down(act(gate(x)) * up(x))`, gate and up as one matmul when they can be stacked.
 pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
+    pub gate_up: GateUp,
     pub down_proj: Linear,
     pub act: Activation,
 }
 
+/// The gate and up projections: `[gate; up]` stacked into one weight (one matmul per layer
+/// instead of two), or apart when their quantizations differ.
+pub enum GateUp {
+    Stacked { linear: Linear, intermediate: i32 },
+    Apart { gate_proj: Linear, up_proj: Linear },
+}
+
 impl Mlp {
-    pub fn forward(&self, x: &Array) -> Result<Array> {
-        let gate = self.act.forward(&self.gate_proj.forward(x)?)?;
-        self.down_proj.forward(&gate.multiply(self.up_proj.forward(x)?)?)
+    pub fn new(gate_proj: Linear, up_proj: Linear, down_proj: Linear, act: Activation) -> Result<Self> {
+        let gate_up = match Linear::stack_rows(&gate_proj, &up_proj)? {
+            Some(linear) => GateUp::Stacked { linear, intermediate: gate_proj.out_features() },
+            None => GateUp::Apart { gate_proj, up_proj },
+        };
+        Ok(Self { gate_up, down_proj, act })
     }
 
-    pub fn linears(&self) -> [&Linear; 3] {
-        [&self.gate_proj, &self.up_proj, &self.down_proj]
+    /// From a checkpoint's stacked `gate_up_proj` (Phi-3), `[gate; up]`.
+    pub fn stacked(linear: Linear, down_proj: Linear, act: Activation) -> Self {
+        let intermediate = linear.out_features() / 2;
+        Self { gate_up: GateUp::Stacked { linear, intermediate }, down_proj, act }
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let (gate, up) = match &self.gate_up {
+            GateUp::Stacked { linear, intermediate } => {
+                let y = linear.forward(x)?;
+                let parts = ops::split_at_indices(&y, &[*intermediate], -1)?;
+                (parts[0].clone(), parts[1].clone())
+            }
+            GateUp::Apart { gate_proj, up_proj } => (gate_proj.forward(x)?, up_proj.forward(x)?),
+        };
+        self.down_proj.forward(&self.act.gated(&gate, &up)?)
+    }
+
+    pub fn linears(&self) -> Vec<&Linear> {
+        match &self.gate_up {
+            GateUp::Stacked { linear, .. } => vec![linear, &self.down_proj],
+            GateUp::Apart { gate_proj, up_proj } => vec![gate_proj, up_proj, &self.down_proj],
+        }
     }
 }
 

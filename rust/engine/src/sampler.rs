@@ -5,7 +5,9 @@
 use anyhow::{bail, ensure, Result};
 use std::collections::HashMap;
 
-use mlx_rs::{ops, ops::indexing::TryIndexOp, Array, Dtype};
+use mlx_rs::{error::Exception, ops, ops::indexing::TryIndexOp, Array, Dtype};
+
+use crate::fuse::fused;
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -331,7 +333,7 @@ pub fn process_logits(logits: &Array, rows: &[Row]) -> Result<Array> {
             col(&|p| p.frequency_penalty),
             col(&|p| p.presence_penalty),
         ];
-        let g = fused(Fused::Penalise, &args)?;
+        let g = fused(penalise, &args)?;
         x = x.put_along_axis(&idx, &g, 1)?;
     }
     Ok(x)
@@ -378,7 +380,7 @@ pub fn choose(logits: &Array, rows: &[Row], processed: bool) -> Result<(Array, O
         let sorted = x.take_along_axis(&cand, 1)?;
         let rank = Array::from_iter(0..k_max, &[1, k_max]);
         let [t, m, k, p] = Filter::columns(&filters, k_max);
-        let filtered = fused(Fused::FilterSorted, &[sorted, rank, t, m, k, p])?;
+        let filtered = fused(filter_sorted, &[sorted, rank, t, m, k, p])?;
         let pick = gumbel_argmax(&filtered, &keys, TOKEN_STREAM, &cand)?;
         merge(1, cand.take_along_axis(&pick, 1)?.reshape(&[r])?)?;
     }
@@ -457,54 +459,12 @@ fn gumbel_argmax(scores: &Array, keys: &[u64], stream: u64, ids: &Array) -> Resu
     // The generator wants keys with well-spread bits; callers may pass small integers.
     let mixed: Vec<u64> = keys.iter().map(|&k| mix_seed(k, stream) | 1).collect();
     let key = Array::from_slice(&mixed, &[keys.len() as i32, 1]);
-    fused(Fused::GumbelArgmax, &[scores.clone(), key, ids.clone()])
+    fused(gumbel_argmax_of, &[scores.clone(), key, ids.clone()])
 }
 
-type Exception = mlx_rs::error::Exception;
-
-/// Elementwise chains of the sampler that run as one MLX-compiled function on a GPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Fused {
-    GumbelArgmax,
-    FilterSorted,
-    Penalise,
-}
-
-impl Fused {
-    fn plain(self) -> fn(&[Array]) -> std::result::Result<Array, Exception> {
-        match self {
-            Self::GumbelArgmax => |a| ops::indexing::argmax_axis(a[0].add(squares_gumbel(&a[1], &a[2])?)?, 1, true),
-            Self::FilterSorted => filter_sorted,
-            Self::Penalise => penalise,
-        }
-    }
-}
-
-type CompiledFn = Box<dyn FnMut(&[Array]) -> std::result::Result<Vec<Array>, Exception>>;
-
-thread_local! {
-    static COMPILED: std::cell::RefCell<HashMap<Fused, CompiledFn>> = std::cell::RefCell::new(HashMap::new());
-}
-
-/// `which` applied to `args`. On a GPU each small op costs a kernel launch, so there it runs
-/// compiled (traced once per thread, for any shapes), its elementwise chains fused into single
-/// kernels; elsewhere op by op (compiling for the CPU means running a C++ compiler).
-fn fused(which: Fused, args: &[Array]) -> Result<Array> {
-    let f = which.plain();
-    if !matches!(mlx_rs::Device::default().get_type(), Ok(mlx_rs::DeviceType::Gpu)) {
-        return Ok(f(args)?);
-    }
-    COMPILED.with(|cell| {
-        let mut map = cell.borrow_mut();
-        let g = map.entry(which).or_insert_with(|| compiled(f));
-        Ok(g(args)?.remove(0))
-    })
-}
-
-fn compiled(f: fn(&[Array]) -> std::result::Result<Array, Exception>) -> CompiledFn {
-    let g = move |args: &[Array]| -> std::result::Result<Vec<Array>, Exception> { Ok(vec![f(args)?]) };
-    let mut c = mlx_rs::transforms::compile::compile(g, true);
-    Box::new(move |args: &[Array]| c(args))
+/// argmax(scores + Gumbel noise(key, ids)) over axis 1, `[R, 1]`.
+fn gumbel_argmax_of(a: &[Array]) -> std::result::Result<Array, Exception> {
+    ops::indexing::argmax_axis(a[0].add(squares_gumbel(&a[1], &a[2])?)?, 1, true)
 }
 
 /// Gumbel noise of uint64 `key` `[R, 1]` and token `ids`, elementwise: uniforms from a
@@ -781,9 +741,10 @@ mod tests {
     #[test]
     fn compiled_chains_equal_the_plain_ops_for_any_shape() {
         // Compiled here on the CPU backend; the engine compiles them on GPUs only.
-        let mut gumbel = compiled(Fused::GumbelArgmax.plain());
-        let mut filter = compiled(Fused::FilterSorted.plain());
-        let mut penalise = compiled(Fused::Penalise.plain());
+        use crate::fuse::compiled;
+        let mut gumbel_c = compiled(gumbel_argmax_of);
+        let mut filter_c = compiled(filter_sorted);
+        let mut penalise_c = compiled(penalise);
         let vals = |r: i32, k: i32, m: i32| Array::from_iter((0..r * k).map(|i| ((i * m % 97) as f32 / 9.0).sin() * 4.0), &[r, k]);
         // (rows, ids per row, ids shared by all rows): every shape the sampler passes.
         for (r, k, shared) in [(3, 5, false), (1, 40, false), (4, 9, true), (7, 32, false), (2, 3, true)] {
@@ -791,8 +752,8 @@ mod tests {
             let n = if shared { 1 } else { r };
             let ids = Array::from_iter((0..n * k).map(|i| i * 7 % 1000), &[n, k]);
             let args = [vals(r, k, 13), key, ids];
-            let plain = Fused::GumbelArgmax.plain()(&args).unwrap();
-            let fused = gumbel(&args).unwrap().remove(0);
+            let plain = gumbel_argmax_of(&args).unwrap();
+            let fused = gumbel_c(&args).unwrap().remove(0);
             assert_eq!(plain.as_slice::<u32>(), fused.as_slice::<u32>(), "gumbel {r}x{k} shared {shared}");
 
             let sorted = ops::sort_axis(vals(r, k, 13).negative().unwrap(), 1).unwrap().negative().unwrap();
@@ -801,15 +762,15 @@ mod tests {
                 .collect();
             let [t, m, kk, p] = Filter::columns(&filters, k);
             let args = [sorted, Array::from_iter(0..k, &[1, k]), t, m, kk, p];
-            let plain = Fused::FilterSorted.plain()(&args).unwrap();
-            let fused = filter(&args).unwrap().remove(0);
+            let plain = filter_sorted(&args).unwrap();
+            let fused = filter_c(&args).unwrap().remove(0);
             assert_eq!(plain.as_slice::<f32>(), fused.as_slice::<f32>(), "filter {r}x{k}");
 
             let col = |c: f32| Array::from_iter((0..r).map(|i| c + i as f32 / 10.0), &[r, 1]);
             let seen = vals(r, k, 11).gt(Array::from_f32(0.0)).unwrap().as_dtype(Dtype::Float32).unwrap();
             let args = [vals(r, k, 5), vals(r, k, 3).abs().unwrap().floor().unwrap(), seen, col(1.3), col(0.4), col(-0.2)];
-            let plain = Fused::Penalise.plain()(&args).unwrap();
-            let fused = penalise(&args).unwrap().remove(0);
+            let plain = penalise(&args).unwrap();
+            let fused = penalise_c(&args).unwrap().remove(0);
             assert_eq!(plain.as_slice::<f32>(), fused.as_slice::<f32>(), "penalise {r}x{k}");
         }
     }

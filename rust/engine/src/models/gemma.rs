@@ -72,12 +72,12 @@ impl Model {
             let norm = |w: &mut Weights, name: &str| w.rms_norm_plus_one(&format!("{p}.{name}"), eps);
             layers.push(Block {
                 self_attn,
-                mlp: Mlp {
-                    gate_proj: w.linear(&format!("{p}.mlp.gate_proj"), false)?,
-                    up_proj: w.linear(&format!("{p}.mlp.up_proj"), false)?,
-                    down_proj: w.linear(&format!("{p}.mlp.down_proj"), false)?,
-                    act: Activation::from_name(config.activation())?,
-                },
+                mlp: Mlp::new(
+                    w.linear(&format!("{p}.mlp.gate_proj"), false)?,
+                    w.linear(&format!("{p}.mlp.up_proj"), false)?,
+                    w.linear(&format!("{p}.mlp.down_proj"), false)?,
+                    Activation::from_name(config.activation())?,
+                )?,
                 input_layernorm: norm(w, "input_layernorm")?,
                 post_attention_layernorm: norm(w, "post_attention_layernorm")?,
                 pre_feedforward_layernorm: norm(w, "pre_feedforward_layernorm")?,

@@ -29,7 +29,7 @@ impl FeedForward {
 
     fn linears(&self) -> Vec<&Linear> {
         match self {
-            Self::Dense(m) => m.linears().to_vec(),
+            Self::Dense(m) => m.linears(),
             Self::Sparse(m) => m.linears().to_vec(),
         }
     }
@@ -116,12 +116,12 @@ pub fn rope(config: &ModelConfig) -> Result<Rope> {
 pub fn dense_mlp(config: &ModelConfig, w: &mut Weights, prefix: &str) -> Result<FeedForward> {
     let p = format!("{prefix}.mlp");
     let b = config.mlp_bias;
-    Ok(FeedForward::Dense(Mlp {
-        gate_proj: w.linear(&format!("{p}.gate_proj"), b)?,
-        up_proj: w.linear(&format!("{p}.up_proj"), b)?,
-        down_proj: w.linear(&format!("{p}.down_proj"), b)?,
-        act: Activation::from_name(config.activation())?,
-    }))
+    Ok(FeedForward::Dense(Mlp::new(
+        w.linear(&format!("{p}.gate_proj"), b)?,
+        w.linear(&format!("{p}.up_proj"), b)?,
+        w.linear(&format!("{p}.down_proj"), b)?,
+        Activation::from_name(config.activation())?,
+    )?))
 }
 
 impl Model {

@@ -27,12 +27,8 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
         |w, p, _| {
             let gate_up = w.linear(&format!("{p}.mlp.gate_up_proj"), false)?;
             ensure!(gate_up.out_features() == 2 * inter, "{p}.mlp.gate_up_proj has {} rows, expected {}", gate_up.out_features(), 2 * inter);
-            Ok(FeedForward::Dense(Mlp {
-                gate_proj: gate_up.slice_rows(0, inter)?,
-                up_proj: gate_up.slice_rows(inter, 2 * inter)?,
-                down_proj: w.linear(&format!("{p}.mlp.down_proj"), false)?,
-                act: Activation::from_name(config.activation())?,
-            }))
+            let down_proj = w.linear(&format!("{p}.mlp.down_proj"), false)?;
+            Ok(FeedForward::Dense(Mlp::stacked(gate_up, down_proj, Activation::from_name(config.activation())?)))
         },
     )
 }
