@@ -18,9 +18,7 @@ use crate::nn::{softcap, Linear, RmsNorm, Rope};
 /// Self-attention with the options the families differ in: QKV bias (in the linears), per-head
 /// q/k norms (Qwen3, Gemma 3), a sliding window, score soft-capping (Gemma 2), the scale (Gemma).
 pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
+    pub qkv: Qkv,
     pub o_proj: Linear,
     pub q_norm: Option<RmsNorm>,
     pub k_norm: Option<RmsNorm>,
@@ -37,9 +35,10 @@ pub struct Attention {
 impl Attention {
     pub fn forward(&self, x: &Array, batch: &StepBatch, cache: &mut PagedKvCache, layer: usize) -> Result<Array> {
         let t = x.shape()[0];
-        let mut q = self.q_proj.forward(x)?.reshape(&[t, self.num_heads, self.head_dim])?;
-        let mut k = self.k_proj.forward(x)?.reshape(&[t, self.num_kv_heads, self.head_dim])?;
-        let v = self.v_proj.forward(x)?.reshape(&[t, self.num_kv_heads, self.head_dim])?;
+        let [q, k, v] = self.qkv.forward(x)?;
+        let mut q = q.reshape(&[t, self.num_heads, self.head_dim])?;
+        let mut k = k.reshape(&[t, self.num_kv_heads, self.head_dim])?;
+        let v = v.reshape(&[t, self.num_kv_heads, self.head_dim])?;
         if let Some(n) = &self.q_norm {
             q = n.forward(&q)?;
         }
@@ -55,12 +54,50 @@ impl Attention {
         self.o_proj.forward(&o)
     }
 
-    pub fn linears(&self) -> [&Linear; 4] {
-        [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj]
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = self.qkv.linears();
+        v.push(&self.o_proj);
+        v
     }
 
     pub fn norms(&self) -> impl Iterator<Item = &RmsNorm> {
         self.q_norm.iter().chain(self.k_norm.iter())
+    }
+}
+
+/// The query, key and value projections: stacked into one weight (one matmul per layer instead
+/// of three; kernel launches bound small decode steps on GPUs), or apart when they cannot share
+/// one (different quantizations).
+pub enum Qkv {
+    Stacked { linear: Linear, q: i32, kv: i32 },
+    Apart([Linear; 3]),
+}
+
+impl Qkv {
+    pub fn new(q_proj: Linear, k_proj: Linear, v_proj: Linear) -> Result<Self> {
+        Ok(match Linear::stack_rows(&[&q_proj, &k_proj, &v_proj])? {
+            Some(linear) => Self::Stacked { linear, q: q_proj.out_features(), kv: k_proj.out_features() },
+            None => Self::Apart([q_proj, k_proj, v_proj]),
+        })
+    }
+
+    /// `[T, q]`, `[T, kv]`, `[T, kv]`.
+    pub fn forward(&self, x: &Array) -> Result<[Array; 3]> {
+        Ok(match self {
+            Self::Stacked { linear, q, kv } => {
+                let y = linear.forward(x)?;
+                let mut p = ops::split_at_indices(&y, &[*q, q + kv], -1)?.into_iter();
+                [p.next().unwrap(), p.next().unwrap(), p.next().unwrap()]
+            }
+            Self::Apart([q, k, v]) => [q.forward(x)?, k.forward(x)?, v.forward(x)?],
+        })
+    }
+
+    pub fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Self::Stacked { linear, .. } => vec![linear],
+            Self::Apart(l) => l.iter().collect(),
+        }
     }
 }
 

@@ -63,57 +63,46 @@ impl Linear {
         })
     }
 
-    /// Output rows `[start, end)` as a linear of their own (splits fused projections; quantized
-    /// weights split exactly because groups run along the input dimension).
-    /// `a` and `b` as one linear, `a`'s rows first; `None` when they cannot share one weight
-    /// (different quantization, or a bias on one only).
-    pub fn stack_rows(a: &Linear, b: &Linear) -> Result<Option<Linear>> {
-        let cat = |x: &Array, y: &Array| ops::concatenate(&[x.clone(), y.clone()], 0);
-        let quant = match (&a.quant, &b.quant) {
-            (None, None) => None,
-            (Some(p), Some(q)) if p.group_size == q.group_size && p.bits == q.bits && p.biases.is_some() == q.biases.is_some() => {
-                Some(Quantization {
-                    scales: cat(&p.scales, &q.scales)?,
-                    biases: match (&p.biases, &q.biases) {
-                        (Some(x), Some(y)) => Some(cat(x, y)?),
-                        _ => None,
-                    },
-                    group_size: p.group_size,
-                    bits: p.bits,
-                })
-            }
-            _ => return Ok(None),
-        };
-        let bias = match (&a.bias, &b.bias) {
-            (None, None) => None,
-            (Some(x), Some(y)) => Some(cat(x, y)?),
-            _ => return Ok(None),
-        };
-        if a.weight.dtype() != b.weight.dtype() || a.weight.ndim() != 2 {
+    /// The linears as one, rows in order (one matmul instead of several on the same input);
+    /// `None` when they cannot share one weight (different dtypes or quantizations, a bias on
+    /// some only). Evaluated here, so the parts' memory is released as soon as they are dropped.
+    pub fn stack_rows(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let first = parts.first().context("stack_rows of no linears")?;
+        let same = parts.iter().all(|l| {
+            l.weight.dtype() == first.weight.dtype()
+                && l.weight.ndim() == 2
+                && l.bias.is_some() == first.bias.is_some()
+                && match (&l.quant, &first.quant) {
+                    (None, None) => true,
+                    (Some(p), Some(q)) => p.group_size == q.group_size && p.bits == q.bits && p.biases.is_some() == q.biases.is_some(),
+                    _ => false,
+                }
+        });
+        if !same {
             return Ok(None);
         }
-        Ok(Some(Linear { weight: cat(&a.weight, &b.weight)?, bias, quant }))
-    }
-
-    pub fn slice_rows(&self, start: i32, end: i32) -> Result<Linear> {
-        let idx = Array::from_iter(start..end, &[end - start]);
-        let rows = |a: &Array| a.take_axis(&idx, 0);
-        Ok(Linear {
-            weight: rows(&self.weight)?,
-            bias: self.bias.as_ref().map(rows).transpose()?,
-            quant: self
-                .quant
-                .as_ref()
-                .map(|q| -> Result<Quantization> {
-                    Ok(Quantization {
-                        scales: rows(&q.scales)?,
-                        biases: q.biases.as_ref().map(rows).transpose()?,
-                        group_size: q.group_size,
-                        bits: q.bits,
-                    })
-                })
-                .transpose()?,
-        })
+        let cat = |f: &dyn Fn(&Linear) -> Option<Array>| -> Result<Option<Array>> {
+            let v: Option<Vec<Array>> = parts.iter().map(|l| f(l)).collect();
+            Ok(match v {
+                Some(v) => Some(ops::concatenate(&v, 0)?),
+                None => None,
+            })
+        };
+        let linear = Linear {
+            weight: cat(&|l| Some(l.weight.clone()))?.unwrap(),
+            bias: cat(&|l| l.bias.clone())?,
+            quant: match &first.quant {
+                None => None,
+                Some(q) => Some(Quantization {
+                    scales: cat(&|l| l.quant.as_ref().map(|q| q.scales.clone()))?.unwrap(),
+                    biases: cat(&|l| l.quant.as_ref().and_then(|q| q.biases.clone()))?,
+                    group_size: q.group_size,
+                    bits: q.bits,
+                }),
+            },
+        };
+        mlx_rs::transforms::eval(linear.arrays())?;
+        Ok(Some(linear))
     }
 
     /// Embedding lookup: rows `ids` of W, dequantized when W is quantized.
@@ -201,9 +190,10 @@ impl Activation {
             Self::GeluTanh => {
                 // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
                 let c = (2.0f32 / std::f32::consts::PI).sqrt();
-                let inner = x.add(x.multiply(x)?.multiply(x)?.multiply(scalar(0.044715, x)?)?)?;
-                let t = ops::tanh(&inner.multiply(scalar(c, x)?)?)?;
-                x.multiply(scalar(0.5, x)?)?.multiply(t.add(scalar(1.0, x)?)?)?
+                let s = |v: f32| Array::from_f32(v).as_dtype(x.dtype());
+                let inner = x.add(x.multiply(x)?.multiply(x)?.multiply(s(0.044715)?)?)?;
+                let t = ops::tanh(&inner.multiply(s(c)?)?)?;
+                x.multiply(s(0.5)?)?.multiply(t.add(s(1.0)?)?)?
             }
         })
     }
@@ -225,7 +215,7 @@ pub enum GateUp {
 
 impl Mlp {
     pub fn new(gate_proj: Linear, up_proj: Linear, down_proj: Linear, act: Activation) -> Result<Self> {
-        let gate_up = match Linear::stack_rows(&gate_proj, &up_proj)? {
+        let gate_up = match Linear::stack_rows(&[&gate_proj, &up_proj])? {
             Some(linear) => GateUp::Stacked { linear, intermediate: gate_proj.out_features() },
             None => GateUp::Apart { gate_proj, up_proj },
         };
@@ -300,7 +290,7 @@ impl SparseMoe {
         };
         let g = self.gate_proj.forward_experts(&xe, &idx_run, sorted)?;
         let u = self.up_proj.forward_experts(&xe, &idx_run, sorted)?;
-        let h = Activation::Silu.forward(&g)?.multiply(u)?;
+        let h = Activation::Silu.gated(&g, &u)?;
         let y = self.down_proj.forward_experts(&h, &idx_run, sorted)?; // [N, kk, 1, hidden]
         let y = match order {
             Some(order) => {

@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 use mlx_rs::Array;
 
-use crate::attention::Attention;
+use crate::attention::{Attention, Qkv};
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
@@ -72,22 +72,21 @@ pub fn attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usi
     } else {
         (None, None)
     };
-    attention_from(config, layer, [q_proj, k_proj, v_proj, o_proj], q_norm, k_norm)
+    attention_from(config, layer, Qkv::new(q_proj, k_proj, v_proj)?, o_proj, q_norm, k_norm)
 }
 
 /// The shape, scale, RoPE and window of a layer's attention around given projections.
 pub fn attention_from(
     config: &ModelConfig,
     layer: usize,
-    [q_proj, k_proj, v_proj, o_proj]: [Linear; 4],
+    qkv: Qkv,
+    o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
 ) -> Result<Attention> {
     let head_dim = config.head_dim();
     Ok(Attention {
-        q_proj,
-        k_proj,
-        v_proj,
+        qkv,
         o_proj,
         q_norm,
         k_norm,

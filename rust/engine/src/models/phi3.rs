@@ -1,9 +1,10 @@
 //! Phi-3 (`Phi3ForCausalLM`): the Llama decoder with fused projections — `qkv_proj` (q, k, v rows
-//! in that order) and `gate_up_proj` (gate rows, then up rows) — split at load into the shared
-//! layers, and longrope scaling (short / long factors, attention factor) in the RoPE.
+//! in that order) and `gate_up_proj` (gate rows, then up rows), which the shared layers take as
+//! they are, and longrope scaling (short / long factors, attention factor) in the RoPE.
 
 use anyhow::{ensure, Result};
 
+use crate::attention::Qkv;
 use crate::config::ModelConfig;
 use crate::models::llama::{attention_from, FeedForward, Model};
 use crate::nn::{Activation, Mlp};
@@ -21,8 +22,7 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
             let qkv = w.linear(&format!("{p}.self_attn.qkv_proj"), false)?;
             ensure!(qkv.out_features() == q + 2 * kv, "{p}.self_attn.qkv_proj has {} rows, expected {}", qkv.out_features(), q + 2 * kv);
             let o_proj = w.linear(&format!("{p}.self_attn.o_proj"), false)?;
-            let projs = [qkv.slice_rows(0, q)?, qkv.slice_rows(q, q + kv)?, qkv.slice_rows(q + kv, q + 2 * kv)?, o_proj];
-            attention_from(config, i, projs, None, None)
+            attention_from(config, i, Qkv::Stacked { linear: qkv, q, kv }, o_proj, None, None)
         },
         |w, p, _| {
             let gate_up = w.linear(&format!("{p}.mlp.gate_up_proj"), false)?;
