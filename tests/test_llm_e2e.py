@@ -61,13 +61,12 @@ def tiny_hf_greedy(tiny_models, tiny_prompts):
     return [R.hf_greedy(hf, p, MAX_TOKENS) for p in tiny_prompts]
 
 
-@pytest.fixture(scope="module")
-def tiny_llm(tiny_models):
+def _tiny_llm(tiny_models, async_scheduling: bool):
     from vllm import LLM
 
     spec = R.TINY_VARIANTS[TINY]
     kv_bytes = TINY_KV_BLOCKS * spec.kv_bytes_per_block(BLOCK_SIZE, dtype_bytes=4)
-    llm = LLM(
+    return LLM(
         model=str(tiny_models.path(TINY)),
         dtype="float32",
         max_model_len=MAX_MODEL_LEN,
@@ -79,7 +78,14 @@ def tiny_llm(tiny_models):
         enable_prefix_caching=True,
         seed=0,
         disable_log_stats=False,
+        async_scheduling=async_scheduling,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_models):
+    """With vLLM's async scheduling (its default)."""
+    llm = _tiny_llm(tiny_models, async_scheduling=True)
     yield llm
     shutdown_llm(llm)
 
@@ -179,6 +185,59 @@ def test_seeded_request_same_alone_and_in_mixed_batch(tiny_llm, tiny_prompts):
     batch_prompts = [prompts[1 + i % (len(prompts) - 1)] for i in range(15)]
     mixed = tiny_llm.generate(prompts[:1] + batch_prompts, [target] + others, use_tqdm=False)
     assert _token_ids(mixed)[0] == alone, "a seeded request changed when batched with 15 others"
+
+
+def _mixed_params():
+    """One request per sampling path of the engine, all reproducible (seeded where they draw)."""
+    from vllm import SamplingParams
+
+    n = 14
+    return [
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0.9, top_k=20, max_tokens=n, seed=5, ignore_eos=True),
+        SamplingParams(temperature=1.1, top_p=0.8, min_p=0.05, max_tokens=n, seed=6, ignore_eos=True, logprobs=2),
+        SamplingParams(
+            temperature=0.8, max_tokens=n, seed=7, ignore_eos=True,
+            presence_penalty=0.7, frequency_penalty=0.3, repetition_penalty=1.3,
+        ),
+        SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, repetition_penalty=1.5),
+        SamplingParams(temperature=1.0, max_tokens=n, seed=8, ignore_eos=True, min_tokens=6, stop_token_ids=[7, 9, 11]),
+        SamplingParams(temperature=0.0, max_tokens=n + 5, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=n - 4, seed=9, ignore_eos=True),
+    ]
+
+
+def test_async_scheduling_matches_sync(tiny_llm, tiny_models, tiny_prompts):
+    """vLLM's async scheduling (the next step built and submitted while this one runs, its input
+    tokens read on the device) gives the tokens and logprobs of synchronous steps, on every
+    sampling path — including the ones that need the tokens on the host (penalties) — and it
+    really ran ahead: steps read their input tokens from the device."""
+    assert tiny_llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+    prompts = _token_prompts(tiny_prompts)
+    params = _mixed_params()
+    tiny_llm.collective_rpc("step_profile")  # drop earlier steps' timings
+    ran_async = tiny_llm.generate(prompts, params, use_tqdm=False)
+    profile = tiny_llm.collective_rpc("step_profile")[0]
+    sync_llm = _tiny_llm(tiny_models, async_scheduling=False)
+    try:
+        assert not sync_llm.llm_engine.vllm_config.scheduler_config.async_scheduling
+        ran_sync = sync_llm.generate(prompts, params, use_tqdm=False)
+        sync_profile = sync_llm.collective_rpc("step_profile")[0]
+    finally:
+        shutdown_llm(sync_llm)
+
+    assert _token_ids(ran_async) == _token_ids(ran_sync)
+    for a, b in zip(ran_async, ran_sync):
+        la, lb = a.outputs[0].logprobs, b.outputs[0].logprobs
+        assert (la is None) == (lb is None)
+        for pa, pb in zip(la or [], lb or []):
+            assert pa.keys() == pb.keys()
+            for t in pa:
+                assert abs(pa[t].logprob - pb[t].logprob) < 1e-4 and pa[t].rank == pb[t].rank
+    device_fed = sum(t["device_tokens"] for t in profile)
+    assert device_fed > 0, "async scheduling never fed a step's tokens from the device"
+    assert sum(t["device_tokens"] for t in sync_profile) == 0
+    print(f"async: {device_fed} input tokens read on the device over {len(profile)} steps")
 
 
 # --------------------------------------------------------------------------------------------------

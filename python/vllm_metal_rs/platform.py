@@ -211,13 +211,9 @@ class MetalPlatform(Platform):
         if vllm_config.model_config is not None:
             vllm_config.model_config.enforce_eager = True
 
-        # Each step's output is returned when it is done. vLLM's host work between steps is
-        # under 1% of a step here (benchmarks/step_overhead.py, docs/BENCHMARKS.md), so async
-        # scheduling, which would overlap it, is off.
-        scheduler_config = vllm_config.scheduler_config
-        if scheduler_config.async_scheduling:
-            logger.debug("vllm-metal-rs: async scheduling is not supported; disabled")
-        scheduler_config.async_scheduling = False
+        # Async scheduling (vLLM's default) is supported: the runner keeps each step's sampled
+        # tokens on the device for the next step, which is built and submitted while the current
+        # one runs; `--no-async-scheduling` returns every step's tokens before the next is built.
 
         _spawn_if_mlx_ran()
 

@@ -15,6 +15,7 @@ import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
 from vllm.v1.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
+    AsyncModelRunnerOutput,
     LogprobsLists,
     LogprobsTensors,
     ModelRunnerOutput,
@@ -133,6 +134,9 @@ class MetalWorker(WorkerBase):
         self.model_runner: Any = None
         self.mlx_device: str | None = None
         self._num_scheduled = 0
+        # Async scheduling: sample_tokens submits and returns; vLLM schedules and submits the
+        # next step (which reads these tokens on the device) before it collects them.
+        self._async = bool(vllm_config.scheduler_config.async_scheduling)
 
     # --- lifecycle, in the order the engine calls it ------------------------------------------
 
@@ -312,29 +316,23 @@ class MetalWorker(WorkerBase):
         self._num_scheduled = len(scheduler_output.num_scheduled_tokens)
         return None
 
-    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput:
+    def sample_tokens(
+        self, grammar_output: GrammarOutput | None
+    ) -> ModelRunnerOutput | AsyncModelRunnerOutput:
         grammar = None
         if grammar_output is not None and grammar_output.structured_output_request_ids:
             grammar = (
                 list(grammar_output.structured_output_request_ids),
                 grammar_output.grammar_bitmask,
             )
-        req_ids, sampled, logprobs, prompt_logprobs = self._runner().sample_tokens(grammar)
-        if len(req_ids) != self._num_scheduled:
-            raise RuntimeError(
-                f"vllm-metal-rs: engine returned {len(req_ids)} requests for "
-                f"{self._num_scheduled} scheduled"
-            )
-        return ModelRunnerOutput(
-            req_ids=req_ids,
-            req_id_to_index={req_id: i for i, req_id in enumerate(req_ids)},
-            sampled_token_ids=sampled,
-            logprobs=None if logprobs is None else LogprobsLists(*logprobs),
-            prompt_logprobs_dict={
-                req_id: LogprobsTensors(*(torch.from_numpy(a) for a in arrays))
-                for req_id, arrays in prompt_logprobs.items()
-            },
-        )
+        if self._async:
+            self._runner().submit_tokens(grammar)
+            return _SubmittedStep(self._runner(), self._num_scheduled)
+        return _model_runner_output(self._runner().sample_tokens(grammar), self._num_scheduled)
+
+    def step_profile(self) -> list[dict]:
+        """The engine's host timings of the steps since the last call (`llm.collective_rpc`)."""
+        return self._runner().take_step_profile()
 
     def shutdown(self) -> None:
         # Dropping the runner frees the weights and the KV cache.
@@ -391,3 +389,33 @@ class MetalWorker(WorkerBase):
         if self.model_runner is None:
             raise RuntimeError("vllm-metal-rs: the model is not loaded")
         return self.model_runner
+
+
+def _model_runner_output(step: tuple, num_scheduled: int) -> ModelRunnerOutput:
+    """The engine's `(req_ids, sampled, logprobs, prompt_logprobs)` as vLLM's output."""
+    req_ids, sampled, logprobs, prompt_logprobs = step
+    if len(req_ids) != num_scheduled:
+        raise RuntimeError(
+            f"vllm-metal-rs: engine returned {len(req_ids)} requests for {num_scheduled} scheduled"
+        )
+    return ModelRunnerOutput(
+        req_ids=req_ids,
+        req_id_to_index={req_id: i for i, req_id in enumerate(req_ids)},
+        sampled_token_ids=sampled,
+        logprobs=None if logprobs is None else LogprobsLists(*logprobs),
+        prompt_logprobs_dict={
+            req_id: LogprobsTensors(*(torch.from_numpy(a) for a in arrays))
+            for req_id, arrays in prompt_logprobs.items()
+        },
+    )
+
+
+class _SubmittedStep(AsyncModelRunnerOutput):
+    """A step whose tokens are on their way; vLLM collects steps in the order it submitted them."""
+
+    def __init__(self, runner: Any, num_scheduled: int) -> None:
+        self._runner = runner
+        self._num_scheduled = num_scheduled
+
+    def get_output(self) -> ModelRunnerOutput:
+        return _model_runner_output(self._runner.collect(), self._num_scheduled)

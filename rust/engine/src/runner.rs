@@ -1,7 +1,7 @@
 //! The model runner: per-request state, one step = schedule in, tensors built once, forward,
 //! sample, out. Usable from vLLM (through the PyO3 surface) and alone (`generate`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::Path;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
@@ -127,6 +127,17 @@ struct RequestState {
     prompt_logprobs: Option<Logprobs>,
     /// Distinct tokens for the penalties, counted as the request grows.
     counts: TokenCounts,
+    /// Sampled tokens not on the host yet (at most one per step in flight): `tokens` holds a
+    /// placeholder at their positions, and the next step reads them from the device.
+    deferred: Vec<Deferred>,
+}
+
+/// A token of `tokens` still on the device: row `row` of in-flight step `seq`'s ids.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Deferred {
+    seq: u64,
+    pos: usize,
+    row: usize,
 }
 
 /// Host-side timings of one step, in seconds (see `ModelRunner::take_step_profile`).
@@ -142,6 +153,8 @@ pub struct StepTiming {
     pub sample_build: f64,
     /// The final `eval`: the device finishing the step, then the ids copied to the host.
     pub wait: f64,
+    /// Input tokens read on the device from earlier steps' sampled ids (async scheduling).
+    pub device_tokens: usize,
 }
 
 /// Step timings kept for profiling (the most recent ones).
@@ -158,6 +171,21 @@ struct PendingStep {
     logits: Option<Array>,
     prompt_chunks: Vec<PromptChunk>,
     timing: StepTiming,
+}
+
+/// A step whose tokens are chosen and submitted, not yet read back to the host.
+struct InFlight {
+    seq: u64,
+    scheduled: Vec<(String, usize)>,
+    sample_rows: Vec<usize>,
+    /// `[sample_rows]` int32.
+    ids: Option<Array>,
+    /// (sampling rows that ask, k, their logprobs).
+    top: Option<(Vec<i32>, usize, TopLogprobs)>,
+    prompt_chunks: Vec<PromptChunk>,
+    timing: StepTiming,
+    /// The ids on the host, once evaluated.
+    host: Option<Vec<i32>>,
 }
 
 /// The prompt logprobs one step computes for one request.
@@ -184,6 +212,9 @@ pub struct ModelRunner {
     draws: u64,
     logprobs_mode: LogprobsMode,
     pending: Option<PendingStep>,
+    /// Sampled steps in submission order, oldest first (two with vLLM's async scheduling).
+    in_flight: VecDeque<InFlight>,
+    next_seq: u64,
     timings: Vec<StepTiming>,
 }
 
@@ -257,6 +288,8 @@ impl ModelRunner {
             draws: 0,
             logprobs_mode: LogprobsMode::default(),
             pending: None,
+            in_flight: VecDeque::new(),
+            next_seq: 0,
             timings: Vec::new(),
         })
     }
@@ -396,6 +429,7 @@ impl ModelRunner {
                     sampling: r.sampling.clone(),
                     prompt_logprobs,
                     counts: TokenCounts::default(),
+                    deferred: Vec::new(),
                 },
             );
         }
@@ -406,6 +440,7 @@ impl ModelRunner {
                 .ok_or_else(|| anyhow!("scheduler refers to unknown request {}", c.req_id))?;
             if let Some(all) = &c.all_token_ids {
                 state.tokens = all.clone();
+                state.deferred.clear();
             }
             match (&c.new_block_ids, c.resumed) {
                 (Some(ids), true) => state.block_ids = ids.clone(),
@@ -428,6 +463,7 @@ impl ModelRunner {
             let known = state.num_prompt + c.num_output_tokens;
             if state.tokens.len() > known {
                 state.tokens.truncate(known);
+                state.deferred.retain(|d| d.pos < known);
             }
         }
         if step.num_scheduled_tokens.is_empty() {
@@ -438,6 +474,7 @@ impl ModelRunner {
         let mut sample_rows = Vec::new(); // batch index
         let mut flat_last = Vec::new(); // flat index of a sampling request's last token
         let mut prompt_rows = Vec::new(); // (batch index, flat index of the chunk's first token)
+        let mut patches = Vec::new(); // (flat index, in-flight token) of tokens still on the device
         let mut flat = 0usize;
         for (i, (id, n)) in step.num_scheduled_tokens.iter().enumerate() {
             let s = self
@@ -456,14 +493,20 @@ impl ModelRunner {
             if s.prompt_logprobs.is_some() {
                 prompt_rows.push((i, flat));
             }
+            for d in s.deferred.iter().filter(|d| (s.num_computed..end).contains(&d.pos)) {
+                patches.push((flat + d.pos - s.num_computed, *d));
+            }
             flat += n;
             if end == s.tokens.len() {
                 sample_rows.push(i);
                 flat_last.push(flat as i32 - 1);
             }
         }
-        let batch = StepBatch::build(&chunks, self.block_size, self.sliding_window())?;
+        let mut batch = StepBatch::build(&chunks, self.block_size, self.sliding_window())?;
         drop(chunks);
+        if !patches.is_empty() {
+            batch.token_ids = self.patched_tokens(&batch.token_ids, &patches)?;
+        }
 
         let mut keys = Vec::with_capacity(sample_rows.len());
         for &i in &sample_rows {
@@ -521,6 +564,7 @@ impl ModelRunner {
             num_seqs: step.num_scheduled_tokens.len(),
             build: (t1 - t0).as_secs_f64(),
             submit: t1.elapsed().as_secs_f64(),
+            device_tokens: patches.len(),
             ..Default::default()
         };
         for (id, n) in &step.num_scheduled_tokens {
@@ -537,17 +581,80 @@ impl ModelRunner {
         Ok(())
     }
 
-    /// The second half of a step: apply the grammar bitmask (structured-output requests), choose
-    /// the tokens, gather the logprobs asked for, and wait for all of it.
+    /// Token ids `base` `[T]` with the positions of `patches` taken from in-flight steps' ids on
+    /// the device (their values are not on the host yet).
+    fn patched_tokens(&self, base: &Array, patches: &[(usize, Deferred)]) -> Result<Array> {
+        let t = base.shape()[0] as usize;
+        let mut sources: Vec<Array> = Vec::new();
+        let mut offsets: HashMap<u64, usize> = HashMap::new();
+        let (mut idx, mut mask) = (vec![0i32; t], vec![false; t]);
+        for &(flat, d) in patches {
+            let offset = match offsets.get(&d.seq) {
+                Some(&o) => o,
+                None => {
+                    let ids = self
+                        .in_flight
+                        .iter()
+                        .find(|f| f.seq == d.seq)
+                        .and_then(|f| f.ids.clone())
+                        .ok_or_else(|| anyhow!("a deferred token's step {} is no longer in flight", d.seq))?;
+                    let o = sources.iter().map(|a| a.shape()[0] as usize).sum();
+                    sources.push(ids);
+                    offsets.insert(d.seq, o);
+                    o
+                }
+            };
+            idx[flat] = (offset + d.row) as i32;
+            mask[flat] = true;
+        }
+        let src = if sources.len() == 1 { sources.pop().unwrap() } else { mlx_rs::ops::concatenate(&sources, 0)? };
+        let taken = src.take_axis(&Array::from_slice(&idx, &[t as i32]), 0)?;
+        if patches.len() == t {
+            return Ok(taken);
+        }
+        Ok(mlx_rs::ops::select(&Array::from_slice(&mask, &[t as i32]), &taken, base)?)
+    }
+
+    /// The second half of a step, waiting for it: [`Self::sample_submit`] then [`Self::collect`].
     pub fn sample_step(&mut self, grammar: Option<&GrammarBitmask>) -> Result<StepOutput> {
-        let Some(p) = self.pending.take() else { return Ok(StepOutput::default()) };
-        let t3 = std::time::Instant::now();
-        let mut out = StepOutput {
-            req_ids: p.scheduled.iter().map(|(id, _)| id.clone()).collect(),
-            sampled_token_ids: vec![Vec::new(); p.scheduled.len()],
-            ..Default::default()
+        ensure!(self.in_flight.is_empty(), "sample_step with submitted steps not collected");
+        self.sample_submit(grammar)?;
+        self.collect()
+    }
+
+    /// The second half of a step: apply the grammar bitmask (structured-output requests), choose
+    /// the tokens, gather the logprobs asked for, and submit all of it without waiting. The chosen
+    /// tokens stay on the device: a step scheduled before they are collected reads them there
+    /// (vLLM's async scheduling). [`Self::collect`] returns them, oldest step first.
+    pub fn sample_submit(&mut self, grammar: Option<&GrammarBitmask>) -> Result<()> {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let Some(p) = self.pending.take() else {
+            self.in_flight.push_back(InFlight {
+                seq,
+                scheduled: Vec::new(),
+                sample_rows: Vec::new(),
+                ids: None,
+                top: None,
+                prompt_chunks: Vec::new(),
+                timing: StepTiming::default(),
+                host: Some(Vec::new()),
+            });
+            return Ok(());
         };
-        let mut to_eval: Vec<&Array> = self.cache.as_ref().map(|c| c.arrays().collect()).unwrap_or_default();
+        let t3 = std::time::Instant::now();
+        // Penalties and bad words read a request's tokens on the host: bring in the ones still in
+        // flight first (the step then waits for the previous one, as without async scheduling).
+        let needs_host = p.sample_rows.iter().any(|&i| {
+            let s = &self.requests[&p.scheduled[i].0];
+            !s.deferred.is_empty() && s.sampling.needs_history()
+        });
+        if needs_host {
+            for i in 0..self.in_flight.len() {
+                self.resolve(i)?;
+            }
+        }
+        let mut to_eval: Vec<&Array> = Vec::new();
         for c in &p.prompt_chunks {
             if let Some(t) = &c.top {
                 to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
@@ -621,31 +728,90 @@ impl ModelRunner {
                 to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
             }
         }
-        let t4 = std::time::Instant::now();
-        eval(to_eval).context("running the step")?;
-        if self.timings.len() >= MAX_TIMINGS {
-            self.timings.remove(0);
+        async_eval(to_eval).context("submitting the sampler")?;
+        let (ids, top) = match chosen {
+            Some((ids, top)) => (Some(ids), top),
+            None => (None, None),
+        };
+        // Placeholders for the chosen tokens: the requests' lengths (positions, seeds of the next
+        // draws) are known now; the values arrive with `resolve`.
+        for (row, &i) in p.sample_rows.iter().enumerate() {
+            let s = self.requests.get_mut(&p.scheduled[i].0).unwrap();
+            s.deferred.push(Deferred { seq, pos: s.tokens.len(), row });
+            s.tokens.push(0);
         }
-        self.timings.push(StepTiming {
-            sample_build: (t4 - t3).as_secs_f64(),
-            wait: t4.elapsed().as_secs_f64(),
-            ..p.timing
+        self.in_flight.push_back(InFlight {
+            seq,
+            scheduled: p.scheduled,
+            sample_rows: p.sample_rows,
+            ids,
+            top,
+            prompt_chunks: p.prompt_chunks,
+            timing: StepTiming { sample_build: t3.elapsed().as_secs_f64(), ..p.timing },
+            host: None,
         });
+        Ok(())
+    }
 
-        if let Some((ids, top)) = chosen {
-            let sampled = ids.as_slice::<i32>();
-            for (&i, &tok) in p.sample_rows.iter().zip(sampled) {
-                self.requests.get_mut(&p.scheduled[i].0).unwrap().tokens.push(tok);
-                out.sampled_token_ids[i].push(tok);
-            }
-            if let Some((want, k, t)) = top {
-                // One row per request of the step; the rows of `t` are the sampling rows that asked.
-                let mut lp = Logprobs::zeros(p.scheduled.len(), k + 1);
-                lp.fill(want.iter().map(|&r| p.sample_rows[r as usize]), &t)?;
-                out.logprobs = Some(lp);
+    /// Wait for in-flight step `i` and put its tokens in place of their placeholders.
+    fn resolve(&mut self, i: usize) -> Result<()> {
+        let Self { in_flight, requests, .. } = self;
+        let f = &mut in_flight[i];
+        if f.host.is_some() {
+            return Ok(());
+        }
+        let mut to_eval: Vec<&Array> = f.ids.iter().collect();
+        if let Some((_, _, t)) = &f.top {
+            to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
+        }
+        for c in &f.prompt_chunks {
+            if let Some(t) = &c.top {
+                to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
             }
         }
-        for c in p.prompt_chunks {
+        let t = std::time::Instant::now();
+        eval(to_eval).context("running the step")?;
+        f.timing.wait += t.elapsed().as_secs_f64();
+        let host = f.ids.as_ref().map(|a| a.as_slice::<i32>().to_vec()).unwrap_or_default();
+        for (row, &b) in f.sample_rows.iter().enumerate() {
+            // Requests finished or preempted meanwhile no longer wait for this token.
+            let Some(s) = requests.get_mut(&f.scheduled[b].0) else { continue };
+            if let Some(k) = s.deferred.iter().position(|d| d.seq == f.seq && d.row == row) {
+                let d = s.deferred.remove(k);
+                s.tokens[d.pos] = host[row];
+            }
+        }
+        f.host = Some(host);
+        Ok(())
+    }
+
+    /// The oldest submitted step's output, waiting for it if needed.
+    pub fn collect(&mut self) -> Result<StepOutput> {
+        ensure!(!self.in_flight.is_empty(), "no submitted step to collect");
+        self.resolve(0)?;
+        let f = self.in_flight.pop_front().unwrap();
+        if !f.scheduled.is_empty() {
+            if self.timings.len() >= MAX_TIMINGS {
+                self.timings.remove(0);
+            }
+            self.timings.push(f.timing);
+        }
+        let mut out = StepOutput {
+            req_ids: f.scheduled.iter().map(|(id, _)| id.clone()).collect(),
+            sampled_token_ids: vec![Vec::new(); f.scheduled.len()],
+            ..Default::default()
+        };
+        let sampled = f.host.unwrap_or_default();
+        for (&i, &tok) in f.sample_rows.iter().zip(&sampled) {
+            out.sampled_token_ids[i].push(tok);
+        }
+        if let Some((want, k, t)) = f.top {
+            // One row per request of the step; the rows of `t` are the sampling rows that asked.
+            let mut lp = Logprobs::zeros(f.scheduled.len(), k + 1);
+            lp.fill(want.iter().map(|&r| f.sample_rows[r as usize]), &t)?;
+            out.logprobs = Some(lp);
+        }
+        for c in f.prompt_chunks {
             let Some(s) = self.requests.get_mut(&c.req_id) else { continue };
             let Some(buf) = s.prompt_logprobs.as_mut() else { continue };
             if let Some(top) = &c.top {
@@ -656,6 +822,11 @@ impl ModelRunner {
             }
         }
         Ok(out)
+    }
+
+    /// Steps submitted and not collected.
+    pub fn num_in_flight(&self) -> usize {
+        self.in_flight.len()
     }
 
     /// Logits of every token of a batch of explicit chunks (req_id is informational). For tests of
@@ -671,7 +842,9 @@ impl ModelRunner {
     }
 
     /// Engine-alone generation: all prompts batched, one block table each, `max_tokens` new tokens
-    /// (fewer for a prompt that emits a stop token).
+    /// (fewer for a prompt that emits a stop token). Pipelined as vLLM's async scheduling runs the
+    /// runner: step i + 1 is built and submitted, reading step i's tokens on the device, before
+    /// step i's tokens are read to the host; a request that stopped has its extra token dropped.
     pub fn generate(
         &mut self,
         prompts: &[Vec<i32>],
@@ -682,6 +855,7 @@ impl ModelRunner {
         let bs = self.block_size;
         let num_blocks = self.cache_mut()?.num_blocks;
         ensure!(self.cache_mut()?.num_groups() == 1, "generate runs on a KV cache of one group");
+        ensure!(self.in_flight.is_empty() && self.pending.is_none(), "generate while a step is in flight");
         let mut next_block = 0i32;
         let mut step = SchedulerStep::default();
         for (i, p) in prompts.iter().enumerate() {
@@ -702,33 +876,66 @@ impl ModelRunner {
             step.num_scheduled_tokens.push((id, p.len()));
             next_block += need;
         }
-        let mut outputs: Vec<Vec<i32>> = vec![Vec::new(); prompts.len()];
-        let mut done = vec![max_tokens == 0; prompts.len()];
-        while !done.iter().all(|&d| d) {
-            let out = self.execute(&step)?;
-            let mut next = SchedulerStep::default();
-            for (id, toks) in out.req_ids.iter().zip(&out.sampled_token_ids) {
-                let i: usize = id["generate-".len()..].parse().unwrap();
-                outputs[i].extend_from_slice(toks);
-                if outputs[i].len() >= max_tokens || toks.iter().any(|t| stop_token_ids.contains(t)) {
-                    done[i] = true;
-                    next.finished_req_ids.push(id.clone());
-                } else {
-                    let s = &self.requests[id];
-                    next.cached_requests.push(CachedRequest {
-                        req_id: id.clone(),
-                        resumed: false,
-                        new_block_ids: None,
-                        num_computed_tokens: s.num_computed,
-                        num_output_tokens: outputs[i].len(),
-                        all_token_ids: None,
-                    });
-                    next.num_scheduled_tokens.push((id.clone(), 1));
+        let n = prompts.len();
+        let mut outputs: Vec<Vec<i32>> = vec![Vec::new(); n];
+        let mut done = vec![max_tokens == 0; n];
+        // Tokens sampled or in flight per request (what the next step may schedule).
+        let mut scheduled = vec![0usize; n];
+        let index = |id: &str| -> usize { id["generate-".len()..].parse().unwrap() };
+        if max_tokens == 0 {
+            step.num_scheduled_tokens.clear();
+        }
+        let mut finished: Vec<String> = Vec::new();
+        loop {
+            if !step.num_scheduled_tokens.is_empty() {
+                for (id, _) in &step.num_scheduled_tokens {
+                    scheduled[index(id)] += 1;
                 }
+                self.forward_step(&step)?;
+                self.sample_submit(None)?;
+            }
+            // The next step, from what is known now (the tokens of the step just submitted are not).
+            let mut next = SchedulerStep { finished_req_ids: std::mem::take(&mut finished), ..Default::default() };
+            for i in 0..n {
+                if done[i] || scheduled[i] >= max_tokens {
+                    continue;
+                }
+                let id = format!("generate-{i}");
+                let s = &self.requests[&id];
+                next.cached_requests.push(CachedRequest {
+                    req_id: id.clone(),
+                    resumed: false,
+                    new_block_ids: None,
+                    num_computed_tokens: s.num_computed,
+                    num_output_tokens: s.tokens.len() - s.num_prompt,
+                    all_token_ids: None,
+                });
+                next.num_scheduled_tokens.push((id, 1));
+            }
+            if self.in_flight.len() >= 2 || (next.num_scheduled_tokens.is_empty() && !self.in_flight.is_empty()) {
+                let out = self.collect()?;
+                for (id, toks) in out.req_ids.iter().zip(&out.sampled_token_ids) {
+                    let i = index(id);
+                    if done[i] {
+                        continue; // computed past its stop: dropped
+                    }
+                    outputs[i].extend_from_slice(toks);
+                    if outputs[i].len() >= max_tokens || toks.iter().any(|t| stop_token_ids.contains(t)) {
+                        done[i] = true;
+                        finished.push(id.clone());
+                    }
+                }
+                // Requests that stopped leave the next step.
+                next.num_scheduled_tokens.retain(|(id, _)| !done[index(id)]);
+                next.cached_requests.retain(|c| !done[index(&c.req_id)]);
+            }
+            if next.num_scheduled_tokens.is_empty() && self.in_flight.is_empty() {
+                next.finished_req_ids.append(&mut finished);
+                self.forward_step(&next)?; // drop finished requests
+                break;
             }
             step = next;
         }
-        self.execute(&step)?; // drop finished requests
         Ok(outputs)
     }
 

@@ -71,6 +71,11 @@ impl SamplingParams {
         self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 || self.repetition_penalty != 1.0
     }
 
+    /// Reads the request's tokens on the host (not only their count).
+    pub fn needs_history(&self) -> bool {
+        self.has_penalties() || !self.bad_words.is_empty()
+    }
+
     fn has_masks(&self, output_len: usize) -> bool {
         self.allowed_token_ids.is_some()
             || !self.bad_words.is_empty()

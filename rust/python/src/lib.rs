@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 
 use engine::batch::SeqChunk;
 use engine::device::DeviceKind;
-use engine::runner::{self, CachedRequest, GrammarBitmask, Logprobs, NewRequest, RunnerOptions, SchedulerStep};
+use engine::runner::{self, CachedRequest, GrammarBitmask, Logprobs, NewRequest, RunnerOptions, SchedulerStep, StepOutput};
 use engine::sampler::{self, Row, SamplingParams};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
@@ -231,6 +231,28 @@ fn sample_tokens<'py>(py: Python<'py>, logits: numpy::PyReadonlyArray2<'py, f32>
     Ok(out.as_slice::<i32>().to_vec())
 }
 
+type GrammarWords = (Vec<String>, usize, Vec<i32>);
+
+fn grammar_words(grammar: Option<(Vec<String>, numpy::PyReadonlyArray2<'_, i32>)>) -> Option<GrammarWords> {
+    grammar.map(|(ids, mask)| {
+        let view = mask.as_array();
+        (ids, view.shape()[1], view.iter().copied().collect::<Vec<i32>>())
+    })
+}
+
+/// `(req_ids, sampled_token_ids, logprobs, prompt_logprobs)` of a step.
+fn step_output_to_py<'py>(py: Python<'py>, out: StepOutput) -> PyResult<Bound<'py, PyAny>> {
+    let logprobs = match out.logprobs {
+        Some(lp) => logprobs_to_numpy(py, lp)?,
+        None => py.None().into_bound(py),
+    };
+    let prompt = PyDict::new(py);
+    for (id, lp) in out.prompt_logprobs {
+        prompt.set_item(id, logprobs_to_numpy(py, lp)?)?;
+    }
+    Ok((out.req_ids, out.sampled_token_ids, logprobs, prompt).into_pyobject(py)?.into_any())
+}
+
 fn scheduler_step(so: &Bound<'_, PyAny>) -> PyResult<SchedulerStep> {
     let mut step = SchedulerStep::default();
     for id in so.getattr("finished_req_ids")?.try_iter()? {
@@ -437,6 +459,7 @@ impl PyModelRunner {
             d.set_item("submit", t.submit)?;
             d.set_item("sample_build", t.sample_build)?;
             d.set_item("wait", t.wait)?;
+            d.set_item("device_tokens", t.device_tokens)?;
             list.append(d)?;
         }
         Ok(list)
@@ -466,26 +489,36 @@ impl PyModelRunner {
         py: Python<'py>,
         grammar: Option<(Vec<String>, numpy::PyReadonlyArray2<'py, i32>)>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let grammar = grammar
-            .map(|(ids, mask)| {
-                let view = mask.as_array();
-                (ids, view.shape()[1], view.iter().copied().collect::<Vec<i32>>())
-            });
+        let grammar = grammar_words(grammar);
         let out = py
             .detach(|| {
                 let g = grammar.as_ref().map(|(ids, width, words)| GrammarBitmask { req_ids: ids, words, width: *width });
                 self.lock().sample_step(g.as_ref())
             })
             .map_err(engine_err)?;
-        let logprobs = match out.logprobs {
-            Some(lp) => logprobs_to_numpy(py, lp)?,
-            None => py.None().into_bound(py),
-        };
-        let prompt = PyDict::new(py);
-        for (id, lp) in out.prompt_logprobs {
-            prompt.set_item(id, logprobs_to_numpy(py, lp)?)?;
-        }
-        Ok((out.req_ids, out.sampled_token_ids, logprobs, prompt).into_pyobject(py)?.into_any())
+        step_output_to_py(py, out)
+    }
+
+    /// The second half without waiting (vLLM's async scheduling): the tokens are chosen and
+    /// submitted; a step scheduled next reads them on the device. `collect` returns them.
+    #[pyo3(signature = (grammar = None))]
+    fn submit_tokens<'py>(
+        &self,
+        py: Python<'py>,
+        grammar: Option<(Vec<String>, numpy::PyReadonlyArray2<'py, i32>)>,
+    ) -> PyResult<()> {
+        let grammar = grammar_words(grammar);
+        py.detach(|| {
+            let g = grammar.as_ref().map(|(ids, width, words)| GrammarBitmask { req_ids: ids, words, width: *width });
+            self.lock().sample_submit(g.as_ref())
+        })
+        .map_err(engine_err)
+    }
+
+    /// The oldest submitted step's output, as `sample_tokens` returns it (waits for it).
+    fn collect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let out = py.detach(|| self.lock().collect()).map_err(engine_err)?;
+        step_output_to_py(py, out)
     }
 
     /// Logits `[T, vocab]` (float32) of every token of explicit `(req_id, tokens, start, block_ids)` chunks.
