@@ -25,7 +25,10 @@ vLLM is not needed: the engine module is imported directly.
 How each side is timed:
 - ours: `ModelRunner.generate` (engine alone, all prompts batched). The decode step time is
   (time of generate(N + 1 tokens) - time of generate(1 token)) / N; both calls run the same
-  prefill, and every step returns its sampled ids to the host (as in serving).
+  prefill, and every step returns its sampled ids to the host (as in serving). Steps are
+  pipelined as under vLLM's async scheduling (its default): step i + 1 is built and submitted,
+  reading step i's ids on the device, before step i's ids are read; `--sync` waits for each
+  step's ids first (vLLM with `--no-async-scheduling`).
 - mlx-lm: the model with `make_prompt_cache`, greedy argmax, the loop of mlx-lm's own generator:
   step i + 1 is queued with `mx.async_eval` before the ids of step i are read to the host.
   The prompt goes through the model without its last token (evaluating only the cache), then the
@@ -362,8 +365,9 @@ def prepare(mx, model: str, variants: list[str], cache_dir: Path, smollm2_dir: P
 class Ours:
     name = "ours"
 
-    def __init__(self, mx, core, path: Path, device: str, dtype: str | None):
+    def __init__(self, mx, core, path: Path, device: str, dtype: str | None, pipeline: bool = True):
         self.mx = mx
+        self.kw = {} if pipeline else {"pipeline": False}
         self.runner = core.ModelRunner(str(path), block_size=16, device=device, dtype=dtype)
         self.weights_nbytes = self.runner.weights_nbytes
         self.dtype = self.runner.kv_cache_dtype
@@ -384,10 +388,10 @@ class Ours:
     def decode(self, prompts: list[list[int]], steps: int) -> dict:
         base = self._window(self._blocks(prompts, steps + 1))
         t0 = time.perf_counter()
-        self.runner.generate(prompts, 1)
+        self.runner.generate(prompts, 1, **self.kw)
         first = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = self.runner.generate(prompts, steps + 1)
+        out = self.runner.generate(prompts, steps + 1, **self.kw)
         total = time.perf_counter() - t0
         peak = max(0, self.mx.get_peak_memory() - base)
         self.runner.allocate_kv_cache(1)
@@ -396,7 +400,7 @@ class Ours:
     def first_token(self, prompt: list[int]) -> dict:
         base = self._window(self._blocks([prompt], 1))
         t0 = time.perf_counter()
-        out = self.runner.generate([prompt], 1)
+        out = self.runner.generate([prompt], 1, **self.kw)
         ttft = time.perf_counter() - t0
         peak = max(0, self.mx.get_peak_memory() - base)
         self.runner.allocate_kv_cache(1)
@@ -513,7 +517,7 @@ def bench_variant(mx, core, mlx_lm, model: str, variant: str, path: Path, args) 
     device = args.device
     dtype = None if device == "cpu" else VARIANT_DTYPE[variant]
     mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
-    sides = [Ours(mx, core, path, device, dtype)]
+    sides = [Ours(mx, core, path, device, dtype, pipeline=not args.sync)]
     if mlx_lm is not None:
         sides.append(MlxLm(mx, mlx_lm, path))
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
@@ -652,6 +656,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, help="timed runs per side and row, alternating (default 3)")
     ap.add_argument("--quick", action="store_true", help="smoke run: batches 1,4, 8 steps, prefill 256, 1 rep")
     ap.add_argument("--no-mlx-lm", action="store_true", help="measure our engine only")
+    ap.add_argument("--sync", action="store_true", help="ours waits for each step's ids before building the next")
     ap.add_argument("--smollm2-dir", type=Path, default=DEFAULT_SMOLLM2, help="SmolLM2-135M dir (GGUF or safetensors + config.json)")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where prepared weights are kept (default %(default)s)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")

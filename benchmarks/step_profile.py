@@ -10,6 +10,8 @@ Per step the runner records (host clock):
 - sample_build: the sampler's (and logprobs') graph;
 - wait: the final `eval` — the device finishing the step, then the ids read back.
 `other` is the rest of the measured wall time of a step (the engine-alone loop between steps).
+Steps are pipelined as under vLLM's async scheduling unless `--sync`: then a step's wait is read
+while the next step is already submitted, and the parts add up to more than the step.
 Decode after a 128-token prompt, greedy unless `--sampling` names one of sampling_cost.py's
 parameter sets; the first (prefill) step is left out; medians.
 Weights come from engine_bench's cache.
@@ -62,8 +64,10 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=eb.DEFAULT_CACHE)
     ap.add_argument("--smollm2-dir", type=Path, default=eb.DEFAULT_SMOLLM2)
     ap.add_argument("--sampling", choices=list(SAMPLING), default="greedy")
+    ap.add_argument("--sync", action="store_true", help="wait for each step's ids before building the next")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    params = {**SAMPLING[args.sampling], **({"pipeline": False} if args.sync else {})}
 
     mx, core = eb.import_engine()
     variants = (args.variants or ("f32" if args.device == "cpu" else "bf16,q4")).split(",")
@@ -76,9 +80,9 @@ def main() -> None:
             runner = core.ModelRunner(str(dirs[variant]), block_size=16, device=args.device, dtype=eb.VARIANT_DTYPE[variant])
             for b in (int(x) for x in args.batches.split(",")):
                 prompts = eb.prompts_for(b, args.prompt_len, runner.vocab_size, seed=1)
-                m = profile(runner, prompts, args.steps, SAMPLING[args.sampling])
+                m = profile(runner, prompts, args.steps, params)
                 rows.append(
-                    {"model": model, "variant": variant, "batch": b, "sampling": args.sampling, **{k: v * 1e3 for k, v in m.items()}}
+                    {"model": model, "variant": variant, "batch": b, "sampling": args.sampling, "sync": args.sync, **{k: v * 1e3 for k, v in m.items()}}
                 )
                 cells = " | ".join(f"{m[k] * 1e3:.2f}" for k in ("step", *PARTS, "other"))
                 print(f"| {model} | {variant} | {b} | {cells} |", flush=True)

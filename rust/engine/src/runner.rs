@@ -845,13 +845,16 @@ impl ModelRunner {
     /// (fewer for a prompt that emits a stop token). Pipelined as vLLM's async scheduling runs the
     /// runner: step i + 1 is built and submitted, reading step i's tokens on the device, before
     /// step i's tokens are read to the host; a request that stopped has its extra token dropped.
+    /// `pipeline` false waits for each step's tokens before building the next.
     pub fn generate(
         &mut self,
         prompts: &[Vec<i32>],
         max_tokens: usize,
         sampling: &SamplingParams,
         stop_token_ids: &[i32],
+        pipeline: bool,
     ) -> Result<Vec<Vec<i32>>> {
+        let depth = if pipeline { 2 } else { 1 };
         let bs = self.block_size;
         let num_blocks = self.cache_mut()?.num_blocks;
         ensure!(self.cache_mut()?.num_groups() == 1, "generate runs on a KV cache of one group");
@@ -912,7 +915,7 @@ impl ModelRunner {
                 });
                 next.num_scheduled_tokens.push((id, 1));
             }
-            if self.in_flight.len() >= 2 || (next.num_scheduled_tokens.is_empty() && !self.in_flight.is_empty()) {
+            if self.in_flight.len() >= depth || (next.num_scheduled_tokens.is_empty() && !self.in_flight.is_empty()) {
                 let out = self.collect()?;
                 for (id, toks) in out.req_ids.iter().zip(&out.sampled_token_ids) {
                     let i = index(id);

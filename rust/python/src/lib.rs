@@ -540,9 +540,12 @@ impl PyModelRunner {
     }
 
     /// Engine-alone generation (no vLLM): all prompts batched; greedy when temperature == 0.
+    /// `pipeline`: build each step while the previous one runs (as with vLLM's async scheduling);
+    /// false waits for each step's tokens first.
     #[pyo3(signature = (
         prompts, max_tokens, *, temperature = 0.0, top_k = -1, top_p = 1.0, min_p = 0.0, seed = None,
-        presence_penalty = 0.0, frequency_penalty = 0.0, repetition_penalty = 1.0, stop_token_ids = None
+        presence_penalty = 0.0, frequency_penalty = 0.0, repetition_penalty = 1.0, stop_token_ids = None,
+        pipeline = true
     ))]
     #[allow(clippy::too_many_arguments)]
     fn generate(
@@ -559,6 +562,7 @@ impl PyModelRunner {
         frequency_penalty: f32,
         repetition_penalty: f32,
         stop_token_ids: Option<Vec<i32>>,
+        pipeline: bool,
     ) -> PyResult<Vec<Vec<i32>>> {
         let params = SamplingParams {
             temperature,
@@ -572,7 +576,7 @@ impl PyModelRunner {
             ..Default::default()
         };
         let stops = stop_token_ids.unwrap_or_default();
-        py.detach(|| self.lock().generate(&prompts, max_tokens, &params, &stops))
+        py.detach(|| self.lock().generate(&prompts, max_tokens, &params, &stops, pipeline))
             .map_err(engine_err)
     }
 }
