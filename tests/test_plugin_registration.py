@@ -282,7 +282,7 @@ def test_config_is_adapted_for_the_engine(config_results):
     assert cfg["worker_cls"] == "vllm_metal_rs.worker.MetalWorker"
     assert cfg["block_size"] == 32  # from VLLM_METAL_BLOCK_SIZE
     assert cfg["dtype"] == "torch.float32"  # a float32 checkpoint stays float32 under "auto"
-    assert cfg["async_scheduling"] is False
+    assert cfg["async_scheduling"] is True  # vLLM's default, which the engine supports
     assert cfg["enforce_eager"] is True
     assert cfg["compilation_mode"] == 0
     assert cfg["cudagraph_mode"] == "NONE"
