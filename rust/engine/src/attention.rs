@@ -85,8 +85,7 @@ impl Qkv {
     pub fn forward(&self, x: &Array) -> Result<[Array; 3]> {
         Ok(match self {
             Self::Stacked { linear, q, kv } => {
-                let y = linear.forward(x)?;
-                let mut p = ops::split_at_indices(&y, &[*q, q + kv], -1)?.into_iter();
+                let mut p = linear.forward_split(x, &[*q, q + kv])?.into_iter();
                 [p.next().unwrap(), p.next().unwrap(), p.next().unwrap()]
             }
             Self::Apart([q, k, v]) => [q.forward(x)?, k.forward(x)?, v.forward(x)?],

@@ -43,6 +43,11 @@ impl Linear {
         })
     }
 
+    /// `forward` of a stacked linear, split along the features at `at` (the parts' boundaries).
+    pub fn forward_split(&self, x: &Array, at: &[i32]) -> Result<Vec<Array>> {
+        Ok(ops::split_at_indices(&self.forward(x)?, at, -1)?)
+    }
+
     /// Expert linears stacked in one `[experts, out, in]` weight: `x` `[T, 1, 1, in]` times the
     /// experts `idx` `[T, k]` chose, `[T, k, 1, out]`. One gather_mm / gather_qmm for the whole batch.
     pub fn forward_experts(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array> {
@@ -231,9 +236,8 @@ impl Mlp {
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let (gate, up) = match &self.gate_up {
             GateUp::Stacked { linear, intermediate } => {
-                let y = linear.forward(x)?;
-                let parts = ops::split_at_indices(&y, &[*intermediate], -1)?;
-                (parts[0].clone(), parts[1].clone())
+                let mut p = linear.forward_split(x, &[*intermediate])?.into_iter();
+                (p.next().unwrap(), p.next().unwrap())
             }
             GateUp::Apart { gate_proj, up_proj } => (gate_proj.forward(x)?, up_proj.forward(x)?),
         };

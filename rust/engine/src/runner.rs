@@ -188,6 +188,18 @@ struct InFlight {
     host: Option<Vec<i32>>,
 }
 
+impl InFlight {
+    /// What the step's output reads: the ids, the sampled tokens' and the prompts' logprobs.
+    fn arrays(&self) -> Vec<&Array> {
+        let mut v: Vec<&Array> = self.ids.iter().collect();
+        let tops = self.top.iter().map(|(_, _, t)| t).chain(self.prompt_chunks.iter().filter_map(|c| c.top.as_ref()));
+        for t in tops {
+            v.extend([&t.token_ids, &t.scores, &t.ranks]);
+        }
+        v
+    }
+}
+
 /// The prompt logprobs one step computes for one request.
 struct PromptChunk {
     req_id: String,
@@ -654,13 +666,6 @@ impl ModelRunner {
                 self.resolve(i)?;
             }
         }
-        let mut to_eval: Vec<&Array> = Vec::new();
-        for c in &p.prompt_chunks {
-            if let Some(t) = &c.top {
-                to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
-            }
-        }
-
         let mut chosen = None;
         if let Some(mut logits) = p.logits.clone() {
             for &i in &p.sample_rows {
@@ -722,13 +727,6 @@ impl ModelRunner {
             };
             chosen = Some((ids, top));
         }
-        if let Some((ids, top)) = &chosen {
-            to_eval.push(ids);
-            if let Some((_, _, t)) = top {
-                to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
-            }
-        }
-        async_eval(to_eval).context("submitting the sampler")?;
         let (ids, top) = match chosen {
             Some((ids, top)) => (Some(ids), top),
             None => (None, None),
@@ -740,7 +738,7 @@ impl ModelRunner {
             s.deferred.push(Deferred { seq, pos: s.tokens.len(), row });
             s.tokens.push(0);
         }
-        self.in_flight.push_back(InFlight {
+        let f = InFlight {
             seq,
             scheduled: p.scheduled,
             sample_rows: p.sample_rows,
@@ -749,7 +747,9 @@ impl ModelRunner {
             prompt_chunks: p.prompt_chunks,
             timing: StepTiming { sample_build: t3.elapsed().as_secs_f64(), ..p.timing },
             host: None,
-        });
+        };
+        async_eval(f.arrays()).context("submitting the sampler")?;
+        self.in_flight.push_back(f);
         Ok(())
     }
 
@@ -760,17 +760,8 @@ impl ModelRunner {
         if f.host.is_some() {
             return Ok(());
         }
-        let mut to_eval: Vec<&Array> = f.ids.iter().collect();
-        if let Some((_, _, t)) = &f.top {
-            to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
-        }
-        for c in &f.prompt_chunks {
-            if let Some(t) = &c.top {
-                to_eval.extend([&t.token_ids, &t.scores, &t.ranks]);
-            }
-        }
         let t = std::time::Instant::now();
-        eval(to_eval).context("running the step")?;
+        eval(f.arrays()).context("running the step")?;
         f.timing.wait += t.elapsed().as_secs_f64();
         let host = f.ids.as_ref().map(|a| a.as_slice::<i32>().to_vec()).unwrap_or_default();
         for (row, &b) in f.sample_rows.iter().enumerate() {

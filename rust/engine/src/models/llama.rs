@@ -9,7 +9,7 @@ use crate::attention::{Attention, Qkv};
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
-use crate::models::CausalLm;
+use crate::models::{decoder_linears, CausalLm};
 use crate::nn::{Activation, Linear, Mlp, RmsNorm, Rope, SparseMoe};
 use crate::weights::Weights;
 
@@ -194,13 +194,8 @@ impl CausalLm for Model {
     }
 
     fn parameters(&self) -> Vec<&Linear> {
-        let mut v = vec![&self.embed_tokens];
-        v.extend(self.lm_head.as_ref());
-        for l in &self.layers {
-            v.extend(l.self_attn.linears());
-            v.extend(l.mlp.linears());
-        }
-        v
+        let layers = self.layers.iter().map(|l| (&l.self_attn, l.mlp.linears()));
+        decoder_linears(&self.embed_tokens, self.lm_head.as_ref(), layers)
     }
 
     fn norms(&self) -> Vec<&RmsNorm> {

@@ -11,6 +11,7 @@ pub mod qwen3;
 use anyhow::{Context, Result};
 use mlx_rs::Array;
 
+use crate::attention::Attention;
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
@@ -24,6 +25,22 @@ pub trait CausalLm: Send {
     fn logits(&self, hidden: &Array) -> Result<Array>;
     fn parameters(&self) -> Vec<&Linear>;
     fn norms(&self) -> Vec<&RmsNorm>;
+}
+
+/// A decoder's linears: the embedding, the LM head unless tied, then each layer's attention and
+/// MLP linears (the layers given as `(attention, mlp linears)`).
+pub fn decoder_linears<'a>(
+    embed_tokens: &'a Linear,
+    lm_head: Option<&'a Linear>,
+    layers: impl IntoIterator<Item = (&'a Attention, Vec<&'a Linear>)>,
+) -> Vec<&'a Linear> {
+    let mut v = vec![embed_tokens];
+    v.extend(lm_head);
+    for (attn, mlp) in layers {
+        v.extend(attn.linears());
+        v.extend(mlp);
+    }
+    v
 }
 
 pub fn load(config: &ModelConfig, weights: &mut Weights) -> Result<Box<dyn CausalLm>> {
