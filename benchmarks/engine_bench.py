@@ -365,10 +365,11 @@ def prepare(mx, model: str, variants: list[str], cache_dir: Path, smollm2_dir: P
 class Ours:
     name = "ours"
 
-    def __init__(self, mx, core, path: Path, device: str, dtype: str | None, pipeline: bool = True):
+    def __init__(self, mx, core, path: Path, device: str, dtype: str | None, pipeline: bool = True, gather: bool = False):
         self.mx = mx
         self.kw = {} if pipeline else {"pipeline": False}
-        self.runner = core.ModelRunner(str(path), block_size=16, device=device, dtype=dtype)
+        extra = {"gather_attention": True} if gather else {}
+        self.runner = core.ModelRunner(str(path), block_size=16, device=device, dtype=dtype, **extra)
         self.weights_nbytes = self.runner.weights_nbytes
         self.dtype = self.runner.kv_cache_dtype
 
@@ -517,7 +518,7 @@ def bench_variant(mx, core, mlx_lm, model: str, variant: str, path: Path, args) 
     device = args.device
     dtype = None if device == "cpu" else VARIANT_DTYPE[variant]
     mx.set_default_device(mx.cpu if device == "cpu" else mx.gpu)
-    sides = [Ours(mx, core, path, device, dtype, pipeline=not args.sync)]
+    sides = [Ours(mx, core, path, device, dtype, pipeline=not args.sync, gather=args.gather)]
     if mlx_lm is not None:
         sides.append(MlxLm(mx, mlx_lm, path))
     vocab = json.loads((path / "config.json").read_text())["vocab_size"]
@@ -657,6 +658,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: batches 1,4, 8 steps, prefill 256, 1 rep")
     ap.add_argument("--no-mlx-lm", action="store_true", help="measure our engine only")
     ap.add_argument("--sync", action="store_true", help="ours waits for each step's ids before building the next")
+    ap.add_argument("--gather", action="store_true", help="ours gathers the history for decode attention (no page-reading kernel)")
     ap.add_argument("--smollm2-dir", type=Path, default=DEFAULT_SMOLLM2, help="SmolLM2-135M dir (GGUF or safetensors + config.json)")
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where prepared weights are kept (default %(default)s)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")

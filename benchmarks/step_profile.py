@@ -65,6 +65,7 @@ def main() -> None:
     ap.add_argument("--smollm2-dir", type=Path, default=eb.DEFAULT_SMOLLM2)
     ap.add_argument("--sampling", choices=list(SAMPLING), default="greedy")
     ap.add_argument("--sync", action="store_true", help="wait for each step's ids before building the next")
+    ap.add_argument("--gather", action="store_true", help="decode attention gathers the history (no page-reading kernel)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     params = {**SAMPLING[args.sampling], **({"pipeline": False} if args.sync else {})}
@@ -77,7 +78,10 @@ def main() -> None:
     for model in args.models.split(","):
         dirs = eb.prepare(mx, model, variants, args.cache_dir, args.smollm2_dir)
         for variant in variants:
-            runner = core.ModelRunner(str(dirs[variant]), block_size=16, device=args.device, dtype=eb.VARIANT_DTYPE[variant])
+            runner = core.ModelRunner(
+                str(dirs[variant]), block_size=16, device=args.device, dtype=eb.VARIANT_DTYPE[variant],
+                **({"gather_attention": True} if args.gather else {}),
+            )
             for b in (int(x) for x in args.batches.split(",")):
                 prompts = eb.prompts_for(b, args.prompt_len, runner.vocab_size, seed=1)
                 m = profile(runner, prompts, args.steps, params)

@@ -19,8 +19,8 @@ pub struct Pages {
     pub max_pages: i32,
     /// `[R * P]`: each request's pages, padded with block 0 (masked out).
     pub block_table: Array,
-    /// `[R, 1, Q, P * block_size]`.
-    pub mask: Array,
+    /// `[R, 1, Q, P * block_size]`; none for decode groups that the page-reading kernel serves.
+    pub mask: Option<Array>,
 }
 
 /// Every request of a group has `len` tokens in the cache and its queries end at its last one (a
@@ -40,7 +40,8 @@ pub struct GroupPages {
     /// The same keys as `full` without padding or mask, when the group's requests share a length.
     pub exact: Option<Exact>,
     /// For the model's sliding-window layers: only the pages the window reaches (from the first
-    /// query's position - window + 1); also key position > query position - window.
+    /// query's position - window + 1); also key position > query position - window. None for
+    /// decode groups that the page-reading kernel serves (it starts at the window itself).
     pub window: Option<Pages>,
 }
 
@@ -50,6 +51,8 @@ pub struct AttnGroup {
     pub max_q: i32,
     /// `[R * Q]`: the flat token feeding each padded query row (padding repeats a real row).
     pub q_index: Array,
+    /// `[R]`: each request's length at the end of its chunk (its keys in the cache this step).
+    pub seq_lens: Array,
     /// Per KV-cache group.
     pub pages: Vec<GroupPages>,
 }
@@ -73,8 +76,9 @@ pub struct StepBatch {
 impl StepBatch {
     /// Decode chunks (one token) share one group; each prefill chunk gets its own, so a long
     /// prompt does not pad every decode row to its length. `window`: the sliding window of the
-    /// model's local layers, if it has any.
-    pub fn build(chunks: &[SeqChunk], block_size: usize, window: Option<usize>) -> Result<Self> {
+    /// model's local layers, if it has any. `decode_in_place`: decode attention reads the pages
+    /// itself (a kernel), so the decode group needs only its block tables and lengths.
+    pub fn build(chunks: &[SeqChunk], block_size: usize, window: Option<usize>, decode_in_place: bool) -> Result<Self> {
         let num_kv_groups = chunks.first().map_or(1, |c| c.block_ids.len());
         let mut token_ids = Vec::new();
         let mut positions = Vec::new();
@@ -137,6 +141,7 @@ impl StepBatch {
             }
             let (rq, qi) = (m.len() as i32, q as i32);
             let qpos = Array::from_slice(&q_pos, &[rq, 1, qi, 1]);
+            let in_place = decode_in_place && q == 1;
             // Pages: all of them, or from the first page the window reaches.
             let pages_from = |first: &dyn Fn(usize) -> usize, g: usize| -> Result<(Pages, Array)> {
                 let firsts: Vec<usize> = m.iter().map(|&r| first(r)).collect();
@@ -144,28 +149,30 @@ impl StepBatch {
                     m.iter().map(|&r| (chunks[r].start + chunks[r].tokens.len()).div_ceil(block_size)).collect();
                 let pn = firsts.iter().zip(&ends).map(|(f, e)| e - f).max().unwrap();
                 let mut table = Vec::with_capacity(m.len() * pn);
-                let mut kpos = Vec::with_capacity(m.len() * pn * block_size);
                 for (row, &r) in m.iter().enumerate() {
                     let (f, e) = (firsts[row], ends[row]);
                     table.extend_from_slice(&chunks[r].block_ids[g][f..e]);
                     table.extend(std::iter::repeat(0).take(pn - (e - f)));
-                    // Padding pages get positions past the request's end: masked as future keys.
+                }
+                let block_table = Array::from_slice(&table, &[rq * pn as i32]);
+                if in_place {
+                    return Ok((Pages { max_pages: pn as i32, block_table, mask: None }, qpos.clone()));
+                }
+                // Padding pages get positions past the request's end: masked as future keys.
+                let mut kpos = Vec::with_capacity(m.len() * pn * block_size);
+                for &f in &firsts {
                     kpos.extend((0..pn * block_size).map(|j| (f * block_size + j) as i32));
                 }
                 let kpos = Array::from_slice(&kpos, &[rq, 1, 1, (pn * block_size) as i32]);
-                let pages = Pages {
-                    max_pages: pn as i32,
-                    block_table: Array::from_slice(&table, &[rq * pn as i32]),
-                    mask: kpos.le(&qpos)?,
-                };
-                Ok((pages, kpos))
+                let mask = Some(kpos.le(&qpos)?);
+                Ok((Pages { max_pages: pn as i32, block_table, mask }, kpos))
             };
             let ends: Vec<usize> = m.iter().map(|&r| chunks[r].start + chunks[r].tokens.len()).collect();
             let same_len = ends.iter().all(|&e| e == ends[0]) && m.iter().all(|&r| chunks[r].tokens.len() == q);
             let mut pages = Vec::with_capacity(num_kv_groups);
             for g in 0..num_kv_groups {
                 let (full, _) = pages_from(&|_| 0, g)?;
-                let exact = same_len.then(|| {
+                let exact = (same_len && !in_place).then(|| {
                     let len = ends[0];
                     let mut slots = Vec::with_capacity(m.len() * len);
                     for &r in m {
@@ -175,17 +182,25 @@ impl StepBatch {
                     Exact { len: len as i32, slots: Array::from_slice(&slots, &[rq * len as i32]) }
                 });
                 let window = match window {
-                    Some(w) => {
+                    Some(w) if !in_place => {
                         let first = |r: usize| (chunks[r].start + 1).saturating_sub(w) / block_size;
                         let (mut p, kpos) = pages_from(&first, g)?;
-                        p.mask = p.mask.logical_and(kpos.gt(qpos.subtract(Array::from_int(w as i32))?)?)?;
+                        let in_window = kpos.gt(qpos.subtract(Array::from_int(w as i32))?)?;
+                        p.mask = Some(p.mask.as_ref().expect("gathered pages have a mask").logical_and(&in_window)?);
                         Some(p)
                     }
-                    None => None,
+                    _ => None,
                 };
                 pages.push(GroupPages { full, exact, window });
             }
-            groups.push(AttnGroup { num_seqs: rq, max_q: qi, q_index: Array::from_slice(&q_index, &[rq * qi]), pages });
+            let seq_lens: Vec<i32> = ends.iter().map(|&e| e as i32).collect();
+            groups.push(AttnGroup {
+                num_seqs: rq,
+                max_q: qi,
+                q_index: Array::from_slice(&q_index, &[rq * qi]),
+                seq_lens: Array::from_slice(&seq_lens, &[rq]),
+                pages,
+            });
             row_base += m.len() * q;
         }
         let t = token_ids.len() as i32;

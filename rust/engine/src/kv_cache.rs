@@ -25,6 +25,8 @@ pub struct PagedKvCache {
     /// Per layer: its KV-cache group and its storage (index into keys / values).
     pub layer_group: Vec<usize>,
     pub layer_storage: Vec<usize>,
+    /// Decode attention reads the pages in place (a custom kernel) instead of gathering copies.
+    pub decode_kernel: bool,
 }
 
 impl PagedKvCache {
@@ -70,7 +72,18 @@ impl PagedKvCache {
             values.push(ops::zeros_dtype(&shape, dtype)?);
         }
         eval(keys.iter().chain(values.iter()))?;
-        Ok(Self { block_size, num_blocks, kv_heads, head_dim, dtype, keys, values, layer_group, layer_storage })
+        Ok(Self {
+            block_size,
+            num_blocks,
+            kv_heads,
+            head_dim,
+            dtype,
+            keys,
+            values,
+            layer_group,
+            layer_storage,
+            decode_kernel: false,
+        })
     }
 
     /// Bytes of K and V for one block, over `num_layers` layers.

@@ -8,6 +8,7 @@ pub mod attention;
 pub mod batch;
 pub mod blas;
 pub mod config;
+pub mod custom_kernel;
 pub mod device;
 pub mod fuse;
 pub mod gguf;

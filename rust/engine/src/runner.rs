@@ -10,6 +10,7 @@ use mlx_rs::{
     Array, Dtype,
 };
 
+use crate::attention::decode_kernel_available;
 use crate::batch::{SeqChunk, StepBatch};
 use crate::config::ModelConfig;
 use crate::device::{self, DeviceKind};
@@ -28,6 +29,9 @@ pub struct RunnerOptions {
     pub device: Option<DeviceKind>,
     /// None: float32 on CPU, the checkpoint's dtype on GPU.
     pub dtype: Option<String>,
+    /// Decode attention through gathered copies of the history even where a page-reading kernel
+    /// exists (for A/B measurements).
+    pub gather_attention: bool,
 }
 
 /// A request the scheduler sends for the first time (or again after it was dropped).
@@ -216,6 +220,7 @@ pub struct ModelRunner {
     pub device: DeviceKind,
     pub dtype: Dtype,
     pub weights_nbytes: usize,
+    gather_attention: bool,
     model: Box<dyn CausalLm>,
     cache: Option<PagedKvCache>,
     requests: HashMap<String, RequestState>,
@@ -293,6 +298,7 @@ impl ModelRunner {
             device,
             dtype,
             weights_nbytes,
+            gather_attention: opts.gather_attention,
             model,
             cache: None,
             requests: HashMap::new(),
@@ -360,7 +366,7 @@ impl ModelRunner {
             self.num_layers()
         );
         self.cache = None;
-        self.cache = Some(PagedKvCache::with_groups(
+        let mut cache = PagedKvCache::with_groups(
             layer_group,
             layer_storage,
             num_blocks,
@@ -368,13 +374,16 @@ impl ModelRunner {
             self.config.num_kv_heads(),
             self.config.head_dim(),
             self.dtype,
-        )?);
+        )?;
+        cache.decode_kernel = !self.gather_attention && decode_kernel_available(cache.head_dim, cache.dtype);
         log::info!(
-            "KV cache: {num_blocks} blocks of {} tokens, {} KV-cache group(s), {:.1} MiB",
+            "KV cache: {num_blocks} blocks of {} tokens, {} KV-cache group(s), {:.1} MiB; decode attention {}",
             self.block_size,
-            self.cache.as_ref().map_or(0, |c| c.num_groups()),
-            self.cache.as_ref().map_or(0, |c| c.arrays().map(|a| a.nbytes()).sum::<usize>()) as f64 / (1 << 20) as f64
+            cache.num_groups(),
+            cache.arrays().map(|a| a.nbytes()).sum::<usize>() as f64 / (1 << 20) as f64,
+            if cache.decode_kernel { "reads the pages in place" } else { "gathers the pages" }
         );
+        self.cache = Some(cache);
         Ok(())
     }
 
@@ -400,7 +409,8 @@ impl ModelRunner {
             let block_ids: Vec<i32> = (0..blocks as i32).collect();
             let block_ids = [block_ids];
             let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
-            let batch = StepBatch::build(&[chunk], self.block_size, self.sliding_window())?;
+            let in_place = self.cache.as_ref().is_some_and(|c| c.decode_kernel);
+            let batch = StepBatch::build(&[chunk], self.block_size, self.sliding_window(), in_place)?;
             let cache = self.cache.as_mut().unwrap();
             let hidden = self.model.forward(&batch, cache)?;
             let last = hidden.take_axis(&Array::from_slice(&[num_tokens as i32 - 1], &[1]), 0)?;
@@ -514,7 +524,8 @@ impl ModelRunner {
                 flat_last.push(flat as i32 - 1);
             }
         }
-        let mut batch = StepBatch::build(&chunks, self.block_size, self.sliding_window())?;
+        let in_place = self.cache.as_ref().is_some_and(|c| c.decode_kernel);
+        let mut batch = StepBatch::build(&chunks, self.block_size, self.sliding_window(), in_place)?;
         drop(chunks);
         if !patches.is_empty() {
             batch.token_ids = self.patched_tokens(&batch.token_ids, &patches)?;
@@ -823,7 +834,8 @@ impl ModelRunner {
     /// Logits of every token of a batch of explicit chunks (req_id is informational). For tests of
     /// the paged path: KV of positions before each chunk's start must already be in its blocks.
     pub fn step_logits(&mut self, chunks: &[SeqChunk]) -> Result<Array> {
-        let batch = StepBatch::build(chunks, self.block_size, self.sliding_window())?;
+        let in_place = self.cache.as_ref().is_some_and(|c| c.decode_kernel);
+        let batch = StepBatch::build(chunks, self.block_size, self.sliding_window(), in_place)?;
         let model = &self.model;
         let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
         let hidden = model.forward(&batch, cache)?;

@@ -344,10 +344,17 @@ impl PyModelRunner {
 #[pymethods]
 impl PyModelRunner {
     #[new]
-    #[pyo3(signature = (model_path, *, block_size = 16, device = None, dtype = None))]
-    fn new(py: Python<'_>, model_path: PathBuf, block_size: usize, device: Option<String>, dtype: Option<String>) -> PyResult<Self> {
+    #[pyo3(signature = (model_path, *, block_size = 16, device = None, dtype = None, gather_attention = false))]
+    fn new(
+        py: Python<'_>,
+        model_path: PathBuf,
+        block_size: usize,
+        device: Option<String>,
+        dtype: Option<String>,
+        gather_attention: bool,
+    ) -> PyResult<Self> {
         let device = device.map(|d| d.parse::<DeviceKind>()).transpose().map_err(engine_err)?;
-        let opts = RunnerOptions { block_size, device, dtype };
+        let opts = RunnerOptions { block_size, device, dtype, gather_attention };
         let r = py
             .detach(|| runner::ModelRunner::load(&model_path, &opts))
             .map_err(engine_err)?;
