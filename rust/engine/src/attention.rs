@@ -123,19 +123,20 @@ pub fn paged_attention(
     let mut outs = Vec::with_capacity(batch.groups.len());
     for g in &batch.groups {
         let group = g.pages.get(kv_group).ok_or_else(|| anyhow::anyhow!("batch has no block tables of KV group {kv_group}"))?;
+        let qg = if batch.identity { q.clone() } else { q.take_axis(&g.q_index, 0)? };
+        if g.max_q == 1 && cache.decode_kernel {
+            // Every page from position 0 (the batch builds no window pages for these groups): the
+            // kernel itself starts at the window.
+            let o = paged_decode(&qg, cache, layer, &group.full, &g.seq_lens, scale, window, cap)?;
+            outs.push(o.reshape(&[g.num_seqs, heads * head_dim])?);
+            continue;
+        }
         let pages = match (windowed, &group.window) {
             (true, Some(p)) => p,
             (true, None) => anyhow::bail!("sliding-window layer but the batch has no window pages"),
             (false, _) => &group.full,
         };
         let (r, qn, kn) = (g.num_seqs, g.max_q, pages.max_pages * bs);
-        let qg = if batch.identity { q.clone() } else { q.take_axis(&g.q_index, 0)? };
-        if qn == 1 && cache.decode_kernel {
-            // Every page from position 0: the kernel itself starts at the window.
-            let o = paged_decode(&qg, cache, layer, &group.full, &g.seq_lens, scale, window, cap)?;
-            outs.push(o.reshape(&[r, heads * head_dim])?);
-            continue;
-        }
         let qg = qg.reshape(&[r, qn, heads, head_dim])?.transpose_axes(&[0, 2, 1, 3])?;
         let o = match (&group.exact, windowed, cap) {
             // Requests of one length: exactly their tokens, no mask array (MLX's fused kernels).
