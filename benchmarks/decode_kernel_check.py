@@ -21,17 +21,31 @@ path = dirs["bf16"]
 lens = [1, 15, 16, 17, 40, 130, 300, 700]
 prompts = [eb.prompts_for(1, n, 128256, seed=i)[0] for i, n in enumerate(lens)]
 nxt = [random.Random(99 + i).randrange(128256) for i in range(len(lens))]
-for dtype in ("float32", "bfloat16"):
+
+
+def decode_logits(path, dtype, prompts, nxt, num_blocks):
+    """Per path (gather True / False): logits of one decode step after the prompts' prefill, on
+    scrambled block tables."""
     res = {}
     for gather in (False, True):
         r = core.ModelRunner(str(path), block_size=16, device="gpu", dtype=dtype, gather_attention=gather)
-        r.allocate_kv_cache(200)
-        blocks = list(range(1, 200))
+        r.allocate_kv_cache(num_blocks)
+        blocks = list(range(1, num_blocks))
         random.Random(0).shuffle(blocks)
-        tables = [[blocks.pop() for _ in range((n + 1 + 15) // 16)] for n in lens]
+        tables = [[blocks.pop() for _ in range((len(p) + 1 + 15) // 16)] for p in prompts]
         r.step_logits([(f"r{i}", p, 0, t) for i, (p, t) in enumerate(zip(prompts, tables))])
-        res[gather] = r.step_logits([(f"r{i}", [nxt[i]], lens[i], t) for i, t in enumerate(tables)]).astype(np.float64)
+        step = [(f"r{i}", [nxt[i]], len(p), t) for i, (p, t) in enumerate(zip(prompts, tables))]
+        res[gather] = r.step_logits(step).astype(np.float64)
         del r
+    return res
+
+
+def rel(a, b):
+    return (np.max(np.abs(a - b), axis=-1) / np.max(np.abs(b), axis=-1)).max()
+
+
+for dtype in ("float32", "bfloat16"):
+    res = decode_logits(path, dtype, prompts, nxt, 200)
     model, _ = load_model(path)
     if dtype == "float32":
         model.set_dtype(mx.float32)
@@ -42,9 +56,6 @@ for dtype in ("float32", "bfloat16"):
         ref.append(np.array(model(mx.array([[t]]), cache=cache)[0, -1].astype(mx.float32)))
     ref = np.stack(ref).astype(np.float64)
     del model
-
-    def rel(a, b):
-        return (np.max(np.abs(a - b), axis=-1) / np.max(np.abs(b), axis=-1)).max()
 
     k, g = res[False], res[True]
     print(f"{dtype}: decode logits rel err kernel-vs-mlxlm {rel(k, ref):.2e}, gather-vs-mlxlm {rel(g, ref):.2e}, "
@@ -73,16 +84,7 @@ wlens = [1, 20, 47, 48, 49, 100, 300]
 wprompts = [eb.prompts_for(1, n, 128256, seed=i)[0] for i, n in enumerate(wlens)]
 wnext = [random.Random(7 + i).randrange(128256) for i in range(len(wlens))]
 for dtype in ("float32", "bfloat16"):
-    res = {}
-    for gather in (False, True):
-        r = core.ModelRunner(str(wpath), block_size=16, device="gpu", dtype=dtype, gather_attention=gather)
-        r.allocate_kv_cache(100)
-        blocks = list(range(1, 100))
-        random.Random(0).shuffle(blocks)
-        tables = [[blocks.pop() for _ in range((n + 1 + 15) // 16)] for n in wlens]
-        r.step_logits([(f"r{i}", p, 0, t) for i, (p, t) in enumerate(zip(wprompts, tables))])
-        res[gather] = r.step_logits([(f"r{i}", [wnext[i]], wlens[i], t) for i, t in enumerate(tables)]).astype(np.float64)
-        del r
+    res = decode_logits(wpath, dtype, wprompts, wnext, 100)
     k, g = res[False], res[True]
     print(f"window 48, {dtype}: decode logits rel err kernel-vs-gather {rel(k, g):.2e}; "
           f"argmax agree {int((k.argmax(-1) == g.argmax(-1)).sum())}/{len(wlens)}")

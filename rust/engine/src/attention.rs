@@ -124,9 +124,9 @@ pub fn paged_attention(
     for g in &batch.groups {
         let group = g.pages.get(kv_group).ok_or_else(|| anyhow::anyhow!("batch has no block tables of KV group {kv_group}"))?;
         let qg = if batch.identity { q.clone() } else { q.take_axis(&g.q_index, 0)? };
-        if g.max_q == 1 && cache.decode_kernel {
-            // Every page from position 0 (the batch builds no window pages for these groups): the
-            // kernel itself starts at the window.
+        if g.in_place {
+            // Every page from position 0 (such groups have no window pages): the kernel itself
+            // starts at the window.
             let o = paged_decode(&qg, cache, layer, &group.full, &g.seq_lens, scale, window, cap)?;
             outs.push(o.reshape(&[g.num_seqs, heads * head_dim])?);
             continue;

@@ -53,6 +53,9 @@ pub struct AttnGroup {
     pub q_index: Array,
     /// `[R]`: each request's length at the end of its chunk (its keys in the cache this step).
     pub seq_lens: Array,
+    /// A decode group whose attention reads the pages itself (a kernel): its pages carry block
+    /// tables only (no masks, slot lists or window pages).
+    pub in_place: bool,
     /// Per KV-cache group.
     pub pages: Vec<GroupPages>,
 }
@@ -142,8 +145,9 @@ impl StepBatch {
             let (rq, qi) = (m.len() as i32, q as i32);
             let qpos = Array::from_slice(&q_pos, &[rq, 1, qi, 1]);
             let in_place = decode_in_place && q == 1;
-            // Pages: all of them, or from the first page the window reaches.
-            let pages_from = |first: &dyn Fn(usize) -> usize, g: usize| -> Result<(Pages, Array)> {
+            // Pages: all of them, or from the first page the window reaches (whose keys must also
+            // be inside the window).
+            let pages_from = |first: &dyn Fn(usize) -> usize, g: usize, window: Option<usize>| -> Result<Pages> {
                 let firsts: Vec<usize> = m.iter().map(|&r| first(r)).collect();
                 let ends: Vec<usize> =
                     m.iter().map(|&r| (chunks[r].start + chunks[r].tokens.len()).div_ceil(block_size)).collect();
@@ -156,7 +160,7 @@ impl StepBatch {
                 }
                 let block_table = Array::from_slice(&table, &[rq * pn as i32]);
                 if in_place {
-                    return Ok((Pages { max_pages: pn as i32, block_table, mask: None }, qpos.clone()));
+                    return Ok(Pages { max_pages: pn as i32, block_table, mask: None });
                 }
                 // Padding pages get positions past the request's end: masked as future keys.
                 let mut kpos = Vec::with_capacity(m.len() * pn * block_size);
@@ -164,14 +168,17 @@ impl StepBatch {
                     kpos.extend((0..pn * block_size).map(|j| (f * block_size + j) as i32));
                 }
                 let kpos = Array::from_slice(&kpos, &[rq, 1, 1, (pn * block_size) as i32]);
-                let mask = Some(kpos.le(&qpos)?);
-                Ok((Pages { max_pages: pn as i32, block_table, mask }, kpos))
+                let mut mask = kpos.le(&qpos)?;
+                if let Some(w) = window {
+                    mask = mask.logical_and(&kpos.gt(qpos.subtract(Array::from_int(w as i32))?)?)?;
+                }
+                Ok(Pages { max_pages: pn as i32, block_table, mask: Some(mask) })
             };
             let ends: Vec<usize> = m.iter().map(|&r| chunks[r].start + chunks[r].tokens.len()).collect();
             let same_len = ends.iter().all(|&e| e == ends[0]) && m.iter().all(|&r| chunks[r].tokens.len() == q);
             let mut pages = Vec::with_capacity(num_kv_groups);
             for g in 0..num_kv_groups {
-                let (full, _) = pages_from(&|_| 0, g)?;
+                let full = pages_from(&|_| 0, g, None)?;
                 let exact = (same_len && !in_place).then(|| {
                     let len = ends[0];
                     let mut slots = Vec::with_capacity(m.len() * len);
@@ -184,10 +191,7 @@ impl StepBatch {
                 let window = match window {
                     Some(w) if !in_place => {
                         let first = |r: usize| (chunks[r].start + 1).saturating_sub(w) / block_size;
-                        let (mut p, kpos) = pages_from(&first, g)?;
-                        let in_window = kpos.gt(qpos.subtract(Array::from_int(w as i32))?)?;
-                        p.mask = Some(p.mask.as_ref().expect("gathered pages have a mask").logical_and(&in_window)?);
-                        Some(p)
+                        Some(pages_from(&first, g, Some(w))?)
                     }
                     _ => None,
                 };
@@ -197,6 +201,7 @@ impl StepBatch {
             groups.push(AttnGroup {
                 num_seqs: rq,
                 max_q: qi,
+                in_place,
                 q_index: Array::from_slice(&q_index, &[rq * qi]),
                 seq_lens: Array::from_slice(&seq_lens, &[rq]),
                 pages,

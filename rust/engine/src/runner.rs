@@ -317,6 +317,12 @@ impl ModelRunner {
         self.config.layer_windows().into_iter().flatten().max()
     }
 
+    /// A step's tensors, for this model's windows and this cache's attention.
+    fn build_batch(&self, chunks: &[SeqChunk]) -> Result<StepBatch> {
+        let in_place = self.cache.as_ref().is_some_and(|c| c.decode_kernel);
+        StepBatch::build(chunks, self.block_size, self.sliding_window(), in_place)
+    }
+
     pub fn num_layers(&self) -> usize {
         self.config.num_hidden_layers
     }
@@ -409,8 +415,7 @@ impl ModelRunner {
             let block_ids: Vec<i32> = (0..blocks as i32).collect();
             let block_ids = [block_ids];
             let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
-            let in_place = self.cache.as_ref().is_some_and(|c| c.decode_kernel);
-            let batch = StepBatch::build(&[chunk], self.block_size, self.sliding_window(), in_place)?;
+            let batch = self.build_batch(&[chunk])?;
             let cache = self.cache.as_mut().unwrap();
             let hidden = self.model.forward(&batch, cache)?;
             let last = hidden.take_axis(&Array::from_slice(&[num_tokens as i32 - 1], &[1]), 0)?;
@@ -524,8 +529,7 @@ impl ModelRunner {
                 flat_last.push(flat as i32 - 1);
             }
         }
-        let in_place = self.cache.as_ref().is_some_and(|c| c.decode_kernel);
-        let mut batch = StepBatch::build(&chunks, self.block_size, self.sliding_window(), in_place)?;
+        let mut batch = self.build_batch(&chunks)?;
         drop(chunks);
         if !patches.is_empty() {
             batch.token_ids = self.patched_tokens(&batch.token_ids, &patches)?;
@@ -834,8 +838,7 @@ impl ModelRunner {
     /// Logits of every token of a batch of explicit chunks (req_id is informational). For tests of
     /// the paged path: KV of positions before each chunk's start must already be in its blocks.
     pub fn step_logits(&mut self, chunks: &[SeqChunk]) -> Result<Array> {
-        let in_place = self.cache.as_ref().is_some_and(|c| c.decode_kernel);
-        let batch = StepBatch::build(chunks, self.block_size, self.sliding_window(), in_place)?;
+        let batch = self.build_batch(chunks)?;
         let model = &self.model;
         let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
         let hidden = model.forward(&batch, cache)?;
