@@ -25,6 +25,7 @@ TINY_KV_BLOCKS = MAX_MODEL_LEN // BLOCK_SIZE + 1
 MAX_TOKENS = 32
 PREFIX_LEN = 48  # three full blocks shared by all prompts
 SUFFIX_LENS = [3, 40, 11, 27, 6, 33, 17, 22]
+MAX_LEN_DEFAULT = 1024  # default_llm's max_model_len
 
 
 def _metric_total(llm, name: str) -> float:
@@ -252,7 +253,7 @@ def default_llm(default_model_dir):
     llm = LLM(
         model=str(default_model_dir),
         dtype="float32",  # what ModelRunner(dtype=None) computes in on CPU, compared below
-        max_model_len=1024,
+        max_model_len=MAX_LEN_DEFAULT,
         kv_cache_memory_bytes=64 * 1024 * 1024,
         seed=0,
     )
@@ -331,3 +332,135 @@ def test_llm_after_mlx_use_in_parent(tiny_models, tmp_path):
     assert rc == 0, f"subprocess failed (rc {rc}):\n{text[-4000:]}"
     result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[7:])
     assert result["vllm"] == result["alone"], result
+
+
+# --------------------------------------------------------------------------------------------------
+# Extreme values through vllm.LLM: refused up front (ValueError) or served normally, and the
+# engine's greedy answer to a reference prompt never changes.
+# --------------------------------------------------------------------------------------------------
+
+EXTREMES = [0, -1, 2**31, 2**63 - 1, 2**63, -(2**63), 1e308, float("nan")]
+_AS_IS = lambda v: v  # noqa: E731
+EXTREME_FIELDS = [
+    ("temperature", _AS_IS),
+    ("top_p", _AS_IS),
+    ("top_k", _AS_IS),
+    ("min_p", _AS_IS),
+    ("seed", _AS_IS),
+    ("presence_penalty", _AS_IS),
+    ("frequency_penalty", _AS_IS),
+    ("repetition_penalty", _AS_IS),
+    ("max_tokens", _AS_IS),
+    ("min_tokens", _AS_IS),
+    ("logprobs", _AS_IS),
+    ("prompt_logprobs", _AS_IS),
+    ("n", _AS_IS),
+    ("logit_bias", lambda v: {5: v}),
+    ("logit_bias", lambda v: {v: 1.0}),
+    ("allowed_token_ids", lambda v: [v]),
+    ("stop_token_ids", lambda v: [v]),
+    ("prompt_token_ids", lambda v: [v]),
+]
+
+
+def test_extreme_values_through_llm(default_llm):
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
+    from vllm.inputs import TokensPrompt
+
+    def reference() -> str:
+        out = default_llm.generate(
+            ["The capital of France is"], SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False
+        )
+        return out[0].outputs[0].text
+
+    expected = reference()
+    refused = served = 0
+    for name, wrap in EXTREME_FIELDS:
+        for value in EXTREMES:
+            what = f"{name}={wrap(value)!r}"
+            prompt = "Hi"
+            kwargs = {"temperature": 0.0, "max_tokens": 2}
+            if name == "prompt_token_ids":
+                prompt = TokensPrompt(prompt_token_ids=wrap(value))
+            else:
+                kwargs[name] = wrap(value)
+            if name == "max_tokens":
+                # vLLM stops a huge max_tokens at max_model_len: a prompt 4 tokens short of it.
+                prompt = TokensPrompt(prompt_token_ids=[42] * (MAX_LEN_DEFAULT - 4))
+            try:
+                outs = default_llm.generate([prompt], SamplingParams(**kwargs), use_tqdm=False)
+            except (ValueError, TypeError, OverflowError, VLLMValidationError) as e:
+                # Refused before the engine saw it, with a reason.
+                assert str(e).strip(), f"{what}: refused without a reason"
+                refused += 1
+            else:
+                for o in outs[0].outputs:
+                    assert o.finish_reason in ("stop", "length"), f"{what}: finished with {o.finish_reason}"
+                served += 1
+            assert reference() == expected, f"{what}: the reference answer changed"
+    print(f"{served} served, {refused} refused")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fault isolation: a request the engine cannot serve, or a step that fails, fails its own requests
+# (finish_reason "error", HTTP 500 on the server) and the engine serves the next ones as before.
+# --------------------------------------------------------------------------------------------------
+
+
+def _inject_fault(llm, stage: str) -> None:
+    llm.collective_rpc("inject_fault", args=(stage,))
+
+
+@pytest.fixture(scope="module")
+def wide_tokenizer_llm(tiny_models, tmp_path_factory):
+    """The tiny model with a tokenizer 64 ids wider than its vocabulary: vLLM accepts those ids
+    (they are the tokenizer's), and the engine cannot embed them."""
+    import shutil
+
+    from vllm import LLM
+
+    spec = R.TINY_VARIANTS[TINY]
+    model_dir = tmp_path_factory.mktemp("wide") / "model"
+    shutil.copytree(tiny_models.path(TINY), model_dir)
+    R.build_tokenizer(spec.vocab_size + 64).save_pretrained(model_dir)
+    llm = LLM(
+        model=str(model_dir),
+        dtype="float32",
+        max_model_len=MAX_MODEL_LEN,
+        block_size=BLOCK_SIZE,
+        kv_cache_memory_bytes=64 * spec.kv_bytes_per_block(BLOCK_SIZE, dtype_bytes=4),
+        max_num_seqs=8,
+        seed=0,
+    )
+    yield llm
+    shutdown_llm(llm)
+
+
+def test_a_request_the_engine_cannot_embed_fails_alone(wide_tokenizer_llm, tiny_prompts):
+    llm = wide_tokenizer_llm
+    good = [tiny_prompts[i] for i in (0, 2, 4)]
+    expected = _token_ids(llm.generate(_token_prompts(good), _greedy(8), use_tqdm=False))
+    bad = good[1][:5] + [R.TINY_VARIANTS[TINY].vocab_size + 10]
+    outs = llm.generate(_token_prompts([good[0], bad, good[1], good[2]]), _greedy(8), use_tqdm=False)
+    assert outs[1].outputs[0].finish_reason == "error", outs[1].outputs[0]
+    assert [o.outputs[0].finish_reason for i, o in enumerate(outs) if i != 1] == ["length"] * 3
+    assert _token_ids([outs[0], outs[2], outs[3]]) == expected
+    assert _token_ids(llm.generate(_token_prompts(good), _greedy(8), use_tqdm=False)) == expected
+
+
+@pytest.mark.parametrize("stage", ["forward", "sample", "device"])
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(wide_tokenizer_llm, tiny_prompts, stage):
+    llm = wide_tokenizer_llm
+    good = [tiny_prompts[i] for i in (1, 3)]
+    expected = _token_ids(llm.generate(_token_prompts(good), _greedy(8), use_tqdm=False))
+    _inject_fault(llm, stage)
+    outs = llm.generate(_token_prompts(good), _greedy(8), use_tqdm=False)
+    # The requests of the failed step (the first, which holds at least the first request) fail;
+    # a request that was not in it is served as usual.
+    finished = [o.outputs[0].finish_reason for o in outs]
+    assert finished[0] == "error" and set(finished) <= {"error", "length"}, finished
+    for o, want in zip(outs, expected):
+        if o.outputs[0].finish_reason == "length":
+            assert list(o.outputs[0].token_ids) == want
+    assert _token_ids(llm.generate(_token_prompts(good), _greedy(8), use_tqdm=False)) == expected

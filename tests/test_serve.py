@@ -315,3 +315,100 @@ def test_metrics_endpoint(server, client, check_alive):
     gen = [line for line in lines if line.startswith("vllm:generation_tokens_total")]
     assert gen, f"no vllm:generation_tokens_total in /metrics:\n{body[:2000]}"
     assert sum(float(line.rsplit(" ", 1)[1]) for line in gen) > 0, gen
+
+
+# --------------------------------------------------------------------------------------------------
+# Extreme values: every field at the edges of its type answers 200 or 400, never takes the server
+# down, and leaves the greedy answer of a reference request unchanged.
+# --------------------------------------------------------------------------------------------------
+
+EXTREMES = [0, -1, 2**31, 2**63 - 1, 2**63, -(2**63), 1e308, float("nan")]
+
+# (endpoint, field, how the value goes in)
+_AS_IS = lambda v: v  # noqa: E731
+EXTREME_FIELDS = [
+    ("completions", "temperature", _AS_IS),
+    ("completions", "top_p", _AS_IS),
+    ("completions", "top_k", _AS_IS),
+    ("completions", "min_p", _AS_IS),
+    ("completions", "seed", _AS_IS),
+    ("completions", "presence_penalty", _AS_IS),
+    ("completions", "frequency_penalty", _AS_IS),
+    ("completions", "repetition_penalty", _AS_IS),
+    ("completions", "max_tokens", _AS_IS),
+    ("completions", "min_tokens", _AS_IS),
+    ("completions", "logprobs", _AS_IS),
+    ("completions", "prompt_logprobs", _AS_IS),
+    ("completions", "n", _AS_IS),
+    ("completions", "truncate_prompt_tokens", _AS_IS),
+    ("completions", "priority", _AS_IS),
+    ("completions", "logit_bias", lambda v: {"5": v}),
+    ("completions", "logit_bias", lambda v: {str(v): 1.0}),
+    ("completions", "allowed_token_ids", lambda v: [v]),
+    ("completions", "stop_token_ids", lambda v: [v]),
+    ("completions", "prompt", lambda v: [v]),
+    ("chat/completions", "top_logprobs", _AS_IS),
+    ("chat/completions", "max_completion_tokens", _AS_IS),
+    ("chat/completions", "min_tokens", _AS_IS),
+]
+
+
+def _post(url: str, body: dict, timeout: float = 120.0) -> tuple[int, dict]:
+    import json
+
+    # allow_nan: NaN goes out as the bare `NaN` token Python's (and the server's) JSON reads.
+    data = json.dumps(body, allow_nan=True).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def _reference_text(base: str) -> str:
+    status, body = _post(
+        base + "/v1/completions",
+        {"model": MODEL_NAME, "prompt": "The capital of France is", "temperature": 0.0, "max_tokens": 6},
+    )
+    assert status == 200, body
+    return body["choices"][0]["text"]
+
+
+def test_issue_request_with_top_k_beyond_int64_is_served(server, check_alive):
+    """The request that used to kill the server: top_k = 2^63 means "no top-k"."""
+    status, body = _post(
+        server["base"] + "/v1/completions",
+        {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 4, "top_k": 2**63, "temperature": 0.0},
+    )
+    assert status == 200, body
+    plain = _post(
+        server["base"] + "/v1/completions",
+        {"model": MODEL_NAME, "prompt": "Hi", "max_tokens": 4, "temperature": 0.0},
+    )[1]
+    assert body["choices"][0]["text"] == plain["choices"][0]["text"]
+
+
+def test_extreme_values_never_take_the_server_down(server, check_alive):
+    base = server["base"]
+    reference = _reference_text(base)
+    answers: dict[str, int] = {}
+    for endpoint, name, wrap in EXTREME_FIELDS:
+        for value in EXTREMES:
+            body = {"model": MODEL_NAME, "max_tokens": 2, "temperature": 0.0}
+            if endpoint == "completions":
+                body["prompt"] = "Hi"
+            else:
+                body["messages"] = [{"role": "user", "content": "Hi"}]
+            body[name] = wrap(value)
+            what = f"{endpoint} {name}={body[name]!r}"
+            status, reply = _post(f"{base}/v1/{endpoint}", body)
+            answers[what] = status
+            assert status in (200, 400), f"{what}: HTTP {status} {reply}"
+            if status == 400:
+                message = reply.get("error", {}).get("message", "")
+                assert message.strip(), f"{what}: 400 without a reason: {reply}"
+            assert server["proc"].poll() is None, f"{what} took the server down:\n{_tail(server['log'])}"
+            assert _get(base + "/health")[0] == 200, f"{what}: unhealthy afterwards"
+            assert _reference_text(base) == reference, f"{what}: the reference answer changed"
+    print(f"{sum(s == 200 for s in answers.values())} served, {sum(s == 400 for s in answers.values())} refused")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -195,6 +197,19 @@ class MetalPlatform(Platform):
         if parallel_config.worker_cls == "auto":
             parallel_config.worker_cls = WORKER_CLS
 
+        # vLLM's scheduler, taught to finish the requests a step could not serve (the engine
+        # forgets them and goes on; see scheduler.py).
+        from vllm_metal_rs.scheduler import ASYNC_SCHEDULER_CLS, SCHEDULER_CLS
+
+        sched = vllm_config.scheduler_config
+        ours = ASYNC_SCHEDULER_CLS if sched.async_scheduling else SCHEDULER_CLS
+        _reject(
+            sched.scheduler_cls not in (None, SCHEDULER_CLS, ASYNC_SCHEDULER_CLS),
+            f"scheduler_cls={sched.scheduler_cls!r} is not supported; the platform uses {ours}, "
+            "which finishes requests the engine could not serve",
+        )
+        sched.scheduler_cls = ours
+
         cache_config = vllm_config.cache_config
         if cache_config is not None and not cache_config.user_specified_block_size:
             cache_config.block_size = envs.block_size()
@@ -313,4 +328,45 @@ class MetalPlatform(Platform):
         ):
             if getattr(params, field, None) is not None:
                 raise _UnsupportedRequest(f"vllm-metal-rs: {what} not supported", parameter=field)
+        # vLLM lets a float or an int beyond 64 bits through some integer fields offline; the
+        # engine-core process would then fail to decode the request and stop reading requests.
+        for name in _INT_FIELDS:
+            value = getattr(params, name, None)
+            if value is not None and not (
+                isinstance(value, numbers.Integral) and -(2**63) <= value < 2**63
+            ):
+                raise _UnsupportedRequest(
+                    f"vllm-metal-rs: {name} must be an integer in [-2**63, 2**63), got {value!r}",
+                    parameter=name,
+                )
+        # vLLM compares ids with the vocabulary's bounds, which NaN passes, and does not look at
+        # bias values; the engine needs integer ids and finite biases.
+        prompt = processed_inputs.get("prompt_token_ids") if isinstance(processed_inputs, dict) else None
+        _check_token_ids(prompt, "prompt_token_ids")
+        _check_token_ids(getattr(params, "allowed_token_ids", None), "allowed_token_ids")
+        _check_token_ids(getattr(params, "stop_token_ids", None), "stop_token_ids")
+        bias = getattr(params, "logit_bias", None) or {}
+        _check_token_ids(bias.keys(), "logit_bias")
+        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in bias.values()):
+            raise _UnsupportedRequest(
+                "vllm-metal-rs: logit_bias values must be finite numbers", parameter="logit_bias"
+            )
+
+
+# SamplingParams' integer fields, as the engine-core request carries them.
+_INT_FIELDS = (
+    "n",
+    "seed",
+    "top_k",
+    "max_tokens",
+    "min_tokens",
+    "logprobs",
+    "prompt_logprobs",
+    "truncate_prompt_tokens",
+)
+
+
+def _check_token_ids(ids: Any, field: str) -> None:
+    if ids is not None and not all(isinstance(t, numbers.Integral) for t in ids):
+        raise _UnsupportedRequest(f"vllm-metal-rs: {field} must be integers", parameter=field)
 

@@ -24,6 +24,7 @@ from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vllm_metal_rs import envs
 from vllm_metal_rs.platform import device_total_memory
+from vllm_metal_rs.scheduler import MetalModelRunnerOutput
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -334,6 +335,19 @@ class MetalWorker(WorkerBase):
         """The engine's host timings of the steps since the last call (`llm.collective_rpc`)."""
         return self._runner().take_step_profile()
 
+    def inject_fault(self, stage: str) -> None:
+        """Make the next step fail once at `stage`: "forward", "sample" or "device" (tests of
+        fault isolation, through `llm.collective_rpc`)."""
+        self._runner().inject_fault(stage)
+
+    def get_model_inspection(self) -> str:
+        # repr(vllm.LLM) asks for this; the base inspects a torch module, which this has none of.
+        r = self._runner()
+        return (
+            f"{self.model_config.architecture} on the vllm-metal-rs engine ({r.num_layers} layers,"
+            f" {r.num_kv_heads} KV heads x {r.head_dim}, {r.kv_cache_dtype}, MLX {r.device})"
+        )
+
     def shutdown(self) -> None:
         # Dropping the runner frees the weights and the KV cache.
         self.model_runner = None
@@ -392,13 +406,13 @@ class MetalWorker(WorkerBase):
 
 
 def _model_runner_output(step: tuple, num_scheduled: int) -> ModelRunnerOutput:
-    """The engine's `(req_ids, sampled, logprobs, prompt_logprobs)` as vLLM's output."""
-    req_ids, sampled, logprobs, prompt_logprobs = step
+    """The engine's `(req_ids, sampled, logprobs, prompt_logprobs, failed)` as vLLM's output."""
+    req_ids, sampled, logprobs, prompt_logprobs, failed = step
     if len(req_ids) != num_scheduled:
         raise RuntimeError(
             f"vllm-metal-rs: engine returned {len(req_ids)} requests for {num_scheduled} scheduled"
         )
-    return ModelRunnerOutput(
+    return MetalModelRunnerOutput(
         req_ids=req_ids,
         req_id_to_index={req_id: i for i, req_id in enumerate(req_ids)},
         sampled_token_ids=sampled,
@@ -407,6 +421,7 @@ def _model_runner_output(step: tuple, num_scheduled: int) -> ModelRunnerOutput:
             req_id: LogprobsTensors(*(torch.from_numpy(a) for a in arrays))
             for req_id, arrays in prompt_logprobs.items()
         },
+        failed_requests=failed,
     )
 
 

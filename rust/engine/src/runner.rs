@@ -67,6 +67,8 @@ pub struct SchedulerStep {
     /// (req_id, tokens to run this step), in the order the runner processes them.
     pub num_scheduled_tokens: Vec<(String, usize)>,
     pub finished_req_ids: Vec<String>,
+    /// Scheduled requests the reader could not read, with the reason: they fail in this step.
+    pub rejected: Vec<(String, String)>,
 }
 
 /// Reported logprobs, row-major `[rows, cols]`: per row the target token first (the sampled one,
@@ -111,6 +113,9 @@ pub struct StepOutput {
     pub logprobs: Option<Logprobs>,
     /// The whole prompt's logprobs (`num_prompt - 1` rows), for requests whose prefill ended now.
     pub prompt_logprobs: Vec<(String, Logprobs)>,
+    /// Requests of the step that failed (no token), with the reason; the engine has forgotten
+    /// them and serves the others.
+    pub failed: Vec<(String, String)>,
 }
 
 /// vLLM's structured-output bitmask: one row of `width` int32 words per request of `req_ids`.
@@ -175,6 +180,22 @@ struct PendingStep {
     logits: Option<Array>,
     prompt_chunks: Vec<PromptChunk>,
     timing: StepTiming,
+    failed: Vec<(String, String)>,
+}
+
+impl PendingStep {
+    /// A step that runs nothing (its requests failed).
+    fn nothing(scheduled: &[(String, usize)]) -> Self {
+        Self {
+            scheduled: scheduled.to_vec(),
+            sample_rows: Vec::new(),
+            keys: Vec::new(),
+            logits: None,
+            prompt_chunks: Vec::new(),
+            timing: StepTiming::default(),
+            failed: Vec::new(),
+        }
+    }
 }
 
 /// A step whose tokens are chosen and submitted, not yet read back to the host.
@@ -190,9 +211,25 @@ struct InFlight {
     timing: StepTiming,
     /// The ids on the host, once evaluated.
     host: Option<Vec<i32>>,
+    failed: Vec<(String, String)>,
 }
 
 impl InFlight {
+    /// A step with nothing on the device: no tokens, or all of its requests failed.
+    fn done(seq: u64, scheduled: Vec<(String, usize)>, failed: Vec<(String, String)>) -> Self {
+        Self {
+            seq,
+            scheduled,
+            sample_rows: Vec::new(),
+            ids: None,
+            top: None,
+            prompt_chunks: Vec::new(),
+            timing: StepTiming::default(),
+            host: Some(Vec::new()),
+            failed,
+        }
+    }
+
     /// What the step's output reads: the ids, the sampled tokens' and the prompts' logprobs.
     fn arrays(&self) -> Vec<&Array> {
         let mut v: Vec<&Array> = self.ids.iter().collect();
@@ -233,6 +270,32 @@ pub struct ModelRunner {
     in_flight: VecDeque<InFlight>,
     next_seq: u64,
     timings: Vec<StepTiming>,
+    /// A failure to raise once at this stage of the next step (tests of fault isolation).
+    fault: Option<FaultStage>,
+    /// Requests failed and forgotten that the scheduler has not finished yet: a step scheduled
+    /// before it learnt of the failure may still name them.
+    failed_requests: std::collections::HashSet<String>,
+}
+
+/// Where a step can fail: building and submitting the forward, choosing the tokens, or on the
+/// device while the step computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultStage {
+    Forward,
+    Sample,
+    Device,
+}
+
+impl std::str::FromStr for FaultStage {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "forward" => Ok(Self::Forward),
+            "sample" => Ok(Self::Sample),
+            "device" => Ok(Self::Device),
+            _ => bail!("unknown fault stage {s:?}: forward, sample or device"),
+        }
+    }
 }
 
 impl ModelRunner {
@@ -309,6 +372,8 @@ impl ModelRunner {
             in_flight: VecDeque::new(),
             next_seq: 0,
             timings: Vec::new(),
+            fault: None,
+            failed_requests: Default::default(),
         })
     }
 
@@ -346,6 +411,19 @@ impl ModelRunner {
     /// The timings of the steps run since the last call (at most the last 4096).
     pub fn take_step_profile(&mut self) -> Vec<StepTiming> {
         std::mem::take(&mut self.timings)
+    }
+
+    /// Make the next step fail at `stage`, once, as an error of MLX or of the engine would.
+    pub fn inject_fault(&mut self, stage: FaultStage) {
+        self.fault = Some(stage);
+    }
+
+    fn injected(&mut self, stage: FaultStage) -> Result<()> {
+        if self.fault == Some(stage) {
+            self.fault = None;
+            bail!("injected fault ({stage:?})");
+        }
+        Ok(())
     }
 
     pub fn set_logprobs_mode(&mut self, mode: LogprobsMode) {
@@ -428,21 +506,49 @@ impl ModelRunner {
         result
     }
 
-    /// One scheduler step: update request state, run the scheduled tokens, sample where due.
-    pub fn execute(&mut self, step: &SchedulerStep) -> Result<StepOutput> {
-        self.forward_step(step)?;
-        self.sample_step(None)
-    }
-
     /// The first half of a step: update request state, build the batch, submit the forward (MLX
     /// computes it in the background while the caller prepares the grammar bitmask).
+    ///
+    /// A request the step cannot serve (unreadable, out-of-range tokens, inconsistent with what
+    /// the engine knows) fails alone; an error of the forward itself fails the step's requests.
+    /// Either way the failed requests are forgotten and reported in the step's output, and the
+    /// engine goes on. Only an engine-level inconsistency is an `Err`.
     pub fn forward_step(&mut self, step: &SchedulerStep) -> Result<()> {
         ensure!(self.pending.is_none(), "a step is submitted twice without sampling its tokens");
         let t0 = std::time::Instant::now();
+        let mut failed = Vec::new();
+        for (id, reason) in &step.rejected {
+            fail(&mut failed, id, reason.clone());
+        }
+        self.apply_step(step, &mut failed);
+        self.failed_requests.extend(failed.iter().map(|(id, _)| id.clone()));
+        if step.num_scheduled_tokens.is_empty() {
+            return Ok(());
+        }
+        let pending = match catching(|| self.submit_forward(step, &failed, t0)) {
+            Ok(p) => p,
+            Err(e) => {
+                log::error!("a step of {} requests failed: {e:#}", step.num_scheduled_tokens.len());
+                self.fail_all(&step.num_scheduled_tokens, &mut failed, &e);
+                PendingStep::nothing(&step.num_scheduled_tokens)
+            }
+        };
+        self.pending = Some(PendingStep { failed, ..pending });
+        Ok(())
+    }
+
+    /// The scheduler's step applied to the request table; requests that cannot be applied are
+    /// forgotten and listed in `failed`.
+    fn apply_step(&mut self, step: &SchedulerStep, failed: &mut Vec<(String, String)>) {
         for id in &step.finished_req_ids {
             self.requests.remove(id);
+            self.failed_requests.remove(id);
         }
         for r in &step.new_requests {
+            if let Err(e) = self.check_new(r) {
+                fail(failed, &r.req_id, format!("{e:#}"));
+                continue;
+            }
             let prompt_logprobs = r.sampling.prompt_logprobs.map(|k| {
                 Logprobs::zeros(r.prompt_token_ids.len().saturating_sub(1), self.resolve_num_logprobs(k) + 1)
             });
@@ -461,42 +567,122 @@ impl ModelRunner {
             );
         }
         for c in &step.cached_requests {
-            let state = self
-                .requests
-                .get_mut(&c.req_id)
-                .ok_or_else(|| anyhow!("scheduler refers to unknown request {}", c.req_id))?;
-            if let Some(all) = &c.all_token_ids {
-                state.tokens = all.clone();
-                state.deferred.clear();
+            if self.failed_requests.contains(&c.req_id) {
+                failed.push((c.req_id.clone(), "failed in an earlier step".into()));
+                continue;
             }
-            match (&c.new_block_ids, c.resumed) {
-                (Some(ids), true) => state.block_ids = ids.clone(),
-                (Some(ids), false) => {
-                    ensure!(
-                        ids.len() == state.block_ids.len(),
-                        "request {}: {} new block tables for {} KV-cache groups",
-                        c.req_id,
-                        ids.len(),
-                        state.block_ids.len()
-                    );
-                    for (table, new) in state.block_ids.iter_mut().zip(ids) {
-                        table.extend_from_slice(new);
-                    }
+            if let Err(e) = self.apply_cached(c) {
+                self.requests.remove(&c.req_id);
+                fail(failed, &c.req_id, format!("{e:#}"));
+            }
+        }
+        // Scheduled tokens the request does not have: the engine and the scheduler disagree on
+        // this request (never seen in practice; checked so that it cannot take the step down).
+        for (id, n) in &step.num_scheduled_tokens {
+            let Some(s) = self.requests.get(id) else {
+                if !failed.iter().any(|(f, _)| f == id) {
+                    fail(failed, id, "scheduled but never sent to the engine".into());
                 }
-                (None, _) => {}
-            }
-            state.num_computed = c.num_computed_tokens;
-            // Outputs the scheduler no longer counts (e.g. rejected) are dropped.
-            let known = state.num_prompt + c.num_output_tokens;
-            if state.tokens.len() > known {
-                state.tokens.truncate(known);
-                state.deferred.retain(|d| d.pos < known);
+                continue;
+            };
+            if s.num_computed + n > s.tokens.len() {
+                let reason = format!(
+                    "{n} tokens scheduled from position {} but only {} are known",
+                    s.num_computed,
+                    s.tokens.len()
+                );
+                self.requests.remove(id);
+                fail(failed, id, reason);
             }
         }
-        if step.num_scheduled_tokens.is_empty() {
-            return Ok(());
-        }
+    }
 
+    /// Token ids inside the model's vocabulary, block tables for the cache's groups and blocks.
+    fn check_tokens(&self, tokens: &[i32]) -> Result<()> {
+        let vocab = self.config.vocab_size;
+        if let Some(&t) = tokens.iter().find(|&&t| t < 0 || t as usize >= vocab) {
+            bail!("token id {t} is outside the model's vocabulary of {vocab}");
+        }
+        Ok(())
+    }
+
+    fn check_blocks(&self, tables: &[Vec<i32>]) -> Result<()> {
+        let Some(cache) = &self.cache else { return Ok(()) };
+        ensure!(
+            tables.len() == cache.num_groups(),
+            "{} block tables for {} KV-cache groups",
+            tables.len(),
+            cache.num_groups()
+        );
+        let n = cache.num_blocks;
+        if let Some(&b) = tables.iter().flatten().find(|&&b| b < 0 || b as usize >= n) {
+            bail!("block id {b} is outside the KV cache of {n} blocks");
+        }
+        Ok(())
+    }
+
+    fn check_new(&self, r: &NewRequest) -> Result<()> {
+        ensure!(!r.prompt_token_ids.is_empty(), "the prompt is empty");
+        self.check_tokens(&r.prompt_token_ids)?;
+        self.check_blocks(&r.block_ids)?;
+        for t in r.sampling.allowed_token_ids.iter().flatten().chain(r.sampling.logit_bias.iter().map(|(t, _)| t)) {
+            self.check_tokens(std::slice::from_ref(t))?;
+        }
+        Ok(())
+    }
+
+    fn apply_cached(&mut self, c: &CachedRequest) -> Result<()> {
+        if let Some(all) = &c.all_token_ids {
+            self.check_tokens(all)?;
+        }
+        if let Some(ids) = &c.new_block_ids {
+            self.check_blocks(ids)?;
+        }
+        let state = self.requests.get_mut(&c.req_id).ok_or_else(|| anyhow!("unknown to the engine"))?;
+        if let Some(all) = &c.all_token_ids {
+            state.tokens = all.clone();
+            state.deferred.clear();
+        }
+        match (&c.new_block_ids, c.resumed) {
+            (Some(ids), true) => state.block_ids = ids.clone(),
+            (Some(ids), false) => {
+                ensure!(
+                    ids.len() == state.block_ids.len(),
+                    "{} new block tables for {} KV-cache groups",
+                    ids.len(),
+                    state.block_ids.len()
+                );
+                for (table, new) in state.block_ids.iter_mut().zip(ids) {
+                    table.extend_from_slice(new);
+                }
+            }
+            (None, _) => {}
+        }
+        state.num_computed = c.num_computed_tokens;
+        // Outputs the scheduler no longer counts (e.g. rejected) are dropped.
+        let known = state.num_prompt + c.num_output_tokens;
+        if state.tokens.len() > known {
+            state.tokens.truncate(known);
+            state.deferred.retain(|d| d.pos < known);
+        }
+        Ok(())
+    }
+
+    /// The requests of `scheduled` not failed yet fail with `e` and are forgotten.
+    fn fail_all(&mut self, scheduled: &[(String, usize)], failed: &mut Vec<(String, String)>, e: &anyhow::Error) {
+        for (id, _) in scheduled {
+            if !failed.iter().any(|(f, _)| f == id) {
+                self.requests.remove(id);
+                self.failed_requests.insert(id.clone());
+                failed.push((id.clone(), format!("the engine failed this step: {e:#}")));
+            }
+        }
+    }
+
+    /// Plan the step over the requests that did not fail, build its tensors and submit the forward.
+    fn submit_forward(&mut self, step: &SchedulerStep, failed: &[(String, String)], t0: std::time::Instant) -> Result<PendingStep> {
+        self.injected(FaultStage::Forward)?;
+        let failed_ids: std::collections::HashSet<&str> = failed.iter().map(|(id, _)| id.as_str()).collect();
         let mut chunks = Vec::with_capacity(step.num_scheduled_tokens.len());
         let mut sample_rows = Vec::new(); // batch index
         let mut flat_last = Vec::new(); // flat index of a sampling request's last token
@@ -504,18 +690,13 @@ impl ModelRunner {
         let mut patches = Vec::new(); // (flat index, in-flight token) of tokens still on the device
         let mut flat = 0usize;
         for (i, (id, n)) in step.num_scheduled_tokens.iter().enumerate() {
-            let s = self
-                .requests
-                .get(id)
-                .ok_or_else(|| anyhow!("scheduled request {id} was never sent"))?;
-            let end = s.num_computed + n;
-            if end > s.tokens.len() {
-                bail!(
-                    "request {id}: {n} tokens scheduled from position {} but only {} are known",
-                    s.num_computed,
-                    s.tokens.len()
-                );
+            if failed_ids.contains(id.as_str()) {
+                continue;
             }
+            // apply_step failed the requests these would refuse.
+            let s = self.requests.get(id).ok_or_else(|| anyhow!("scheduled request {id} was never sent"))?;
+            let end = s.num_computed + n;
+            ensure!(end <= s.tokens.len(), "request {id}: {n} tokens scheduled past its known tokens");
             chunks.push(SeqChunk { start: s.num_computed, tokens: &s.tokens[s.num_computed..end], block_ids: &s.block_ids });
             if s.prompt_logprobs.is_some() {
                 prompt_rows.push((i, flat));
@@ -528,6 +709,9 @@ impl ModelRunner {
                 sample_rows.push(i);
                 flat_last.push(flat as i32 - 1);
             }
+        }
+        if chunks.is_empty() {
+            return Ok(PendingStep::nothing(&step.num_scheduled_tokens));
         }
         let mut batch = self.build_batch(&chunks)?;
         drop(chunks);
@@ -595,17 +779,19 @@ impl ModelRunner {
             ..Default::default()
         };
         for (id, n) in &step.num_scheduled_tokens {
-            self.requests.get_mut(id).unwrap().num_computed += n;
+            if let Some(s) = self.requests.get_mut(id).filter(|_| !failed_ids.contains(id.as_str())) {
+                s.num_computed += n;
+            }
         }
-        self.pending = Some(PendingStep {
+        Ok(PendingStep {
             scheduled: step.num_scheduled_tokens.clone(),
             sample_rows,
             keys,
             logits,
             prompt_chunks,
             timing,
-        });
-        Ok(())
+            failed: Vec::new(),
+        })
     }
 
     /// Token ids `base` `[T]` with the positions of `patches` taken from in-flight steps' ids on
@@ -657,94 +843,19 @@ impl ModelRunner {
         let seq = self.next_seq;
         self.next_seq += 1;
         let Some(p) = self.pending.take() else {
-            self.in_flight.push_back(InFlight {
-                seq,
-                scheduled: Vec::new(),
-                sample_rows: Vec::new(),
-                ids: None,
-                top: None,
-                prompt_chunks: Vec::new(),
-                timing: StepTiming::default(),
-                host: Some(Vec::new()),
-            });
+            self.in_flight.push_back(InFlight::done(seq, Vec::new(), Vec::new()));
             return Ok(());
         };
         let t3 = std::time::Instant::now();
-        // Penalties and bad words read a request's tokens on the host: bring in the ones still in
-        // flight first (the step then waits for the previous one, as without async scheduling).
-        let needs_host = p.sample_rows.iter().any(|&i| {
-            let s = &self.requests[&p.scheduled[i].0];
-            !s.deferred.is_empty() && s.sampling.needs_history()
-        });
-        if needs_host {
-            for i in 0..self.in_flight.len() {
-                self.resolve(i)?;
+        let (ids, top) = match catching(|| self.choose_tokens(&p, grammar)) {
+            Ok(chosen) => chosen,
+            Err(e) => {
+                log::error!("sampling a step of {} requests failed: {e:#}", p.scheduled.len());
+                let mut failed = p.failed;
+                self.fail_all(&p.scheduled, &mut failed, &e);
+                self.in_flight.push_back(InFlight::done(seq, p.scheduled, failed));
+                return Ok(());
             }
-        }
-        let mut chosen = None;
-        if let Some(mut logits) = p.logits.clone() {
-            for &i in &p.sample_rows {
-                let s = self.requests.get_mut(&p.scheduled[i].0).unwrap();
-                if s.sampling.has_penalties() {
-                    let (prompt, output) = s.tokens.split_at(s.num_prompt);
-                    s.counts.update(prompt, output);
-                }
-            }
-            let state = |i: usize| &self.requests[&p.scheduled[i].0];
-            if let Some(g) = grammar.filter(|g| !g.req_ids.is_empty()) {
-                ensure!(
-                    g.words.len() == g.req_ids.len() * g.width,
-                    "grammar bitmask has {} words for {} requests of width {}",
-                    g.words.len(),
-                    g.req_ids.len(),
-                    g.width
-                );
-                let row_of: HashMap<&str, usize> =
-                    p.sample_rows.iter().enumerate().map(|(r, &i)| (p.scheduled[i].0.as_str(), r)).collect();
-                // Requests the grammar covers that do not sample this step have no row here.
-                let masked: Vec<(usize, &[i32])> = g
-                    .req_ids
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(j, id)| row_of.get(id.as_str()).map(|&r| (r, &g.words[j * g.width..(j + 1) * g.width])))
-                    .collect();
-                if !masked.is_empty() {
-                    let v = logits.shape()[1] as usize;
-                    logits = logits.add(bitmask_to_additive(p.sample_rows.len(), v, &masked)?)?;
-                }
-            }
-            let rows: Vec<Row> = p
-                .sample_rows
-                .iter()
-                .zip(&p.keys)
-                .map(|(&i, &key)| {
-                    let s = state(i);
-                    let (prompt, output) = s.tokens.split_at(s.num_prompt);
-                    Row { params: &s.sampling, key, prompt, output, counts: Some(&s.counts) }
-                })
-                .collect();
-            let (ids, used) = choose(&logits, &rows, self.logprobs_mode.is_processed())?;
-            // Sampled-token logprobs, for the rows that ask, from the logits the mode names.
-            let want: Vec<i32> =
-                (0..rows.len() as i32).filter(|&r| rows[r as usize].params.logprobs.is_some()).collect();
-            let top = if want.is_empty() {
-                None
-            } else {
-                let k = want
-                    .iter()
-                    .map(|&r| self.resolve_num_logprobs(rows[r as usize].params.logprobs.unwrap()))
-                    .max()
-                    .unwrap();
-                let source = used.as_ref().unwrap_or(&logits);
-                let idx = Array::from_slice(&want, &[want.len() as i32]);
-                let scores = self.logprobs_mode.scores(&source.take_axis(&idx, 0)?)?;
-                Some((want, k, gather_logprobs(&scores, k as i32, &ids.take_axis(&idx, 0)?)?))
-            };
-            chosen = Some((ids, top));
-        }
-        let (ids, top) = match chosen {
-            Some((ids, top)) => (Some(ids), top),
-            None => (None, None),
         };
         // Placeholders for the chosen tokens: the requests' lengths (positions, seeds of the next
         // draws) are known now; the values arrive with `resolve`.
@@ -762,10 +873,98 @@ impl ModelRunner {
             prompt_chunks: p.prompt_chunks,
             timing: StepTiming { sample_build: t3.elapsed().as_secs_f64(), ..p.timing },
             host: None,
+            failed: p.failed,
         };
-        async_eval(f.arrays()).context("submitting the sampler")?;
+        if let Err(e) = async_eval(f.arrays()) {
+            let e = anyhow::Error::from(e).context("submitting the sampler");
+            log::error!("a step of {} requests failed: {e:#}", f.scheduled.len());
+            let mut failed = f.failed;
+            self.fail_all(&f.scheduled, &mut failed, &e);
+            self.in_flight.push_back(InFlight::done(seq, f.scheduled, failed));
+            return Ok(());
+        }
         self.in_flight.push_back(f);
         Ok(())
+    }
+
+    /// The step's tokens and the logprobs asked for, chosen on the device (not evaluated).
+    #[allow(clippy::type_complexity)]
+    fn choose_tokens(
+        &mut self,
+        p: &PendingStep,
+        grammar: Option<&GrammarBitmask>,
+    ) -> Result<(Option<Array>, Option<(Vec<i32>, usize, TopLogprobs)>)> {
+        self.injected(FaultStage::Sample)?;
+        // Penalties and bad words read a request's tokens on the host: bring in the ones still in
+        // flight first (the step then waits for the previous one, as without async scheduling).
+        let needs_host = p.sample_rows.iter().any(|&i| {
+            let s = &self.requests[&p.scheduled[i].0];
+            !s.deferred.is_empty() && s.sampling.needs_history()
+        });
+        if needs_host {
+            for i in 0..self.in_flight.len() {
+                self.resolve(i)?;
+            }
+        }
+        let Some(mut logits) = p.logits.clone() else { return Ok((None, None)) };
+        for &i in &p.sample_rows {
+            let s = self.requests.get_mut(&p.scheduled[i].0).unwrap();
+            if s.sampling.has_penalties() {
+                let (prompt, output) = s.tokens.split_at(s.num_prompt);
+                s.counts.update(prompt, output);
+            }
+        }
+        let state = |i: usize| &self.requests[&p.scheduled[i].0];
+        if let Some(g) = grammar.filter(|g| !g.req_ids.is_empty()) {
+            ensure!(
+                g.words.len() == g.req_ids.len() * g.width,
+                "grammar bitmask has {} words for {} requests of width {}",
+                g.words.len(),
+                g.req_ids.len(),
+                g.width
+            );
+            let row_of: HashMap<&str, usize> =
+                p.sample_rows.iter().enumerate().map(|(r, &i)| (p.scheduled[i].0.as_str(), r)).collect();
+            // Requests the grammar covers that do not sample this step have no row here.
+            let masked: Vec<(usize, &[i32])> = g
+                .req_ids
+                .iter()
+                .enumerate()
+                .filter_map(|(j, id)| row_of.get(id.as_str()).map(|&r| (r, &g.words[j * g.width..(j + 1) * g.width])))
+                .collect();
+            if !masked.is_empty() {
+                let v = logits.shape()[1] as usize;
+                logits = logits.add(bitmask_to_additive(p.sample_rows.len(), v, &masked)?)?;
+            }
+        }
+        let rows: Vec<Row> = p
+            .sample_rows
+            .iter()
+            .zip(&p.keys)
+            .map(|(&i, &key)| {
+                let s = state(i);
+                let (prompt, output) = s.tokens.split_at(s.num_prompt);
+                Row { params: &s.sampling, key, prompt, output, counts: Some(&s.counts) }
+            })
+            .collect();
+        let (ids, used) = choose(&logits, &rows, self.logprobs_mode.is_processed())?;
+        // Sampled-token logprobs, for the rows that ask, from the logits the mode names.
+        let want: Vec<i32> =
+            (0..rows.len() as i32).filter(|&r| rows[r as usize].params.logprobs.is_some()).collect();
+        let top = if want.is_empty() {
+            None
+        } else {
+            let k = want
+                .iter()
+                .map(|&r| self.resolve_num_logprobs(rows[r as usize].params.logprobs.unwrap()))
+                .max()
+                .unwrap();
+            let source = used.as_ref().unwrap_or(&logits);
+            let idx = Array::from_slice(&want, &[want.len() as i32]);
+            let scores = self.logprobs_mode.scores(&source.take_axis(&idx, 0)?)?;
+            Some((want, k, gather_logprobs(&scores, k as i32, &ids.take_axis(&idx, 0)?)?))
+        };
+        Ok((Some(ids), top))
     }
 
     /// Wait for in-flight step `i` and put its tokens in place of their placeholders.
@@ -794,7 +993,29 @@ impl ModelRunner {
     /// The oldest submitted step's output, waiting for it if needed.
     pub fn collect(&mut self) -> Result<StepOutput> {
         ensure!(!self.in_flight.is_empty(), "no submitted step to collect");
-        self.resolve(0)?;
+        let resolved = catching(|| {
+            if self.in_flight[0].host.is_none() {
+                self.injected(FaultStage::Device)?;
+            }
+            self.resolve(0)
+        });
+        if let Err(e) = resolved {
+            // The device could not compute the step: its requests fail. If the KV cache itself
+            // cannot be computed any more, no later step can run and the engine must stop.
+            log::error!("a step failed on the device: {e:#}");
+            let f = self.in_flight.pop_front().unwrap();
+            let mut failed = f.failed;
+            self.fail_all(&f.scheduled, &mut failed, &e);
+            if let Some(cache) = &self.cache {
+                eval(cache.arrays()).context("the KV cache cannot be computed after a failed step; the engine stops")?;
+            }
+            return Ok(StepOutput {
+                sampled_token_ids: vec![Vec::new(); f.scheduled.len()],
+                req_ids: f.scheduled.into_iter().map(|(id, _)| id).collect(),
+                failed,
+                ..Default::default()
+            });
+        }
         let f = self.in_flight.pop_front().unwrap();
         if !f.scheduled.is_empty() {
             if self.timings.len() >= MAX_TIMINGS {
@@ -805,6 +1026,7 @@ impl ModelRunner {
         let mut out = StepOutput {
             req_ids: f.scheduled.iter().map(|(id, _)| id.clone()).collect(),
             sampled_token_ids: vec![Vec::new(); f.scheduled.len()],
+            failed: f.failed,
             ..Default::default()
         };
         let sampled = f.host.unwrap_or_default();
@@ -828,11 +1050,6 @@ impl ModelRunner {
             }
         }
         Ok(out)
-    }
-
-    /// Steps submitted and not collected.
-    pub fn num_in_flight(&self) -> usize {
-        self.in_flight.len()
     }
 
     /// Logits of every token of a batch of explicit chunks (req_id is informational). For tests of
@@ -923,6 +1140,9 @@ impl ModelRunner {
             }
             if self.in_flight.len() >= depth || (next.num_scheduled_tokens.is_empty() && !self.in_flight.is_empty()) {
                 let out = self.collect()?;
+                if let Some((id, reason)) = out.failed.first() {
+                    bail!("request {id} failed: {reason}");
+                }
                 for (id, toks) in out.req_ids.iter().zip(&out.sampled_token_ids) {
                     let i = index(id);
                     if done[i] {
@@ -950,5 +1170,27 @@ impl ModelRunner {
 
     pub fn dtype_name(&self) -> &'static str {
         dtype_name(self.dtype)
+    }
+}
+
+/// Record that request `id` failed, and why.
+fn fail(failed: &mut Vec<(String, String)>, id: &str, reason: String) {
+    log::error!("request {id} failed: {reason}");
+    failed.push((id.to_string(), reason));
+}
+
+/// `f`'s result, with a panic inside it turned into an error (a step must not take the engine
+/// down with it; the panic's message is kept).
+fn catching<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(anyhow!("internal error (panic): {msg}"))
+        }
     }
 }

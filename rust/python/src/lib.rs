@@ -12,9 +12,9 @@ use engine::runner::{self, CachedRequest, GrammarBitmask, Logprobs, NewRequest, 
 use engine::sampler::{self, Row, SamplingParams};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
-use pyo3::exceptions::PyRuntimeError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PySet};
+use pyo3::types::{PyDict, PyFloat, PyInt, PyList, PySet};
 
 create_exception!(_core, EngineError, PyRuntimeError, "An error of the vllm-metal-rs engine.");
 
@@ -107,7 +107,65 @@ fn field_or<'py, T: pyo3::conversion::FromPyObjectOwned<'py>>(obj: &Bound<'py, P
     }
 }
 
-/// vLLM's `SamplingParams` (or a dict with the same field names).
+// Values cross from Python with Python's ranges: an int may be any size, a float any double.
+// Each is brought into the engine's range here, once, so that no value can fail a step later.
+
+/// A Python int clamped into `[lo, hi]` (an int beyond i64 saturates by its sign). A float
+/// where vLLM let one through counts by its integer part; NaN is an error of the request.
+fn int_in(v: &Bound<'_, PyAny>, name: &str, lo: i64, hi: i64) -> PyResult<i64> {
+    let x = if v.is_instance_of::<PyInt>() {
+        match v.extract::<i64>() {
+            Ok(x) => x,
+            Err(_) if v.gt(0)? => i64::MAX,
+            Err(_) => i64::MIN,
+        }
+    } else if let Ok(f) = v.cast::<PyFloat>() {
+        let f = f.value();
+        if f.is_nan() {
+            return Err(PyValueError::new_err(format!("{name} is NaN")));
+        }
+        f as i64 // saturates
+    } else {
+        return Err(PyValueError::new_err(format!("{name} must be an integer, got {}", v.get_type().name()?)));
+    };
+    Ok(x.clamp(lo, hi))
+}
+
+fn int_field(obj: &Bound<'_, PyAny>, name: &str, lo: i64, hi: i64) -> PyResult<Option<i64>> {
+    field(obj, name)?.map(|v| int_in(&v, name, lo, hi)).transpose()
+}
+
+/// A token id: an int that no vocabulary can hold is an error of the request (vLLM checks ids
+/// against the vocabulary before they get here; the engine checks them again against the model).
+fn token_id(v: &Bound<'_, PyAny>, name: &str) -> PyResult<i32> {
+    let x = int_in(v, name, i64::MIN, i64::MAX)?;
+    i32::try_from(x).map_err(|_| PyValueError::new_err(format!("{name}: token id {x} is out of range")))
+}
+
+fn token_ids(v: &Bound<'_, PyAny>, name: &str) -> PyResult<Vec<i32>> {
+    v.try_iter()?.map(|t| token_id(&t?, name)).collect()
+}
+
+/// A float as f32: NaN is an error of the request; magnitudes beyond f32 saturate at its
+/// largest finite value (infinities would turn into NaN in the sampler's arithmetic).
+fn finite_f32(x: f64, name: &str) -> PyResult<f32> {
+    if x.is_nan() {
+        return Err(PyValueError::new_err(format!("{name} is NaN")));
+    }
+    Ok(x.clamp(-f32::MAX as f64, f32::MAX as f64) as f32)
+}
+
+fn float_field(obj: &Bound<'_, PyAny>, name: &str, default: f32) -> PyResult<f32> {
+    match field(obj, name)? {
+        Some(v) => finite_f32(v.extract::<f64>()?, name),
+        None => Ok(default),
+    }
+}
+
+/// vLLM's `SamplingParams` (or a dict with the same field names), brought into the engine's
+/// ranges: `top_k` beyond i32 is "no top-k" like any top_k above the vocabulary; `min_tokens`
+/// is bounded by `max_tokens`; a seed is taken modulo 2^64; logprob counts beyond i32 mean
+/// "all" like any count above the vocabulary.
 fn sampling_of(params: &Bound<'_, PyAny>) -> PyResult<SamplingParams> {
     if params.is_none() {
         return Ok(SamplingParams::default());
@@ -115,45 +173,56 @@ fn sampling_of(params: &Bound<'_, PyAny>) -> PyResult<SamplingParams> {
     let d = SamplingParams::default();
     let logit_bias: Vec<(i32, f32)> = match field(params, "logit_bias")? {
         Some(b) => {
-            let map: std::collections::HashMap<i32, f32> = b.extract()?;
-            let mut v: Vec<(i32, f32)> = map.into_iter().collect();
+            let b = b.cast_into::<PyDict>()?;
+            let mut v = Vec::with_capacity(b.len());
+            for (t, bias) in b.iter() {
+                v.push((token_id(&t, "logit_bias")?, finite_f32(bias.extract::<f64>()?, "logit_bias value")?));
+            }
             v.sort_by_key(|&(t, _)| t);
             v
         }
         None => Vec::new(),
     };
-    // vLLM keeps EOS (and generation-config EOS ids) with the stop ids in all_stop_token_ids (a set).
     let ints = |name: &str| -> PyResult<Vec<i32>> {
-        match field(params, name)? {
-            Some(v) => v.try_iter()?.map(|t| t?.extract::<i32>()).collect(),
-            None => Ok(Vec::new()),
-        }
+        field(params, name)?.map(|v| token_ids(&v, name)).transpose().map(Option::unwrap_or_default)
     };
+    // vLLM keeps EOS (and generation-config EOS ids) with the stop ids in all_stop_token_ids (a set).
     let mut stop = ints("all_stop_token_ids")?;
     if stop.is_empty() {
         stop = ints("stop_token_ids")?;
     }
     stop.sort_unstable();
-    let bad_words = match field(params, "bad_words_token_ids")? {
-        Some(b) => b.extract()?,
-        None => field_or(params, "bad_words", Vec::new())?,
+    let words = field(params, "bad_words_token_ids")?.or(field(params, "bad_words")?);
+    let bad_words = match words {
+        Some(w) => w.try_iter()?.map(|word| token_ids(&word?, "bad_words")).collect::<PyResult<_>>()?,
+        None => Vec::new(),
+    };
+    let i32_max = i32::MAX as i64;
+    let mut min_tokens = int_field(params, "min_tokens", 0, u32::MAX as i64)?.unwrap_or(0);
+    if let Some(max_tokens) = int_field(params, "max_tokens", 0, u32::MAX as i64)? {
+        min_tokens = min_tokens.min(max_tokens);
+    }
+    let seed = match field(params, "seed")? {
+        Some(s) if s.is_instance_of::<PyInt>() => Some(s.bitand(u64::MAX)?.extract::<u64>()?),
+        Some(s) => return Err(PyValueError::new_err(format!("seed must be an integer, got {}", s.get_type().name()?))),
+        None => None,
     };
     Ok(SamplingParams {
-        temperature: field_or(params, "temperature", 1.0)?,
-        top_k: field_or(params, "top_k", d.top_k)?,
-        top_p: field_or(params, "top_p", d.top_p)?,
-        min_p: field_or(params, "min_p", d.min_p)?,
-        seed: field_or::<Option<i64>>(params, "seed", None)?.map(|s| s as u64),
-        presence_penalty: field_or(params, "presence_penalty", d.presence_penalty)?,
-        frequency_penalty: field_or(params, "frequency_penalty", d.frequency_penalty)?,
-        repetition_penalty: field_or(params, "repetition_penalty", d.repetition_penalty)?,
+        temperature: float_field(params, "temperature", 1.0)?,
+        top_k: int_field(params, "top_k", -1, i32_max)?.map_or(d.top_k, |k| k as i32),
+        top_p: float_field(params, "top_p", d.top_p)?,
+        min_p: float_field(params, "min_p", d.min_p)?,
+        seed,
+        presence_penalty: float_field(params, "presence_penalty", d.presence_penalty)?,
+        frequency_penalty: float_field(params, "frequency_penalty", d.frequency_penalty)?,
+        repetition_penalty: float_field(params, "repetition_penalty", d.repetition_penalty)?,
         logit_bias,
-        allowed_token_ids: field_or(params, "allowed_token_ids", None)?,
+        allowed_token_ids: field(params, "allowed_token_ids")?.map(|v| token_ids(&v, "allowed_token_ids")).transpose()?,
         bad_words,
-        min_tokens: field_or(params, "min_tokens", 0)?,
+        min_tokens: min_tokens as usize,
         stop_token_ids: stop,
-        logprobs: field_or(params, "logprobs", None)?,
-        prompt_logprobs: field_or(params, "prompt_logprobs", None)?,
+        logprobs: int_field(params, "logprobs", -1, i32_max)?.map(|k| k as i32),
+        prompt_logprobs: int_field(params, "prompt_logprobs", -1, i32_max)?.map(|k| k as i32),
     })
 }
 
@@ -240,7 +309,8 @@ fn grammar_words(grammar: Option<(Vec<String>, numpy::PyReadonlyArray2<'_, i32>)
     })
 }
 
-/// `(req_ids, sampled_token_ids, logprobs, prompt_logprobs)` of a step.
+/// `(req_ids, sampled_token_ids, logprobs, prompt_logprobs, failed)` of a step; `failed` maps
+/// the requests the step could not serve to the reason.
 fn step_output_to_py<'py>(py: Python<'py>, out: StepOutput) -> PyResult<Bound<'py, PyAny>> {
     let logprobs = match out.logprobs {
         Some(lp) => logprobs_to_numpy(py, lp)?,
@@ -250,7 +320,25 @@ fn step_output_to_py<'py>(py: Python<'py>, out: StepOutput) -> PyResult<Bound<'p
     for (id, lp) in out.prompt_logprobs {
         prompt.set_item(id, logprobs_to_numpy(py, lp)?)?;
     }
-    Ok((out.req_ids, out.sampled_token_ids, logprobs, prompt).into_pyobject(py)?.into_any())
+    let failed = PyDict::new(py);
+    for (id, reason) in out.failed {
+        failed.set_item(id, reason)?;
+    }
+    Ok((out.req_ids, out.sampled_token_ids, logprobs, prompt, failed).into_pyobject(py)?.into_any())
+}
+
+fn new_request(r: &Bound<'_, PyAny>, req_id: &str) -> PyResult<NewRequest> {
+    let prompt = r.getattr("prompt_token_ids")?;
+    if prompt.is_none() {
+        return Err(PyValueError::new_err("prompt embeddings are not supported, send token ids"));
+    }
+    Ok(NewRequest {
+        prompt_token_ids: token_ids(&prompt, "prompt_token_ids")?,
+        block_ids: block_ids_of(&r.getattr("block_ids")?)?,
+        num_computed_tokens: r.getattr("num_computed_tokens")?.extract()?,
+        sampling: sampling_of(&r.getattr("sampling_params")?)?,
+        req_id: req_id.to_string(),
+    })
 }
 
 fn scheduler_step(so: &Bound<'_, PyAny>) -> PyResult<SchedulerStep> {
@@ -262,17 +350,11 @@ fn scheduler_step(so: &Bound<'_, PyAny>) -> PyResult<SchedulerStep> {
     let num_sched = num_sched.cast::<PyDict>()?;
     for r in so.getattr("scheduled_new_reqs")?.cast::<PyList>()?.iter() {
         let req_id: String = r.getattr("req_id")?.extract()?;
-        let prompt: Option<Vec<i32>> = r.getattr("prompt_token_ids")?.extract()?;
-        let prompt = prompt.ok_or_else(|| {
-            EngineError::new_err(format!("request {req_id}: prompt embeddings are not supported, send token ids"))
-        })?;
-        step.new_requests.push(NewRequest {
-            prompt_token_ids: prompt,
-            block_ids: block_ids_of(&r.getattr("block_ids")?)?,
-            num_computed_tokens: r.getattr("num_computed_tokens")?.extract()?,
-            sampling: sampling_of(&r.getattr("sampling_params")?)?,
-            req_id,
-        });
+        // A request that cannot be read fails alone; the rest of the step runs.
+        match new_request(&r, &req_id) {
+            Ok(req) => step.new_requests.push(req),
+            Err(e) => step.rejected.push((req_id, format!("request cannot be read: {e}"))),
+        }
     }
     let cached = so.getattr("scheduled_cached_reqs")?;
     let ids: Vec<String> = cached.getattr("req_ids")?.extract()?;
@@ -296,12 +378,14 @@ fn scheduler_step(so: &Bound<'_, PyAny>) -> PyResult<SchedulerStep> {
             });
         }
     }
-    // Runner order: new requests, then cached ones, as the scheduler listed them.
+    // Runner order: new requests, then cached ones, as the scheduler listed them (the step's
+    // output lists them in this order too); requests that could not be read come last.
     let order = step
         .new_requests
         .iter()
         .map(|r| &r.req_id)
-        .chain(step.cached_requests.iter().map(|r| &r.req_id));
+        .chain(step.cached_requests.iter().map(|r| &r.req_id))
+        .chain(step.rejected.iter().map(|(id, _)| id));
     let mut scheduled = Vec::with_capacity(num_sched.len());
     for id in order {
         if let Some(n) = num_sched.get_item(id)? {
@@ -472,6 +556,14 @@ impl PyModelRunner {
         Ok(list)
     }
 
+    /// Make the next step fail once at `stage` ("forward", "sample" or "device"), for tests of
+    /// fault isolation: the step's requests fail, the engine serves the next.
+    fn inject_fault(&self, stage: &str) -> PyResult<()> {
+        let stage = stage.parse().map_err(engine_err)?;
+        self.lock().inject_fault(stage);
+        Ok(())
+    }
+
     /// What reported logprobs are computed from: vLLM's `logprobs_mode` name.
     fn set_logprobs_mode(&self, mode: &str) -> PyResult<()> {
         let mode = mode.parse().map_err(engine_err)?;
@@ -486,7 +578,7 @@ impl PyModelRunner {
         py.detach(|| self.lock().forward_step(&step)).map_err(engine_err)
     }
 
-    /// The second half: `(req_ids, sampled_token_ids, logprobs, prompt_logprobs)`, where logprobs is
+    /// The second half: `(req_ids, sampled_token_ids, logprobs, prompt_logprobs, failed)`, where logprobs is
     /// None or `(token_ids, logprobs, ranks)` numpy arrays with one row per request, and
     /// prompt_logprobs maps the requests whose prefill ended to the same triple for the whole
     /// prompt. `grammar`: None, or `(req_ids, bitmask)` with the int32 bitmask `[len(req_ids), W]`.

@@ -1,0 +1,61 @@
+"""vLLM's schedulers, taught to finish the requests a step could not serve.
+
+The engine never lets one request's failure take the engine down: it forgets the request and
+reports it in the step's output (`MetalModelRunnerOutput.failed_requests`). These subclasses
+finish such requests with vLLM's error status, which the API returns as an HTTP 500 for that
+request alone, while the engine goes on serving the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.outputs import ModelRunnerOutput
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+logger = logging.getLogger("vllm.vllm_metal_rs.scheduler")
+
+SCHEDULER_CLS = "vllm_metal_rs.scheduler.MetalScheduler"
+ASYNC_SCHEDULER_CLS = "vllm_metal_rs.scheduler.MetalAsyncScheduler"
+
+
+@dataclass
+class MetalModelRunnerOutput(ModelRunnerOutput):
+    # req_id -> why the engine could not serve it this step (it has forgotten the request).
+    failed_requests: dict[str, str] = field(default_factory=dict)
+
+
+class _FinishesFailedRequests:
+    """Mixed into vLLM's schedulers: failed requests finish with FinishReason.ERROR."""
+
+    grammar_compile_error_reqs: set[str]
+    requests: dict[str, Any]
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> Any:
+        failed = getattr(model_runner_output, "failed_requests", None)
+        if failed:
+            logger.warning(
+                "vllm-metal-rs: %d request(s) failed in the engine and finish with an error: %s",
+                len(failed),
+                "; ".join(f"{req_id}: {why}" for req_id, why in failed.items()),
+            )
+            # update_from_output finishes the requests of this set with FINISHED_ERROR and an
+            # output for each (vLLM's path for requests whose grammar could not be compiled).
+            self.grammar_compile_error_reqs.update(r for r in failed if r in self.requests)
+        return super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
+
+
+class MetalScheduler(_FinishesFailedRequests, Scheduler):
+    pass
+
+
+class MetalAsyncScheduler(_FinishesFailedRequests, AsyncScheduler):
+    pass
