@@ -327,8 +327,8 @@ class MetalWorker(WorkerBase):
                 grammar_output.grammar_bitmask,
             )
         if self._async:
-            self._runner().submit_tokens(grammar)
-            return _SubmittedStep(self._runner(), self._num_scheduled)
+            step_id = self._runner().submit_tokens(grammar)
+            return _SubmittedStep(self._runner(), step_id, self._num_scheduled)
         return _model_runner_output(self._runner().sample_tokens(grammar), self._num_scheduled)
 
     def step_profile(self) -> list[dict]:
@@ -428,9 +428,10 @@ def _model_runner_output(step: tuple, num_scheduled: int) -> ModelRunnerOutput:
 class _SubmittedStep(AsyncModelRunnerOutput):
     """A step whose tokens are on their way; vLLM collects steps in the order it submitted them."""
 
-    def __init__(self, runner: Any, num_scheduled: int) -> None:
+    def __init__(self, runner: Any, step_id: int, num_scheduled: int) -> None:
         self._runner = runner
+        self._step_id = step_id
         self._num_scheduled = num_scheduled
 
     def get_output(self) -> ModelRunnerOutput:
-        return _model_runner_output(self._runner.collect(), self._num_scheduled)
+        return _model_runner_output(self._runner.collect(self._step_id), self._num_scheduled)

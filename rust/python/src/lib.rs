@@ -8,7 +8,7 @@ use std::sync::{Mutex, OnceLock};
 
 use engine::batch::SeqChunk;
 use engine::device::DeviceKind;
-use engine::runner::{self, CachedRequest, GrammarBitmask, Logprobs, NewRequest, RunnerOptions, SchedulerStep, StepOutput};
+use engine::runner::{self, CachedRequest, GrammarBitmask, Logprobs, NewRequest, RunnerOptions, SchedulerStep, StepId, StepOutput};
 use engine::sampler::{self, Row, SamplingParams};
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
@@ -599,24 +599,27 @@ impl PyModelRunner {
     }
 
     /// The second half without waiting (vLLM's async scheduling): the tokens are chosen and
-    /// submitted; a step scheduled next reads them on the device. `collect` returns them.
+    /// submitted; a step scheduled next reads them on the device. Returns the step's id, which
+    /// `collect` takes.
     #[pyo3(signature = (grammar = None))]
     fn submit_tokens<'py>(
         &self,
         py: Python<'py>,
         grammar: Option<(Vec<String>, numpy::PyReadonlyArray2<'py, i32>)>,
-    ) -> PyResult<()> {
+    ) -> PyResult<u64> {
         let grammar = grammar_words(grammar);
         py.detach(|| {
             let g = grammar.as_ref().map(|(ids, width, words)| GrammarBitmask { req_ids: ids, words, width: *width });
             self.lock().sample_submit(g.as_ref())
         })
+        .map(|id| id.0)
         .map_err(engine_err)
     }
 
-    /// The oldest submitted step's output, as `sample_tokens` returns it (waits for it).
-    fn collect<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let out = py.detach(|| self.lock().collect()).map_err(engine_err)?;
+    /// The output of submitted step `step_id`, as `sample_tokens` returns it (waits for it). Steps
+    /// are collected in submission order: another step than the oldest is an error.
+    fn collect<'py>(&self, py: Python<'py>, step_id: u64) -> PyResult<Bound<'py, PyAny>> {
+        let out = py.detach(|| self.lock().collect(Some(StepId(step_id)))).map_err(engine_err)?;
         step_output_to_py(py, out)
     }
 

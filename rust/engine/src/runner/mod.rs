@@ -1,0 +1,541 @@
+//! The model runner: weights, the paged KV cache, the request table and the step.
+//!
+//! One vLLM step is two calls. `forward_step`: apply the scheduler's step to the request table,
+//! plan it (pure host data), build its tensors once, run the forward and submit it with the
+//! logits of the sampling rows. `sample_submit`: choose the tokens on the device (the grammar
+//! bitmask arrives in between) and submit them; `collect` later returns the oldest step's output.
+//! A request the step cannot serve fails alone; a step that fails fails its own requests; the
+//! engine goes on either way.
+
+mod generate;
+mod logprobs;
+mod pipeline;
+mod plan;
+mod requests;
+mod sampling;
+mod schedule;
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use mlx_rs::{
+    transforms::{async_eval, eval},
+    Array, Dtype,
+};
+
+pub use logprobs::Logprobs;
+pub use pipeline::{StepId, StepTiming};
+pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
+
+use crate::attention::decode_kernel_available;
+use crate::batch::{SeqChunk, StepBatch};
+use crate::config::ModelConfig;
+use crate::device::{self, DeviceKind};
+use crate::kv_cache::PagedKvCache;
+use crate::models::{self, CausalLm};
+use crate::nn::{dtype_name, parse_dtype};
+use crate::sampler::LogprobsMode;
+use crate::weights::{WeightSource, Weights};
+use pipeline::{InFlight, PendingStep, Pipeline};
+use plan::{Draws, StepPlan};
+use requests::{Failures, Limits, RequestTable};
+
+#[derive(Debug, Clone, Default)]
+pub struct RunnerOptions {
+    pub block_size: usize,
+    /// None: the GPU when MLX has one, else the CPU.
+    pub device: Option<DeviceKind>,
+    /// None: float32 on CPU, the checkpoint's dtype on GPU.
+    pub dtype: Option<String>,
+    /// Decode attention through gathered copies of the history even where a page-reading kernel
+    /// exists (for A/B measurements).
+    pub gather_attention: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StepOutput {
+    pub step_id: Option<StepId>,
+    pub req_ids: Vec<String>,
+    /// Per request: the sampled token, or nothing when its chunk did not reach the end of its tokens.
+    pub sampled_token_ids: Vec<Vec<i32>>,
+    /// One row per request of `req_ids` (zeros for those not asking), when a sampling request asks.
+    pub logprobs: Option<Logprobs>,
+    /// The whole prompt's logprobs (`num_prompt - 1` rows), for requests whose prefill ended now.
+    pub prompt_logprobs: Vec<(String, Logprobs)>,
+    /// Requests of the step that failed (no token), with the reason; the engine has forgotten
+    /// them and serves the others.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Where a step can fail: building and submitting the forward, choosing the tokens, or on the
+/// device while the step computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultStage {
+    Forward,
+    Sample,
+    Device,
+}
+
+impl std::str::FromStr for FaultStage {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "forward" => Ok(Self::Forward),
+            "sample" => Ok(Self::Sample),
+            "device" => Ok(Self::Device),
+            _ => bail!("unknown fault stage {s:?}: forward, sample or device"),
+        }
+    }
+}
+
+/// Step timings kept for profiling (the most recent ones).
+const MAX_TIMINGS: usize = 4096;
+
+pub struct ModelRunner {
+    pub config: ModelConfig,
+    pub block_size: usize,
+    pub device: DeviceKind,
+    pub dtype: Dtype,
+    pub weights_nbytes: usize,
+    gather_attention: bool,
+    model: Box<dyn CausalLm>,
+    cache: Option<PagedKvCache>,
+    table: RequestTable,
+    /// Draws of requests without their own seed come from this stream.
+    draws: Draws,
+    logprobs_mode: LogprobsMode,
+    pipeline: Pipeline,
+    timings: VecDeque<StepTiming>,
+    /// A failure to raise once at this stage of the next step (tests of fault isolation).
+    fault: Option<FaultStage>,
+}
+
+impl ModelRunner {
+    pub fn load(model_path: &Path, opts: &RunnerOptions) -> Result<Self> {
+        let start = std::time::Instant::now();
+        ensure!(opts.block_size > 0, "block_size must be positive");
+        let device = device::select(opts.device)?;
+        let config_dir = if model_path.is_file() { model_path.parent().unwrap_or(Path::new(".")) } else { model_path };
+        let config = ModelConfig::from_file(&config_dir.join("config.json"))?;
+        let source = WeightSource::locate(model_path)?;
+        let dtype = match device {
+            // MLX's CPU backend has fast (BLAS) matmul for float32 only.
+            DeviceKind::Cpu => {
+                if let Some(d) = &opts.dtype {
+                    if parse_dtype(d)? != Dtype::Float32 {
+                        log::info!("dtype {d} requested; the CPU backend computes in float32");
+                    }
+                }
+                Dtype::Float32
+            }
+            DeviceKind::Gpu => match opts.dtype.as_deref().or(config.checkpoint_dtype()) {
+                Some(d) => parse_dtype(d)?,
+                None => Dtype::Float16,
+            },
+        };
+        // mlx-lm writes its quantization under both keys; config validation refused any other.
+        let quantization = config.quantization.clone().or_else(|| config.quantization_config.clone());
+        let mut weights = Weights::load(
+            source.clone(),
+            dtype,
+            device == DeviceKind::Cpu,
+            &config,
+            quantization,
+        )?;
+        let model = models::load(&config, &mut weights)
+            .with_context(|| format!("building the model from {}", model_path.display()))?;
+        let leftover = weights.leftover();
+        if !leftover.is_empty() {
+            log::warn!("{} checkpoint tensors unused, e.g. {}", leftover.len(), leftover[0]);
+        }
+        drop(weights);
+        let linears = model.parameters();
+        let mut arrays: Vec<&Array> = linears.iter().flat_map(|l| l.arrays()).collect();
+        arrays.extend(model.norms().iter().map(|n| &n.weight));
+        eval(arrays.iter().copied()).context("materialising weights")?;
+        let weights_nbytes = linears.iter().map(|l| l.nbytes()).sum::<usize>()
+            + model.norms().iter().map(|n| n.weight.nbytes()).sum::<usize>();
+        log::info!(
+            "loaded {} from {} ({}) on {:?}: {} layers, {} in {}, {:.1} MiB, {:.2}s",
+            config.architectures.first().map(String::as_str).unwrap_or("?"),
+            model_path.display(),
+            match &source { WeightSource::Gguf(_) => "gguf", WeightSource::Safetensors(_) => "safetensors" },
+            device,
+            config.num_hidden_layers,
+            if linears.iter().any(|l| l.quant.is_some()) { "quantized" } else { "dense" },
+            dtype_name(dtype),
+            weights_nbytes as f64 / (1 << 20) as f64,
+            start.elapsed().as_secs_f64()
+        );
+        Ok(Self {
+            config,
+            block_size: opts.block_size,
+            device,
+            dtype,
+            weights_nbytes,
+            gather_attention: opts.gather_attention,
+            model,
+            cache: None,
+            table: RequestTable::default(),
+            draws: Draws::default(),
+            logprobs_mode: LogprobsMode::default(),
+            pipeline: Pipeline::default(),
+            timings: VecDeque::new(),
+            fault: None,
+        })
+    }
+
+    /// The window of the model's sliding-window layers (families have one size at most).
+    pub fn sliding_window(&self) -> Option<usize> {
+        self.config.layer_windows().into_iter().flatten().max()
+    }
+
+    /// A step's tensors, for this model's windows and this cache's attention.
+    fn build_batch(&self, chunks: &[SeqChunk]) -> Result<StepBatch> {
+        let in_place = self.cache.as_ref().is_some_and(|c| c.decode_kernel);
+        StepBatch::build(chunks, self.block_size, self.sliding_window(), in_place)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.config.num_hidden_layers
+    }
+
+    pub fn kv_bytes_per_block(&self) -> usize {
+        PagedKvCache::bytes_per_block(
+            self.num_layers(),
+            self.block_size,
+            self.config.num_kv_heads(),
+            self.config.head_dim(),
+            self.dtype,
+        )
+    }
+
+    /// Seed for draws of requests without their own seed.
+    pub fn set_seed(&mut self, seed: u64) {
+        self.draws = Draws { seed, count: 0 };
+    }
+
+    /// The timings of the steps run since the last call (at most the last 4096).
+    pub fn take_step_profile(&mut self) -> Vec<StepTiming> {
+        std::mem::take(&mut self.timings).into()
+    }
+
+    /// Make the next step fail at `stage`, once, as an error of MLX or of the engine would.
+    pub fn inject_fault(&mut self, stage: FaultStage) {
+        self.fault = Some(stage);
+    }
+
+    fn injected(&mut self, stage: FaultStage) -> Result<()> {
+        if self.fault == Some(stage) {
+            self.fault = None;
+            bail!("injected fault ({stage:?})");
+        }
+        Ok(())
+    }
+
+    pub fn set_logprobs_mode(&mut self, mode: LogprobsMode) {
+        self.logprobs_mode = mode;
+    }
+
+    pub fn allocate_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
+        let n = self.num_layers();
+        self.allocate_kv_cache_groups(num_blocks, vec![0; n], (0..n).collect())
+    }
+
+    /// The KV cache as vLLM plans it: each layer's KV-cache group (its block tables) and
+    /// storage (shared by one layer of each group).
+    pub fn allocate_kv_cache_groups(&mut self, num_blocks: usize, layer_group: Vec<usize>, layer_storage: Vec<usize>) -> Result<()> {
+        ensure!(
+            layer_group.len() == self.num_layers(),
+            "KV-cache plan covers {} layers, the model has {}",
+            layer_group.len(),
+            self.num_layers()
+        );
+        self.cache = None;
+        let mut cache = PagedKvCache::with_groups(
+            layer_group,
+            layer_storage,
+            num_blocks,
+            self.block_size,
+            self.config.num_kv_heads(),
+            self.config.head_dim(),
+            self.dtype,
+        )?;
+        cache.decode_kernel = !self.gather_attention && decode_kernel_available(cache.head_dim, cache.dtype);
+        log::info!(
+            "KV cache: {num_blocks} blocks of {} tokens, {} KV-cache group(s), {:.1} MiB; decode attention {}",
+            self.block_size,
+            cache.num_groups(),
+            cache.arrays().map(|a| a.nbytes()).sum::<usize>() as f64 / (1 << 20) as f64,
+            if cache.decode_kernel { "reads the pages in place" } else { "gathers the pages" }
+        );
+        self.cache = Some(cache);
+        Ok(())
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.cache.as_ref().map_or(0, |c| c.num_blocks)
+    }
+
+    /// Bytes MLX allocates beyond the weights for one forward of `num_tokens` tokens (one request).
+    pub fn profile_peak_memory(&mut self, num_tokens: usize) -> Result<usize> {
+        ensure!(num_tokens > 0, "profile needs at least one token");
+        let saved = self.cache.take();
+        mlx_rs::memory::clear_cache()?;
+        mlx_rs::memory::reset_peak_memory()?;
+        let base = mlx_rs::memory::active_memory()?;
+        let blocks = num_tokens.div_ceil(self.block_size);
+        let result = (|| -> Result<usize> {
+            self.allocate_kv_cache(blocks)?;
+            let tokens = vec![0i32; num_tokens];
+            let block_ids: Vec<i32> = (0..blocks as i32).collect();
+            let block_ids = [block_ids];
+            let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
+            let batch = self.build_batch(&[chunk])?;
+            let cache = self.cache.as_mut().unwrap();
+            let hidden = self.model.forward(&batch, cache)?;
+            let last = hidden.take_axis(&Array::from_slice(&[num_tokens as i32 - 1], &[1]), 0)?;
+            let logits = self.model.logits(&last)?;
+            eval([&logits].into_iter().chain(cache.arrays()))?;
+            Ok(mlx_rs::memory::peak_memory()?.saturating_sub(base))
+        })();
+        self.cache = saved;
+        mlx_rs::memory::clear_cache()?;
+        result
+    }
+
+    /// The first half of a step: update request state, build the batch, submit the forward (MLX
+    /// computes it in the background while the caller prepares the grammar bitmask).
+    ///
+    /// A request the step cannot serve (unreadable, out-of-range tokens, inconsistent with what
+    /// the engine knows) fails alone; an error of the forward itself fails the step's requests.
+    /// Either way the failed requests are forgotten and reported in the step's output, and the
+    /// engine goes on. Only an engine-level inconsistency is an `Err`.
+
+    /// What the request table checks requests against.
+    fn limits(&self) -> Limits {
+        Limits { vocab_size: self.config.vocab_size, kv: self.cache.as_ref().map(|c| (c.num_groups(), c.num_blocks)) }
+    }
+
+    /// The first half of a step: update the request table, plan, build the batch, submit the
+    /// forward (MLX computes it while the caller prepares the grammar bitmask).
+    pub fn forward_step(&mut self, step: &SchedulerStep) -> Result<()> {
+        ensure!(!self.pipeline.has_pending(), "a step is submitted twice without sampling its tokens");
+        let t0 = Instant::now();
+        let vocab = self.config.vocab_size;
+        let limits = self.limits();
+        let failed = self.table.apply(step, limits, |k| resolve_num_logprobs(k, vocab) + 1);
+        if step.num_scheduled_tokens.is_empty() {
+            return Ok(());
+        }
+        let pending = match catching(|| self.submit_forward(step, &failed, t0)) {
+            Ok(p) => PendingStep { failed, ..p },
+            Err(e) => {
+                log::error!("a step of {} requests failed: {e:#}", step.num_scheduled_tokens.len());
+                let mut failed = failed;
+                self.fail_all(&step.num_scheduled_tokens, &mut failed, &e);
+                PendingStep::nothing(StepPlan::nothing(&step.num_scheduled_tokens), failed)
+            }
+        };
+        self.pipeline.set_pending(pending)
+    }
+
+    fn submit_forward(&mut self, step: &SchedulerStep, failed: &Failures, t0: Instant) -> Result<PendingStep> {
+        self.injected(FaultStage::Forward)?;
+        let plan = StepPlan::new(&self.table, &step.num_scheduled_tokens, failed, &mut self.draws)?;
+        if plan.running.is_empty() {
+            return Ok(PendingStep::nothing(plan, Vec::new()));
+        }
+        let mut batch = self.build_batch(&plan.chunks(&self.table)?)?;
+        if !plan.device_tokens.is_empty() {
+            batch.token_ids = self.pipeline.device_tokens(&batch.token_ids, &plan.device_tokens)?;
+        }
+        let model = self.model.as_ref();
+        let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
+        let hidden = model.forward(&batch, cache)?;
+        let logits = match plan.last_tokens.len() {
+            0 => None,
+            n => Some(model.logits(&hidden.take_axis(&Array::from_slice(&plan.last_tokens, &[n as i32]), 0)?)?),
+        };
+        let prompt_chunks = logprobs::prompt_chunks(model, &hidden, &plan.prompt_rows, &self.table, self.logprobs_mode)?;
+        let t1 = Instant::now();
+        async_eval(cache.arrays().chain(logits.iter())).context("submitting the step")?;
+        let timing = StepTiming {
+            num_tokens: plan.num_tokens,
+            num_seqs: plan.running.len(),
+            build: (t1 - t0).as_secs_f64(),
+            submit: t1.elapsed().as_secs_f64(),
+            device_tokens: plan.device_tokens.len(),
+            ..Default::default()
+        };
+        for &i in &plan.running {
+            let (id, n) = &plan.scheduled[i];
+            self.table.get_mut(id).expect("planned requests are in the table").num_computed += n;
+        }
+        Ok(PendingStep { plan, logits, prompt_chunks, timing, failed: Vec::new() })
+    }
+
+    /// The second half of a step, waiting for it: [`Self::sample_submit`] then [`Self::collect`].
+    pub fn sample_step(&mut self, grammar: Option<&GrammarBitmask>) -> Result<StepOutput> {
+        ensure!(self.pipeline.num_in_flight() == 0, "sample_step with submitted steps not collected");
+        let id = self.sample_submit(grammar)?;
+        self.collect(Some(id))
+    }
+
+    /// The second half of a step: apply the grammar bitmask (structured-output requests), choose
+    /// the tokens, gather the logprobs asked for, and submit all of it without waiting. The chosen
+    /// tokens stay on the device: a step scheduled before they are collected reads them there
+    /// (vLLM's async scheduling). [`Self::collect`] returns them, oldest step first.
+    pub fn sample_submit(&mut self, grammar: Option<&GrammarBitmask>) -> Result<StepId> {
+        let (id, pending) = self.pipeline.take_pending();
+        let Some(p) = pending else {
+            self.pipeline.push(InFlight::done(id, Vec::new(), Vec::new()));
+            return Ok(id);
+        };
+        let t = Instant::now();
+        let chosen = catching(|| {
+            self.injected(FaultStage::Sample)?;
+            if sampling::needs_host_tokens(&p.plan, &self.table) {
+                self.pipeline.resolve_all(&mut self.table)?;
+            }
+            let vocab = self.config.vocab_size;
+            sampling::choose_tokens(&p, &mut self.table, grammar, self.logprobs_mode, |k| resolve_num_logprobs(k, vocab))
+        });
+        let (ids, logprobs) = match chosen {
+            Ok(chosen) => chosen,
+            Err(e) => return Ok(self.fail_step(id, p.plan.scheduled, p.failed, e.context("sampling"))),
+        };
+        for (row, &i) in p.plan.sample_rows.iter().enumerate() {
+            self.table.get_mut(&p.plan.scheduled[i].0).expect("sampling requests are in the table").push_pending(id, row);
+        }
+        let step = InFlight {
+            id,
+            scheduled: p.plan.scheduled,
+            sample_rows: p.plan.sample_rows,
+            ids,
+            logprobs,
+            prompt_chunks: p.prompt_chunks,
+            timing: StepTiming { sample_build: t.elapsed().as_secs_f64(), ..p.timing },
+            host: None,
+            failed: p.failed,
+        };
+        if let Err(e) = async_eval(step.arrays()) {
+            let e = anyhow::Error::from(e).context("submitting the sampler");
+            return Ok(self.fail_step(id, step.scheduled, step.failed, e));
+        }
+        self.pipeline.push(step);
+        Ok(id)
+    }
+
+    /// A step whose requests all fail with `e` (those not failed already), queued in place of it.
+    fn fail_step(&mut self, id: StepId, scheduled: Vec<(String, usize)>, mut failed: Failures, e: anyhow::Error) -> StepId {
+        log::error!("a step of {} requests failed: {e:#}", scheduled.len());
+        self.fail_all(&scheduled, &mut failed, &e);
+        self.pipeline.push(InFlight::done(id, scheduled, failed));
+        id
+    }
+
+    /// The requests of `scheduled` not failed yet fail with `e` and are forgotten.
+    fn fail_all(&mut self, scheduled: &[(String, usize)], failed: &mut Failures, e: &anyhow::Error) {
+        for (id, _) in scheduled {
+            if !failed.iter().any(|(f, _)| f == id) {
+                self.table.forget(id);
+                failed.push((id.clone(), format!("the engine failed this step: {e:#}")));
+            }
+        }
+    }
+
+    /// The oldest submitted step's output (which must be `expected` when given), waiting for it.
+    pub fn collect(&mut self, expected: Option<StepId>) -> Result<StepOutput> {
+        let resolved = catching(|| {
+            if self.pipeline.oldest_on_device() {
+                self.injected(FaultStage::Device)?;
+            }
+            self.pipeline.resolve(0, &mut self.table)
+        });
+        let f = self.pipeline.pop_oldest(expected)?;
+        if let Err(e) = resolved {
+            // The device could not compute the step: its requests fail. If the KV cache itself
+            // cannot be computed any more, no later step can run and the engine must stop.
+            log::error!("a step failed on the device: {e:#}");
+            let mut failed = f.failed;
+            self.fail_all(&f.scheduled, &mut failed, &e);
+            if let Some(cache) = &self.cache {
+                eval(cache.arrays()).context("the KV cache cannot be computed after a failed step; the engine stops")?;
+            }
+            return Ok(StepOutput {
+                step_id: Some(f.id),
+                sampled_token_ids: vec![Vec::new(); f.scheduled.len()],
+                req_ids: f.scheduled.into_iter().map(|(id, _)| id).collect(),
+                failed,
+                ..Default::default()
+            });
+        }
+        if !f.scheduled.is_empty() {
+            if self.timings.len() >= MAX_TIMINGS {
+                self.timings.pop_front();
+            }
+            self.timings.push_back(f.timing);
+        }
+        let mut out = StepOutput {
+            step_id: Some(f.id),
+            req_ids: f.scheduled.iter().map(|(id, _)| id.clone()).collect(),
+            sampled_token_ids: vec![Vec::new(); f.scheduled.len()],
+            failed: f.failed,
+            ..Default::default()
+        };
+        for (&i, &tok) in f.sample_rows.iter().zip(f.host.iter().flatten()) {
+            out.sampled_token_ids[i].push(tok);
+        }
+        if let Some(lp) = f.logprobs {
+            // One row per request of the step; the rows of `top` are the sampling rows that asked.
+            let mut rows = Logprobs::zeros(f.scheduled.len(), lp.k + 1);
+            rows.fill(lp.rows.iter().map(|&r| f.sample_rows[r as usize]), &lp.top)?;
+            out.logprobs = Some(rows);
+        }
+        out.prompt_logprobs = logprobs::accumulate(f.prompt_chunks, &mut self.table)?;
+        Ok(out)
+    }
+
+    pub fn step_logits(&mut self, chunks: &[SeqChunk]) -> Result<Array> {
+        let batch = self.build_batch(chunks)?;
+        let model = &self.model;
+        let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
+        let hidden = model.forward(&batch, cache)?;
+        let logits = model.logits(&hidden)?;
+        eval([&logits].into_iter().chain(cache.arrays()))?;
+        Ok(logits)
+    }
+
+    /// Engine-alone generation: all prompts batched, one block table each, `max_tokens` new tokens
+    /// (fewer for a prompt that emits a stop token). Pipelined as vLLM's async scheduling runs the
+    /// runner: step i + 1 is built and submitted, reading step i's tokens on the device, before
+    /// step i's tokens are read to the host; a request that stopped has its extra token dropped.
+
+    pub fn dtype_name(&self) -> &'static str {
+        dtype_name(self.dtype)
+    }
+}
+
+/// A request's logprob count: `-1` (all tokens) is the vocabulary size.
+fn resolve_num_logprobs(k: i32, vocab: usize) -> usize {
+    if k < 0 { vocab } else { k as usize }
+}
+
+/// `f`'s result, with a panic inside it turned into an error (a step must not take the engine
+/// down with it; the panic's message is kept).
+fn catching<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(anyhow!("internal error (panic): {msg}"))
+        }
+    }
+}
