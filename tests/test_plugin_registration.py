@@ -396,3 +396,26 @@ def test_metal_model_runner_is_the_rust_runner(core):
     from vllm_metal_rs import worker
 
     assert worker.MetalModelRunner is core.ModelRunner
+
+
+def test_core_stub_types_every_export(core):
+    """_core.pyi names every function and class the extension exports, and every method and
+    attribute of its classes (and nothing it does not export)."""
+    import ast
+    from pathlib import Path
+
+    import vllm_metal_rs
+
+    stub = ast.parse((Path(vllm_metal_rs.__file__).parent / "_core.pyi").read_text())
+    helpers = {"LogprobsArrays", "BackendInfo", "StepTimingDict"}  # types of the stub only
+    top = {
+        n.name for n in stub.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))
+    } | {t.id for n in stub.body if isinstance(n, ast.Assign) for t in n.targets}
+    exported = {n for n in dir(core) if not n.startswith("_")}
+    assert top - helpers == exported, (top - helpers) ^ exported
+    for cls in (n for n in stub.body if isinstance(n, ast.ClassDef) and n.name in exported):
+        members = {f.name for f in cls.body if isinstance(f, ast.FunctionDef) and f.name != "__init__"}
+        real = {n for n in dir(getattr(core, cls.name)) if not n.startswith("_")}
+        if cls.name == "EngineError":
+            continue
+        assert members == real, (cls.name, members ^ real)

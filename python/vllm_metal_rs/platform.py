@@ -173,9 +173,9 @@ class MetalPlatform(Platform):
 
     @classmethod
     def manual_seed_all(cls, seed: int) -> None:
-        import mlx.core as mx
-
-        mx.random.seed(int(seed) % (1 << 64))
+        # The engine draws from its own keys, seeded at load (ModelRunner.set_seed) and per
+        # request; no global generator here affects a token.
+        return None
 
     @classmethod
     def check_if_supports_dtype(cls, dtype: torch.dtype) -> None:

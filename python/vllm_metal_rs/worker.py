@@ -28,6 +28,8 @@ from vllm_metal_rs.scheduler import MetalModelRunnerOutput
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+
+    from vllm_metal_rs import _core as _core_types
     from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
@@ -46,6 +48,11 @@ _DTYPE_NAMES = {v: k for k, v in _KV_DTYPES.items()}
 _KV_CACHE_LAYOUT = "LBNHC"
 
 _engine_logging_ready = False
+
+
+def _layer_key(layer: int) -> str:
+    """The name vLLM's KV-cache plan knows layer `layer` by."""
+    return f"model.layers.{layer}.self_attn.attn"
 
 
 def _core():
@@ -132,9 +139,8 @@ class MetalWorker(WorkerBase):
             distributed_init_method=distributed_init_method,
             is_driver_worker=is_driver_worker,
         )
-        self.model_runner: Any = None
+        self.model_runner: _core_types.ModelRunner | None = None
         self.mlx_device: str | None = None
-        self._num_scheduled = 0
         # Async scheduling: sample_tokens submits and returns; vLLM schedules and submits the
         # next step (which reads these tokens on the device) before it collects them.
         self._async = bool(vllm_config.scheduler_config.async_scheduling)
@@ -206,16 +212,15 @@ class MetalWorker(WorkerBase):
             SlidingWindowSpec(**shape, sliding_window=w) if w else FullAttentionSpec(**shape)
             for w in r.layer_windows
         ]
-        spec = specs[0]
-        per_block = r.kv_bytes_per_block()
-        if spec.page_size_bytes * r.num_layers != per_block:
-            # vLLM sizes the pool with the spec; the engine allocates with its own figure.
-            logger.warning(
-                "vllm-metal-rs: KV bytes per block differ: vLLM spec %d, engine %d",
-                spec.page_size_bytes * r.num_layers,
-                per_block,
+        # vLLM sizes the pool with the spec and the engine allocates with its own geometry: they
+        # must agree, or blocks would overrun (or waste) the memory vLLM planned.
+        spec_bytes = sum(s.page_size_bytes for s in specs)
+        if spec_bytes != r.kv_bytes_per_block():
+            raise RuntimeError(
+                f"vllm-metal-rs: KV bytes per block differ: vLLM's spec {spec_bytes}, the engine "
+                f"{r.kv_bytes_per_block()}"
             )
-        return {f"model.layers.{i}.self_attn.attn": s for i, s in enumerate(specs)}
+        return {_layer_key(i): s for i, s in enumerate(specs)}
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
         # The base asks torch attention backends, of which this platform has none.
@@ -281,7 +286,7 @@ class MetalWorker(WorkerBase):
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
         r = self._runner()
-        index = {f"model.layers.{i}.self_attn.attn": i for i in range(r.num_layers)}
+        index = {_layer_key(i): i for i in range(r.num_layers)}
         # Each layer's KV-cache group (whose block tables it uses) and storage: vLLM overlays the
         # groups' tensors from byte 0, so layers at the same byte offset share memory (one layer
         # of each group; a block id belongs to one group at a time).
@@ -310,11 +315,9 @@ class MetalWorker(WorkerBase):
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
         # The forward is submitted here and runs while the engine core computes the grammar
         # bitmask; the tokens come from sample_tokens (vLLM calls it when this returns None).
-        self._runner().execute_model(scheduler_output)
-        if scheduler_output.total_num_scheduled_tokens == 0:
+        if not self._runner().execute_model(scheduler_output):
             # Nothing ran; finished requests have left the engine's state.
             return EMPTY_MODEL_RUNNER_OUTPUT
-        self._num_scheduled = len(scheduler_output.num_scheduled_tokens)
         return None
 
     def sample_tokens(
@@ -327,9 +330,8 @@ class MetalWorker(WorkerBase):
                 grammar_output.grammar_bitmask,
             )
         if self._async:
-            step_id = self._runner().submit_tokens(grammar)
-            return _SubmittedStep(self._runner(), step_id, self._num_scheduled)
-        return _model_runner_output(self._runner().sample_tokens(grammar), self._num_scheduled)
+            return _SubmittedStep(self._runner(), self._runner().submit_tokens(grammar))
+        return _model_runner_output(self._runner().sample_tokens(grammar))
 
     def step_profile(self) -> list[dict]:
         """The engine's host timings of the steps since the last call (`llm.collective_rpc`)."""
@@ -399,39 +401,35 @@ class MetalWorker(WorkerBase):
     def profile(self, is_start: bool = True, profile_prefix: str | None = None, **kwargs) -> None:
         raise NotImplementedError("vllm-metal-rs: the torch profiler is not supported")
 
-    def _runner(self) -> Any:
+    def _runner(self) -> _core_types.ModelRunner:
         if self.model_runner is None:
             raise RuntimeError("vllm-metal-rs: the model is not loaded")
         return self.model_runner
 
 
-def _model_runner_output(step: tuple, num_scheduled: int) -> ModelRunnerOutput:
-    """The engine's `(req_ids, sampled, logprobs, prompt_logprobs, failed)` as vLLM's output."""
-    req_ids, sampled, logprobs, prompt_logprobs, failed = step
-    if len(req_ids) != num_scheduled:
-        raise RuntimeError(
-            f"vllm-metal-rs: engine returned {len(req_ids)} requests for {num_scheduled} scheduled"
-        )
+def _model_runner_output(step: _core_types.StepOutput) -> ModelRunnerOutput:
+    """The engine's step output as vLLM's (with the requests that failed, for our scheduler)."""
+    logprobs = step.logprobs
     return MetalModelRunnerOutput(
-        req_ids=req_ids,
-        req_id_to_index={req_id: i for i, req_id in enumerate(req_ids)},
-        sampled_token_ids=sampled,
+        req_ids=step.req_ids,
+        req_id_to_index={req_id: i for i, req_id in enumerate(step.req_ids)},
+        sampled_token_ids=step.sampled_token_ids,
         logprobs=None if logprobs is None else LogprobsLists(*logprobs),
         prompt_logprobs_dict={
             req_id: LogprobsTensors(*(torch.from_numpy(a) for a in arrays))
-            for req_id, arrays in prompt_logprobs.items()
+            for req_id, arrays in step.prompt_logprobs.items()
         },
-        failed_requests=failed,
+        failed_requests=step.failed,
     )
 
 
 class _SubmittedStep(AsyncModelRunnerOutput):
-    """A step whose tokens are on their way; vLLM collects steps in the order it submitted them."""
+    """A step whose tokens are on their way; vLLM collects steps in the order it submitted them,
+    and the engine checks that it does."""
 
-    def __init__(self, runner: Any, step_id: int, num_scheduled: int) -> None:
+    def __init__(self, runner: _core_types.ModelRunner, step_id: int) -> None:
         self._runner = runner
         self._step_id = step_id
-        self._num_scheduled = num_scheduled
 
     def get_output(self) -> ModelRunnerOutput:
-        return _model_runner_output(self._runner.collect(self._step_id), self._num_scheduled)
+        return _model_runner_output(self._runner.collect(self._step_id))

@@ -1,0 +1,140 @@
+"""Types of `vllm_metal_rs._core`, the engine's PyO3 module (rust/python/src)."""
+
+from collections.abc import Sequence
+from typing import Any, Literal, TypedDict
+
+import numpy as np
+import numpy.typing as npt
+
+class EngineError(RuntimeError):
+    """An error of the engine; the message is one line (the error and its causes)."""
+
+# (token_ids [rows, cols] int32, logprobs [rows, cols] float32, ranks [rows] int32): per row the
+# target token first (sampled or next prompt token), then the top cols - 1.
+LogprobsArrays = tuple[npt.NDArray[np.int32], npt.NDArray[np.float32], npt.NDArray[np.int32]]
+
+class BackendInfo(TypedDict):
+    backend: str
+    device: Literal["cpu", "gpu"]
+    blas_fast: bool
+    blas: str
+    memory_size: int
+
+class StepTimingDict(TypedDict):
+    num_tokens: int
+    num_seqs: int
+    build: float
+    submit: float
+    sample_build: float
+    wait: float
+    device_tokens: int
+
+class StepOutput:
+    """One step's output, as vLLM's ModelRunnerOutput needs it."""
+
+    @property
+    def step_id(self) -> int | None: ...
+    @property
+    def req_ids(self) -> list[str]: ...
+    @property
+    def sampled_token_ids(self) -> list[list[int]]:
+        """Per request: its sampled token, or none when its chunk did not reach its end."""
+    @property
+    def logprobs(self) -> LogprobsArrays | None:
+        """One row per request of req_ids, when a request of the step asked for logprobs."""
+    @property
+    def prompt_logprobs(self) -> dict[str, LogprobsArrays]:
+        """The whole prompt's logprobs of the requests whose prefill ended with this step."""
+    @property
+    def failed(self) -> dict[str, str]:
+        """Requests the step could not serve, with the reason (the engine has forgotten them)."""
+
+class ModelRunner:
+    """Weights, the paged KV cache, the request table and the step."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        block_size: int = 16,
+        device: Literal["cpu", "gpu"] | None = None,
+        dtype: str | None = None,
+        gather_attention: bool = False,
+    ) -> None: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def head_dim(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    @property
+    def kv_cache_dtype(self) -> Literal["float32", "float16", "bfloat16"]: ...
+    @property
+    def weights_nbytes(self) -> int: ...
+    @property
+    def layer_windows(self) -> list[int | None]:
+        """Per layer, its sliding window in tokens (None: full attention)."""
+    @property
+    def max_position_embeddings(self) -> int | None: ...
+    @property
+    def device(self) -> Literal["cpu", "gpu"]: ...
+    @property
+    def num_blocks(self) -> int: ...
+    def kv_bytes_per_block(self) -> int: ...
+    def set_seed(self, seed: int) -> None: ...
+    def profile_peak_memory(self, num_tokens: int) -> int: ...
+    def allocate_kv_cache(
+        self,
+        num_blocks: int,
+        layer_group: Sequence[int] | None = None,
+        layer_storage: Sequence[int] | None = None,
+    ) -> None: ...
+    def take_step_profile(self) -> list[StepTimingDict]: ...
+    def inject_fault(self, stage: Literal["forward", "sample", "device"]) -> None: ...
+    def set_logprobs_mode(self, mode: str) -> None: ...
+    def execute_model(self, scheduler_output: Any) -> bool:
+        """vLLM's SchedulerOutput in; False when the step schedules nothing."""
+    def sample_tokens(
+        self, grammar: tuple[list[str], npt.NDArray[np.int32]] | None = None
+    ) -> StepOutput: ...
+    def submit_tokens(
+        self, grammar: tuple[list[str], npt.NDArray[np.int32]] | None = None
+    ) -> int:
+        """Submits the step's tokens; returns the step id `collect` takes."""
+    def collect(self, step_id: int) -> StepOutput: ...
+    def step_logits(
+        self, batch: Sequence[tuple[str, Sequence[int], int, Sequence[int]]]
+    ) -> npt.NDArray[np.float32]: ...
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int = -1,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        stop_token_ids: Sequence[int] | None = None,
+        pipeline: bool = True,
+    ) -> list[list[int]]: ...
+
+def init_logging(debug: bool = False) -> None: ...
+def backend_info() -> BackendInfo: ...
+
+# The sampler alone, for tests against vLLM's sampling code. Rows are dicts of SamplingParams
+# fields plus "prompt", "output" (token lists) and "key" (the draw's PRNG key).
+def process_logits(
+    logits: npt.NDArray[np.float32], rows: list[dict[str, Any]]
+) -> npt.NDArray[np.float32]: ...
+def filter_logits(
+    logits: npt.NDArray[np.float32], rows: list[dict[str, Any]]
+) -> npt.NDArray[np.float32]: ...
+def sample_tokens(logits: npt.NDArray[np.float32], rows: list[dict[str, Any]]) -> list[int]: ...
