@@ -12,7 +12,7 @@ use anyhow::Result;
 use mlx_rs::{fast, fast::ScaledDotProductAttentionMask, ops, Array, Dtype};
 
 use crate::batch::{Pages, StepBatch};
-use crate::custom_kernel::{CudaKernel, Output, TemplateArg};
+use crate::mlx_ext::custom_kernel::{CudaKernel, Output, TemplateArg};
 use crate::kv_cache::PagedKvCache;
 use crate::nn::{softcap, Linear, RmsNorm, Rope};
 
@@ -180,7 +180,7 @@ pub fn paged_attention(
 
 /// Whether `paged_decode` runs on this process's MLX for a cache of this shape.
 pub fn decode_kernel_available(head_dim: usize, dtype: Dtype) -> bool {
-    crate::device::backend() == "cuda"
+    crate::mlx_ext::device::backend() == "cuda"
         && matches!(mlx_rs::Device::default().get_type(), Ok(mlx_rs::DeviceType::Gpu))
         && head_dim % 32 == 0
         && head_dim <= 256
@@ -301,7 +301,7 @@ fn softcapped_attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Arra
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::device::{self, DeviceKind};
+    use crate::mlx_ext::device::{self, DeviceKind};
     use mlx_rs::random;
 
     fn host(a: &Array) -> Vec<f32> {

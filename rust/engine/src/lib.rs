@@ -6,13 +6,10 @@
 
 pub mod attention;
 pub mod batch;
-pub mod blas;
 pub mod config;
-pub mod custom_kernel;
-pub mod device;
-pub mod fuse;
 pub mod gguf;
 pub mod kv_cache;
+pub mod mlx_ext;
 pub mod models;
 pub mod nn;
 pub mod runner;

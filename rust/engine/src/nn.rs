@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use mlx_rs::{error::Exception, fast, ops, Array, Dtype};
 
-use crate::fuse::{fused, ArrayFn};
+use crate::mlx_ext::fuse::{fused, ArrayFn};
 
 /// MLX affine quantization of a weight matrix (`weight` packed into uint32 along the input dimension).
 #[derive(Clone)]

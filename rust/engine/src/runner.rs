@@ -13,7 +13,7 @@ use mlx_rs::{
 use crate::attention::decode_kernel_available;
 use crate::batch::{SeqChunk, StepBatch};
 use crate::config::ModelConfig;
-use crate::device::{self, DeviceKind};
+use crate::mlx_ext::device::{self, DeviceKind};
 use crate::kv_cache::PagedKvCache;
 use crate::models::{self, CausalLm};
 use crate::nn::{dtype_name, parse_dtype};

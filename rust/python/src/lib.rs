@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
 use engine::batch::SeqChunk;
-use engine::device::DeviceKind;
+use engine::mlx_ext::device::DeviceKind;
 use engine::runner::{self, CachedRequest, GrammarBitmask, Logprobs, NewRequest, RunnerOptions, SchedulerStep, StepOutput};
 use engine::sampler::{self, Row, SamplingParams};
 use numpy::{PyArray1, PyArrayMethods};
@@ -74,13 +74,13 @@ fn init_logging(py: Python<'_>, debug: bool) -> PyResult<()> {
 #[pyfunction]
 fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    let backend = engine::device::backend();
+    let backend = engine::mlx_ext::device::backend();
     d.set_item("backend", backend)?;
     d.set_item("device", if backend == "cpu" { "cpu" } else { "gpu" })?;
-    let blas = engine::blas::active_blas();
-    d.set_item("blas_fast", engine::blas::is_fast(&blas))?;
+    let blas = engine::mlx_ext::blas::active_blas();
+    d.set_item("blas_fast", engine::mlx_ext::blas::is_fast(&blas))?;
     d.set_item("blas", blas)?;
-    d.set_item("memory_size", engine::device::memory_size())?;
+    d.set_item("memory_size", engine::mlx_ext::device::memory_size())?;
     Ok(d)
 }
 
