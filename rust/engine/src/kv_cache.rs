@@ -12,7 +12,7 @@
 use anyhow::{ensure, Result};
 use mlx_rs::{ops, transforms::eval, Array, Dtype};
 
-use crate::nn::dtype_size;
+use crate::dtype::dtype_size;
 
 pub struct PagedKvCache {
     pub block_size: usize,

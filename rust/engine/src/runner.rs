@@ -10,13 +10,13 @@ use mlx_rs::{
     Array, Dtype,
 };
 
-use crate::attention::decode_kernel_available;
+use crate::paged_attention::decode_kernel_available;
 use crate::batch::{SeqChunk, StepBatch};
 use crate::config::ModelConfig;
 use crate::mlx_ext::device::{self, DeviceKind};
 use crate::kv_cache::PagedKvCache;
 use crate::models::{self, CausalLm};
-use crate::nn::{dtype_name, parse_dtype};
+use crate::dtype::{dtype_name, parse_dtype};
 use crate::sampler::{
     bitmask_to_additive, choose, gather_logprobs, mix_seed, LogprobsMode, Row, SamplingParams, TokenCounts, TopLogprobs,
 };

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use mlx_rs::{ops, Array, Dtype};
 
-use crate::nn::{Linear, Quantization, RmsNorm};
+use crate::layers::linear::{Linear, Quantization};
+use crate::layers::norm::RmsNorm;
 
 /// GGUF tensor types MLX's loader turns into arrays we run.
 pub const GGUF_SUPPORTED: &str = "Q4_0, Q4_1, Q8_0, F16, F32";

@@ -7,13 +7,17 @@
 use anyhow::Result;
 use mlx_rs::{Array, Dtype};
 
-use crate::attention::Attention;
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
 use crate::models::llama::{attention, embeddings};
 use crate::models::{decoder_linears, CausalLm};
-use crate::nn::{scalar, softcap, Activation, Linear, Mlp, RmsNorm, Rope};
+use crate::layers::attention::Attention;
+use crate::layers::linear::Linear;
+use crate::layers::mlp::{Activation, Mlp};
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::Rope;
+use crate::layers::{scalar, softcap};
 use crate::weights::Weights;
 
 pub struct Block {

@@ -5,12 +5,16 @@
 use anyhow::{bail, Result};
 use mlx_rs::Array;
 
-use crate::attention::{Attention, Qkv};
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
 use crate::models::{decoder_linears, CausalLm};
-use crate::nn::{Activation, Linear, Mlp, RmsNorm, Rope, SparseMoe};
+use crate::layers::attention::{Attention, Qkv};
+use crate::layers::linear::Linear;
+use crate::layers::mlp::{Activation, Mlp};
+use crate::layers::moe::SparseMoe;
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::Rope;
 use crate::weights::Weights;
 
 /// The MLP of a block: dense, or a mixture of experts.

@@ -8,14 +8,15 @@ pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use mlx_rs::Array;
 
-use crate::attention::Attention;
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
-use crate::nn::{Linear, RmsNorm, SparseMoe};
+use crate::layers::attention::Attention;
+use crate::layers::linear::Linear;
+use crate::layers::norm::RmsNorm;
 use crate::weights::Weights;
 
 pub trait CausalLm: Send {
@@ -53,25 +54,5 @@ pub fn load(config: &ModelConfig, weights: &mut Weights) -> Result<Box<dyn Causa
         "Phi3ForCausalLM" => Box::new(phi3::load(config, weights)?),
         "Gemma2ForCausalLM" | "Gemma3ForCausalLM" => Box::new(gemma::Model::load(config, weights)?),
         other => unreachable!("architecture {other} passed validation without a model"),
-    })
-}
-
-/// A mixture-of-experts MLP at `prefix`: router `{prefix}.gate`, experts stacked from
-/// `{prefix}.experts.{e}.{name}` (HF) or read stacked from `{prefix}.switch_mlp.{gate,up,down}_proj`
-/// (mlx-lm's layout). `[gate, up, down]` are the HF names of the expert projections.
-pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, names: [&str; 3], norm_topk_prob: bool) -> Result<SparseMoe> {
-    let n = config.num_experts.context("num_experts")?;
-    let [gate, up, down] = names;
-    let mut experts = |name: &str, mlx: &str| w.experts(&format!("{prefix}.experts"), n, name, &format!("{prefix}.switch_mlp.{mlx}"));
-    let gate_proj = experts(gate, "gate_proj")?;
-    let up_proj = experts(up, "up_proj")?;
-    let down_proj = experts(down, "down_proj")?;
-    Ok(SparseMoe {
-        gate: w.linear(&format!("{prefix}.gate"), false)?,
-        gate_proj,
-        up_proj,
-        down_proj,
-        top_k: config.num_experts_per_tok.context("num_experts_per_tok")? as i32,
-        norm_topk_prob,
     })
 }

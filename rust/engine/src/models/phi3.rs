@@ -4,10 +4,10 @@
 
 use anyhow::{ensure, Result};
 
-use crate::attention::Qkv;
 use crate::config::ModelConfig;
 use crate::models::llama::{attention_from, FeedForward, Model};
-use crate::nn::{Activation, Mlp};
+use crate::layers::attention::Qkv;
+use crate::layers::mlp::{Activation, Mlp};
 use crate::weights::Weights;
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {

@@ -7,7 +7,7 @@ use anyhow::Result;
 
 use crate::config::ModelConfig;
 use crate::models::llama::{attention, dense_mlp, FeedForward, Model};
-use crate::models::sparse_moe;
+use crate::layers::moe::sparse_moe;
 use crate::weights::Weights;
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
