@@ -10,12 +10,12 @@ use mlx_rs::{
     Array, Dtype,
 };
 
-use crate::paged_attention::decode_kernel_available;
 use crate::batch::{SeqChunk, StepBatch};
 use crate::config::ModelConfig;
 use crate::mlx_ext::device::{self, DeviceKind};
 use crate::kv_cache::PagedKvCache;
 use crate::models::{self, CausalLm};
+use crate::paged_attention::AttentionBackend;
 use crate::dtype::{dtype_name, parse_dtype};
 use crate::sampler::{
     bitmask_to_additive, choose, gather_logprobs, mix_seed, LogprobsMode, Row, SamplingParams, TokenCounts, TopLogprobs,
@@ -258,6 +258,8 @@ pub struct ModelRunner {
     pub dtype: Dtype,
     pub weights_nbytes: usize,
     gather_attention: bool,
+    /// How the allocated cache's attention reads its pages (`Gather` until allocation).
+    attention: AttentionBackend,
     model: Box<dyn CausalLm>,
     cache: Option<PagedKvCache>,
     requests: HashMap<String, RequestState>,
@@ -362,6 +364,7 @@ impl ModelRunner {
             dtype,
             weights_nbytes,
             gather_attention: opts.gather_attention,
+            attention: AttentionBackend::Gather,
             model,
             cache: None,
             requests: HashMap::new(),
@@ -384,8 +387,7 @@ impl ModelRunner {
 
     /// A step's tensors, for this model's windows and this cache's attention.
     fn build_batch(&self, chunks: &[SeqChunk]) -> Result<StepBatch> {
-        let in_place = self.cache.as_ref().is_some_and(|c| c.decode_kernel);
-        StepBatch::build(chunks, self.block_size, self.sliding_window(), in_place)
+        StepBatch::build(chunks, self.block_size, self.sliding_window(), self.attention)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -450,7 +452,7 @@ impl ModelRunner {
             self.num_layers()
         );
         self.cache = None;
-        let mut cache = PagedKvCache::with_groups(
+        let cache = PagedKvCache::with_groups(
             layer_group,
             layer_storage,
             num_blocks,
@@ -459,13 +461,13 @@ impl ModelRunner {
             self.config.head_dim(),
             self.dtype,
         )?;
-        cache.decode_kernel = !self.gather_attention && decode_kernel_available(cache.head_dim, cache.dtype);
+        self.attention = AttentionBackend::choose(self.gather_attention, cache.head_dim, cache.dtype);
         log::info!(
             "KV cache: {num_blocks} blocks of {} tokens, {} KV-cache group(s), {:.1} MiB; decode attention {}",
             self.block_size,
             cache.num_groups(),
             cache.arrays().map(|a| a.nbytes()).sum::<usize>() as f64 / (1 << 20) as f64,
-            if cache.decode_kernel { "reads the pages in place" } else { "gathers the pages" }
+            self.attention.describe()
         );
         self.cache = Some(cache);
         Ok(())
