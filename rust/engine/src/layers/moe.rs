@@ -67,6 +67,15 @@ impl SparseMoe {
     }
 }
 
+/// The config's expert counts make a mixture: `num_experts >= num_experts_per_tok >= 1`.
+pub fn check_expert_counts(config: &ModelConfig) -> Result<()> {
+    let (e, k) = (config.num_experts.unwrap_or(0), config.num_experts_per_tok.unwrap_or(0));
+    if e == 0 || k == 0 || k > e {
+        anyhow::bail!("{} needs num_experts >= num_experts_per_tok >= 1, got {e} and {k}", config.architecture()?);
+    }
+    Ok(())
+}
+
 /// A mixture-of-experts MLP at `prefix`: router `{prefix}.gate`, experts stacked from
 /// `{prefix}.experts.{e}.{name}` (HF) or read stacked from `{prefix}.switch_mlp.{gate,up,down}_proj`
 /// (mlx-lm's layout). `[gate, up, down]` are the HF names of the expert projections.

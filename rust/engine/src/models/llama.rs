@@ -1,6 +1,7 @@
-//! The Llama decoder (`LlamaForCausalLM`, `MistralForCausalLM`): pre-norm blocks of attention and a
-//! gated MLP. Qwen2, Qwen3, Phi-3, Mixtral and Qwen3-MoE are this decoder with other attention or
-//! MLP weights; their files build it through [`Model::load_with`]. Names follow the HF checkpoint.
+//! Llama (`LlamaForCausalLM`) and the decoder most families share: pre-norm blocks of attention
+//! (RoPE, no window) and a gated SiLU MLP. Mistral, Qwen2, Qwen3, Phi-3, Mixtral and Qwen3-MoE are
+//! this decoder with other attention or MLP weights; their files build it through
+//! [`Model::load_with`]. Names follow the HF checkpoint.
 
 use anyhow::{bail, Result};
 use mlx_rs::Array;
@@ -8,7 +9,7 @@ use mlx_rs::Array;
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
-use crate::models::{decoder_linears, CausalLm};
+use crate::models::{decoder_linears, expect_activation, full_attention, CausalLm, Family};
 use crate::layers::attention::{Attention, Qkv};
 use crate::layers::linear::Linear;
 use crate::layers::mlp::{Activation, Mlp};
@@ -16,6 +17,15 @@ use crate::layers::moe::SparseMoe;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::weights::Weights;
+
+pub const LLAMA: Family = Family {
+    architectures: &["LlamaForCausalLM"],
+    gguf_architecture: Some("llama"),
+    validate: |config| expect_activation(config, "silu"),
+    layer_windows: full_attention,
+    longrope: false,
+    load: |config, w| Ok(Box::new(Model::load(config, w)?)),
+};
 
 /// The MLP of a block: dense, or a mixture of experts.
 pub enum FeedForward {

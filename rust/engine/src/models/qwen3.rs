@@ -2,13 +2,37 @@
 //! (`q_norm`, `k_norm` over head_dim) before RoPE; q/k/v biases only with `attention_bias`.
 //! Qwen3-MoE (`Qwen3MoeForCausalLM`) has the same attention and a mixture of experts in the
 //! layers `decoder_sparse_step` picks, except `mlp_only_layers`.
+//! Block: pre-norm; attention with q/k RMSNorm before RoPE; gated SiLU MLP (Qwen3-MoE: or a
+//! top-k mixture of gated SiLU experts).
 
 use anyhow::Result;
 
 use crate::config::ModelConfig;
+use crate::layers::moe::{check_expert_counts, sparse_moe};
 use crate::models::llama::{attention, dense_mlp, FeedForward, Model};
-use crate::layers::moe::sparse_moe;
+use crate::models::{full_attention, qwen2, Family};
 use crate::weights::Weights;
+
+pub const QWEN3: Family = Family {
+    architectures: &["Qwen3ForCausalLM"],
+    gguf_architecture: None,
+    validate: qwen2::validate,
+    layer_windows: full_attention,
+    longrope: false,
+    load: |config, w| Ok(Box::new(load(config, w)?)),
+};
+
+pub const QWEN3_MOE: Family = Family {
+    architectures: &["Qwen3MoeForCausalLM"],
+    gguf_architecture: None,
+    validate: |config| {
+        qwen2::validate(config)?;
+        check_expert_counts(config)
+    },
+    layer_windows: full_attention,
+    longrope: false,
+    load: |config, w| Ok(Box::new(load_moe(config, w)?)),
+};
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
     let bias = config.attention_bias;
