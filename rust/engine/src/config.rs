@@ -69,7 +69,6 @@ pub struct ModelConfig {
     #[serde(alias = "num_local_experts")]
     pub num_experts: Option<usize>,
     pub num_experts_per_tok: Option<usize>,
-    pub moe_intermediate_size: Option<usize>,
     /// Qwen3-MoE: renormalise the top-k routing weights.
     #[serde(default)]
     pub norm_topk_prob: bool,

@@ -20,7 +20,7 @@ use crate::dtype::{dtype_name, parse_dtype};
 use crate::sampler::{
     bitmask_to_additive, choose, gather_logprobs, mix_seed, LogprobsMode, Row, SamplingParams, TokenCounts, TopLogprobs,
 };
-use crate::weights::{WeightSource, Weights};
+use crate::weights::{WeightOptions, WeightSource, Weights};
 
 #[derive(Debug, Clone, Default)]
 pub struct RunnerOptions {
@@ -323,15 +323,7 @@ impl ModelRunner {
                 None => Dtype::Float16,
             },
         };
-        // mlx-lm writes its quantization under both keys; config validation refused any other.
-        let quantization = config.quantization.clone().or_else(|| config.quantization_config.clone());
-        let mut weights = Weights::load(
-            source.clone(),
-            dtype,
-            device == DeviceKind::Cpu,
-            &config,
-            quantization,
-        )?;
+        let mut weights = Weights::load(&source, &config, WeightOptions { dtype, dequantize: device == DeviceKind::Cpu })?;
         let model = models::load(&config, &mut weights)
             .with_context(|| format!("building the model from {}", model_path.display()))?;
         let leftover = weights.leftover();

@@ -12,7 +12,6 @@ use crate::layers::norm::RmsNorm;
 /// GGUF tensor types MLX's loader turns into arrays we run.
 pub const GGUF_SUPPORTED: &str = "Q4_0, Q4_1, Q8_0, F16, F32";
 
-/// Where a model's weights are.
 #[derive(Debug, Clone)]
 pub enum WeightSource {
     Safetensors(Vec<PathBuf>),
@@ -83,18 +82,20 @@ pub struct Weights {
     /// config.json's `quantization` of MLX-quantized checkpoints: `group_size`, `bits`, and
     /// per-layer overrides keyed by layer path (None: GGUF quants, group size 32).
     quantization: Option<serde_json::Value>,
-    pub source: WeightSource,
+}
+
+/// How `Weights::load` prepares the tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightOptions {
+    /// Compute dtype for floating-point weights.
+    pub dtype: Dtype,
+    /// Dequantize packed weights at load (the CPU backend has fast matmul for float32 only).
+    pub dequantize: bool,
 }
 
 impl Weights {
-    pub fn load(
-        source: WeightSource,
-        dtype: Dtype,
-        dequantize: bool,
-        config: &crate::config::ModelConfig,
-        quantization: Option<serde_json::Value>,
-    ) -> Result<Self> {
-        let tensors = match &source {
+    pub fn load(source: &WeightSource, config: &crate::config::ModelConfig, opts: WeightOptions) -> Result<Self> {
+        let tensors = match source {
             WeightSource::Safetensors(files) => {
                 let mut all = HashMap::new();
                 for f in files {
@@ -107,7 +108,9 @@ impl Weights {
             }
             WeightSource::Gguf(path) => load_gguf(path, config)?,
         };
-        Ok(Self { tensors, dtype, dequantize, quantization, source })
+        // mlx-lm writes its quantization under both keys; config validation refused any other.
+        let quantization = config.quantization.clone().or_else(|| config.quantization_config.clone());
+        Ok(Self { tensors, dtype: opts.dtype, dequantize: opts.dequantize, quantization })
     }
 
     pub fn contains(&self, name: &str) -> bool {

@@ -76,12 +76,21 @@ pub fn check_expert_counts(config: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
+/// How a family's checkpoint names its experts and weighs them.
+#[derive(Debug, Clone, Copy)]
+pub struct MoeOptions {
+    /// HF names of the expert projections `[gate, up, down]` under `{prefix}.experts.{e}`.
+    pub expert_names: [&'static str; 3],
+    /// Renormalise the top-k routing weights to sum to one.
+    pub norm_topk_prob: bool,
+}
+
 /// A mixture-of-experts MLP at `prefix`: router `{prefix}.gate`, experts stacked from
 /// `{prefix}.experts.{e}.{name}` (HF) or read stacked from `{prefix}.switch_mlp.{gate,up,down}_proj`
-/// (mlx-lm's layout). `[gate, up, down]` are the HF names of the expert projections.
-pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, names: [&str; 3], norm_topk_prob: bool) -> Result<SparseMoe> {
+/// (mlx-lm's layout).
+pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, opts: MoeOptions) -> Result<SparseMoe> {
     let n = config.num_experts.context("num_experts")?;
-    let [gate, up, down] = names;
+    let [gate, up, down] = opts.expert_names;
     let mut experts = |name: &str, mlx: &str| w.experts(&format!("{prefix}.experts"), n, name, &format!("{prefix}.switch_mlp.{mlx}"));
     let gate_proj = experts(gate, "gate_proj")?;
     let up_proj = experts(up, "up_proj")?;
@@ -92,7 +101,7 @@ pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, names: [&
         up_proj,
         down_proj,
         top_k: config.num_experts_per_tok.context("num_experts_per_tok")? as i32,
-        norm_topk_prob,
+        norm_topk_prob: opts.norm_topk_prob,
     })
 }
 

@@ -12,14 +12,14 @@ use mlx_rs::{Array, Dtype};
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
-use crate::models::llama::{attention, embeddings};
-use crate::models::{decoder_linears, expect_activation, CausalLm, Family};
 use crate::layers::attention::Attention;
 use crate::layers::linear::Linear;
 use crate::layers::mlp::{Activation, Mlp};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::layers::{scalar, softcap};
+use crate::models::llama::{attention, embeddings, AttnOptions};
+use crate::models::{decoder_linears, expect_activation, CausalLm, Family};
 use crate::weights::Weights;
 
 pub const GEMMA: Family = Family {
@@ -89,7 +89,8 @@ impl Model {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut self_attn = attention(config, w, &p, i, config.attention_bias, false)?;
+            let opts = AttnOptions { qkv_bias: config.attention_bias, qk_norm: false };
+            let mut self_attn = attention(config, w, &p, i, opts)?;
             if gemma3 {
                 self_attn.q_norm = Some(w.rms_norm_plus_one(&format!("{p}.self_attn.q_norm"), eps)?);
                 self_attn.k_norm = Some(w.rms_norm_plus_one(&format!("{p}.self_attn.k_norm"), eps)?);

@@ -9,13 +9,13 @@ use mlx_rs::Array;
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
-use crate::models::{decoder_linears, expect_activation, full_attention, CausalLm, Family};
 use crate::layers::attention::{Attention, Qkv};
 use crate::layers::linear::Linear;
 use crate::layers::mlp::{Activation, Mlp};
 use crate::layers::moe::SparseMoe;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
+use crate::models::{decoder_linears, expect_activation, full_attention, CausalLm, Family};
 use crate::weights::Weights;
 
 pub const LLAMA: Family = Family {
@@ -71,10 +71,18 @@ pub struct Model {
     pub lm_head: Option<Linear>,
 }
 
+/// What a family's attention has beyond separate q/k/v/o projections.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnOptions {
+    /// q, k and v have biases (o only with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm of queries and keys before RoPE (`q_norm`, `k_norm`).
+    pub qk_norm: bool,
+}
+
 /// Attention of layer `layer` at `{prefix}.self_attn` from separate q/k/v/o projections.
-/// `qkv_bias`: q/k/v have biases (o only with `attention_bias`); `qk_norm`: per-head RMSNorm of
-/// queries and keys before RoPE (Qwen3).
-pub fn attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usize, qkv_bias: bool, qk_norm: bool) -> Result<Attention> {
+pub fn attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usize, opts: AttnOptions) -> Result<Attention> {
+    let AttnOptions { qkv_bias, qk_norm } = opts;
     let p = format!("{prefix}.self_attn");
     let q_proj = w.linear(&format!("{p}.q_proj"), qkv_bias)?;
     let k_proj = w.linear(&format!("{p}.k_proj"), qkv_bias)?;
@@ -142,7 +150,7 @@ impl Model {
         Self::load_with(
             config,
             w,
-            |w, p, i| attention(config, w, p, i, config.attention_bias, false),
+            |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias, qk_norm: false }),
             |w, p, _| dense_mlp(config, w, p),
         )
     }

@@ -7,8 +7,8 @@
 use anyhow::Result;
 
 use crate::config::ModelConfig;
-use crate::layers::moe::{check_expert_counts, sparse_moe};
-use crate::models::llama::{attention, FeedForward, Model};
+use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions};
+use crate::models::llama::{attention, AttnOptions, FeedForward, Model};
 use crate::models::{expect_activation, window_on_every_layer, Family};
 use crate::weights::Weights;
 
@@ -28,9 +28,10 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
     Model::load_with(
         config,
         w,
-        |w, p, i| attention(config, w, p, i, config.attention_bias, false),
+        |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias, qk_norm: false }),
         |w, p, _| -> Result<FeedForward> {
-            let moe = sparse_moe(config, w, &format!("{p}.block_sparse_moe"), ["w1", "w3", "w2"], true)?;
+            let opts = MoeOptions { expert_names: ["w1", "w3", "w2"], norm_topk_prob: true };
+            let moe = sparse_moe(config, w, &format!("{p}.block_sparse_moe"), opts)?;
             Ok(FeedForward::Sparse(moe))
         },
     )

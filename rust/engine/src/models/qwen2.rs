@@ -5,7 +5,7 @@
 use anyhow::{bail, Result};
 
 use crate::config::ModelConfig;
-use crate::models::llama::{attention, dense_mlp, Model};
+use crate::models::llama::{attention, dense_mlp, AttnOptions, Model};
 use crate::models::{expect_activation, full_attention, Family};
 use crate::weights::Weights;
 
@@ -29,5 +29,6 @@ pub fn validate(config: &ModelConfig) -> Result<()> {
 }
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    Model::load_with(config, w, |w, p, i| attention(config, w, p, i, true, false), |w, p, _| dense_mlp(config, w, p))
+    let attn = AttnOptions { qkv_bias: true, qk_norm: false };
+    Model::load_with(config, w, |w, p, i| attention(config, w, p, i, attn), |w, p, _| dense_mlp(config, w, p))
 }

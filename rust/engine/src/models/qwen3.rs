@@ -8,8 +8,8 @@
 use anyhow::Result;
 
 use crate::config::ModelConfig;
-use crate::layers::moe::{check_expert_counts, sparse_moe};
-use crate::models::llama::{attention, dense_mlp, FeedForward, Model};
+use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions};
+use crate::models::llama::{attention, dense_mlp, AttnOptions, FeedForward, Model};
 use crate::models::{full_attention, qwen2, Family};
 use crate::weights::Weights;
 
@@ -35,24 +35,24 @@ pub const QWEN3_MOE: Family = Family {
 };
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let bias = config.attention_bias;
-    Model::load_with(config, w, |w, p, i| attention(config, w, p, i, bias, true), |w, p, _| dense_mlp(config, w, p))
+    let attn = AttnOptions { qkv_bias: config.attention_bias, qk_norm: true };
+    Model::load_with(config, w, |w, p, i| attention(config, w, p, i, attn), |w, p, _| dense_mlp(config, w, p))
 }
 
 pub fn load_moe(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let bias = config.attention_bias;
+    let attn = AttnOptions { qkv_bias: config.attention_bias, qk_norm: true };
     let step = config.decoder_sparse_step.unwrap_or(1).max(1);
     Model::load_with(
         config,
         w,
-        |w, p, i| attention(config, w, p, i, bias, true),
+        |w, p, i| attention(config, w, p, i, attn),
         |w, p, i| -> Result<FeedForward> {
             if config.mlp_only_layers.contains(&i) || (i + 1) % step != 0 {
                 return dense_mlp(config, w, p);
             }
             // Experts at mlp.experts.{e}.{gate,up,down}_proj, router at mlp.gate.
-            let names = ["gate_proj", "up_proj", "down_proj"];
-            Ok(FeedForward::Sparse(sparse_moe(config, w, &format!("{p}.mlp"), names, config.norm_topk_prob)?))
+            let opts = MoeOptions { expert_names: ["gate_proj", "up_proj", "down_proj"], norm_topk_prob: config.norm_topk_prob };
+            Ok(FeedForward::Sparse(sparse_moe(config, w, &format!("{p}.mlp"), opts)?))
         },
     )
 }
