@@ -1,8 +1,10 @@
 //! vllm-metal-rs engine: LLM execution on MLX. No Python here; `rust/python` wraps it for vLLM.
 //!
-//! config (HF config.json) -> weights (safetensors / GGUF) -> models (one file per family, shared
-//! layers in nn) -> kv_cache (paged) + attention (over pages) -> sampler; `runner` ties them into
-//! scheduler steps, `batch` builds a step's tensors once.
+//! config (HF config.json) -> weights (safetensors / GGUF) -> models (one file per family, listed
+//! in `models::FAMILIES`, built from `layers`) -> kv_cache (paged) + paged_attention (gather + SDPA,
+//! or the CUDA page-reading kernel) -> sampler; `runner` ties them into scheduler steps, `batch`
+//! builds a step's tensors once. `mlx_ext` holds what mlx-rs does not wrap (the only direct C
+//! calls); `dtype` names MLX dtypes.
 
 pub mod batch;
 pub mod config;

@@ -1,4 +1,5 @@
-//! RMSNorm.
+//! RMSNorm, on MLX's fused kernel. Gemma's (1 + w) gain gets its 1 at load
+//! (`Weights::rms_norm_plus_one`), so one struct serves both.
 
 use anyhow::Result;
 use mlx_rs::{fast, Array};
