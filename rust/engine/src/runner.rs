@@ -12,11 +12,11 @@ use mlx_rs::{
 
 use crate::batch::{SeqChunk, StepBatch};
 use crate::config::ModelConfig;
-use crate::mlx_ext::device::{self, DeviceKind};
+use crate::dtype::{dtype_name, parse_dtype};
 use crate::kv_cache::PagedKvCache;
+use crate::mlx_ext::device::{self, DeviceKind};
 use crate::models::{self, CausalLm};
 use crate::paged_attention::AttentionBackend;
-use crate::dtype::{dtype_name, parse_dtype};
 use crate::sampler::{
     bitmask_to_additive, choose, gather_logprobs, mix_seed, LogprobsMode, Row, SamplingParams, TokenCounts, TopLogprobs,
 };

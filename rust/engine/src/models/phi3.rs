@@ -7,10 +7,10 @@
 use anyhow::{ensure, Result};
 
 use crate::config::ModelConfig;
-use crate::models::llama::{attention_from, FeedForward, Model};
-use crate::models::{expect_activation, window_on_every_layer, Family};
 use crate::layers::attention::Qkv;
 use crate::layers::mlp::{Activation, Mlp};
+use crate::models::llama::{attention_from, FeedForward, Model};
+use crate::models::{expect_activation, window_on_every_layer, Family};
 use crate::weights::Weights;
 
 pub const PHI3: Family = Family {
