@@ -3,6 +3,8 @@
 use anyhow::{bail, Result};
 use mlx_rs::Array;
 
+use crate::paged_attention::AttentionBackend;
+
 /// The tokens of one request that run this step.
 #[derive(Debug, Clone)]
 pub struct SeqChunk<'a> {
@@ -53,9 +55,9 @@ pub struct AttnGroup {
     pub q_index: Array,
     /// `[R]`: each request's length at the end of its chunk (its keys in the cache this step).
     pub seq_lens: Array,
-    /// A decode group whose attention reads the pages itself (a kernel): its pages carry block
-    /// tables only (no masks, slot lists or window pages).
-    pub in_place: bool,
+    /// `PageKernel`: a decode group whose attention reads the pages itself, so its pages carry
+    /// block tables only (no masks, slot lists or window pages).
+    pub backend: AttentionBackend,
     /// Per KV-cache group.
     pub pages: Vec<GroupPages>,
 }
@@ -79,9 +81,9 @@ pub struct StepBatch {
 impl StepBatch {
     /// Decode chunks (one token) share one group; each prefill chunk gets its own, so a long
     /// prompt does not pad every decode row to its length. `window`: the sliding window of the
-    /// model's local layers, if it has any. `decode_in_place`: decode attention reads the pages
-    /// itself (a kernel), so the decode group needs only its block tables and lengths.
-    pub fn build(chunks: &[SeqChunk], block_size: usize, window: Option<usize>, decode_in_place: bool) -> Result<Self> {
+    /// model's local layers, if it has any. `backend`: with `PageKernel`, decode attention reads the
+    /// pages itself, so the decode group needs only its block tables and lengths.
+    pub fn build(chunks: &[SeqChunk], block_size: usize, window: Option<usize>, backend: AttentionBackend) -> Result<Self> {
         let num_kv_groups = chunks.first().map_or(1, |c| c.block_ids.len());
         let mut token_ids = Vec::new();
         let mut positions = Vec::new();
@@ -144,7 +146,8 @@ impl StepBatch {
             }
             let (rq, qi) = (m.len() as i32, q as i32);
             let qpos = Array::from_slice(&q_pos, &[rq, 1, qi, 1]);
-            let in_place = decode_in_place && q == 1;
+            let group_backend = backend.for_group(q);
+            let in_place = group_backend == AttentionBackend::PageKernel;
             // Pages: all of them, or from the first page the window reaches (whose keys must also
             // be inside the window).
             let pages_from = |first: &dyn Fn(usize) -> usize, g: usize, window: Option<usize>| -> Result<Pages> {
@@ -201,7 +204,7 @@ impl StepBatch {
             groups.push(AttnGroup {
                 num_seqs: rq,
                 max_q: qi,
-                in_place,
+                backend: group_backend,
                 q_index: Array::from_slice(&q_index, &[rq * qi]),
                 seq_lens: Array::from_slice(&seq_lens, &[rq]),
                 pages,

@@ -2,21 +2,10 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
-/// Architectures this engine executes (the `architectures` entry of config.json).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "LlamaForCausalLM",
-    "MistralForCausalLM",
-    "Qwen2ForCausalLM",
-    "Qwen3ForCausalLM",
-    "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM",
-    "Phi3ForCausalLM",
-    "MixtralForCausalLM",
-    "Qwen3MoeForCausalLM",
-];
+use crate::models::{self, Family};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeScaling {
@@ -80,7 +69,6 @@ pub struct ModelConfig {
     #[serde(alias = "num_local_experts")]
     pub num_experts: Option<usize>,
     pub num_experts_per_tok: Option<usize>,
-    pub moe_intermediate_size: Option<usize>,
     /// Qwen3-MoE: renormalise the top-k routing weights.
     #[serde(default)]
     pub norm_topk_prob: bool,
@@ -102,15 +90,15 @@ fn default_theta() -> f32 {
     10000.0
 }
 
-fn check_architecture(architectures: &[String]) -> Result<&str> {
+/// The family of the config's architecture (its first `architectures` entry), if we run it.
+fn check_architecture(architectures: &[String]) -> Result<&'static Family> {
     let arch = architectures.first().map(String::as_str).unwrap_or("");
-    if !SUPPORTED_ARCHITECTURES.contains(&arch) {
-        bail!(
+    models::family(arch).ok_or_else(|| {
+        anyhow!(
             "unsupported model architecture {architectures:?}: vllm-metal-rs runs {}",
-            SUPPORTED_ARCHITECTURES.join(", ")
-        );
-    }
-    Ok(arch)
+            models::architectures().collect::<Vec<_>>().join(", ")
+        )
+    })
 }
 
 impl ModelConfig {
@@ -168,29 +156,13 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Attention window of each layer (None: full attention). HF semantics: a query at position p
-    /// sees keys at positions > p - window.
+    /// Attention window of each layer (None: full attention), by the family's rule. HF semantics:
+    /// a query at position p sees keys at positions > p - window.
     pub fn layer_windows(&self) -> Vec<Option<usize>> {
-        let n = self.num_hidden_layers;
-        let window = self.sliding_window;
-        match self.architectures.first().map(String::as_str).unwrap_or("") {
-            "Gemma2ForCausalLM" | "Gemma3ForCausalLM" => (0..n)
-                .map(|i| {
-                    let local = match (&self.layer_types, self.sliding_window_pattern) {
-                        (Some(t), _) => t.get(i).is_some_and(|t| t == "sliding_attention"),
-                        (None, Some(p)) => (i + 1) % p != 0,
-                        // Gemma 2 alternates, starting with a local layer.
-                        (None, None) => i % 2 == 0,
-                    };
-                    if local { window } else { None }
-                })
-                .collect(),
-            // Qwen's window is off unless use_sliding_window (refused in validate).
-            "Qwen2ForCausalLM" | "Qwen3ForCausalLM" | "Qwen3MoeForCausalLM" | "LlamaForCausalLM" => vec![None; n],
-            _ => {
-                let max_pos = self.max_position_embeddings.unwrap_or(usize::MAX);
-                vec![window.filter(|&w| w < max_pos); n]
-            }
+        match self.family() {
+            Ok(family) => (family.layer_windows)(self),
+            // Parsed configs always have a family; a hand-built one gets the plain rule.
+            Err(_) => models::window_on_every_layer(self),
         }
     }
 
@@ -201,11 +173,19 @@ impl ModelConfig {
 
     /// The one architecture this config asks for, if we run it.
     pub fn architecture(&self) -> Result<&str> {
+        check_architecture(&self.architectures)?;
+        Ok(&self.architectures[0])
+    }
+
+    /// The family that runs this config.
+    pub fn family(&self) -> Result<&'static Family> {
         check_architecture(&self.architectures)
     }
 
+    /// The rules every family shares, with the family's own (activation first) after the
+    /// quantization checks.
     fn validate(&self) -> Result<()> {
-        let arch = self.architecture()?;
+        let family = self.family()?;
         if let Some(q) = &self.quantization_config {
             // mlx-lm writes its own `quantization` dict under both keys; that one is ours.
             let method = q.get("quant_method").and_then(|m| m.as_str());
@@ -232,15 +212,7 @@ impl ModelConfig {
                 }
             }
         }
-        let act = self.activation();
-        let gemma = arch.starts_with("Gemma");
-        let expected = if gemma { "gelu_pytorch_tanh" } else { "silu" };
-        if act != expected {
-            bail!("unsupported activation {act:?} for {arch}: supported is {expected}");
-        }
-        if arch.starts_with("Qwen") && self.use_sliding_window == Some(true) {
-            bail!("Qwen sliding-window attention (use_sliding_window=true) is not supported");
-        }
+        (family.validate)(self)?;
         if self.num_attention_heads % self.num_kv_heads() != 0 {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -254,17 +226,11 @@ impl ModelConfig {
         if let Some(rs) = &self.rope_scaling {
             match rs.rope_type.as_deref() {
                 None | Some("default") | Some("linear") | Some("llama3") => {}
-                Some("longrope") | Some("su") if arch == "Phi3ForCausalLM" => {}
+                Some("longrope") | Some("su") if family.longrope => {}
                 Some(other) => bail!(
                     "unsupported rope_scaling type {other:?}: supported are default, linear, llama3 \
                      (and longrope for Phi-3)"
                 ),
-            }
-        }
-        if matches!(arch, "MixtralForCausalLM" | "Qwen3MoeForCausalLM") {
-            let (e, k) = (self.num_experts.unwrap_or(0), self.num_experts_per_tok.unwrap_or(0));
-            if e == 0 || k == 0 || k > e {
-                bail!("{arch} needs num_experts >= num_experts_per_tok >= 1, got {e} and {k}");
             }
         }
         Ok(())
@@ -318,6 +284,10 @@ mod tests {
         let text = r#"{"architectures":["GPT2LMHeadModel"],"n_embd":64,"n_layer":2,"vocab_size":100}"#;
         let err = ModelConfig::from_json(&text).unwrap_err();
         assert!(format!("{err:#}").contains("unsupported model architecture"));
+        assert!(format!("{err:#}").ends_with(
+            "vllm-metal-rs runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, \
+             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM"
+        ));
     }
 
     #[test]
@@ -363,6 +333,22 @@ mod tests {
         let text = LLAMA.replace("LlamaForCausalLM", "MistralForCausalLM")
             .replace("\"rms_norm_eps\"", "\"sliding_window\":32,\"rms_norm_eps\"");
         assert_eq!(ModelConfig::from_json(&text).unwrap().layer_windows(), vec![Some(32), Some(32)]);
+    }
+
+    #[test]
+    fn family_rules_refuse_with_their_messages() {
+        let gelu = LLAMA.replace("\"vocab_size\"", "\"hidden_act\":\"gelu_pytorch_tanh\",\"vocab_size\"");
+        let err = format!("{:#}", ModelConfig::from_json(&gelu).unwrap_err());
+        assert!(err.contains("unsupported activation \"gelu_pytorch_tanh\" for LlamaForCausalLM: supported is silu"), "{err}");
+        let moe = LLAMA.replace("LlamaForCausalLM", "MixtralForCausalLM")
+            .replace("\"vocab_size\"", "\"num_local_experts\":2,\"num_experts_per_tok\":3,\"vocab_size\"");
+        let err = format!("{:#}", ModelConfig::from_json(&moe).unwrap_err());
+        assert!(err.contains("MixtralForCausalLM needs num_experts >= num_experts_per_tok >= 1, got 2 and 3"), "{err}");
+        let longrope = r#""rope_scaling":{"rope_type":"longrope","short_factor":[1.0],"long_factor":[1.0]},"vocab_size""#;
+        let err = format!("{:#}", ModelConfig::from_json(&LLAMA.replace("\"vocab_size\"", longrope)).unwrap_err());
+        assert!(err.contains("unsupported rope_scaling type \"longrope\""), "{err}");
+        let phi3 = LLAMA.replace("LlamaForCausalLM", "Phi3ForCausalLM").replace("\"vocab_size\"", longrope);
+        ModelConfig::from_json(&phi3).unwrap();
     }
 
     #[test]

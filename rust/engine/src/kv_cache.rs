@@ -12,7 +12,7 @@
 use anyhow::{ensure, Result};
 use mlx_rs::{ops, transforms::eval, Array, Dtype};
 
-use crate::nn::dtype_size;
+use crate::dtype::dtype_size;
 
 pub struct PagedKvCache {
     pub block_size: usize,
@@ -25,8 +25,6 @@ pub struct PagedKvCache {
     /// Per layer: its KV-cache group and its storage (index into keys / values).
     pub layer_group: Vec<usize>,
     pub layer_storage: Vec<usize>,
-    /// Decode attention reads the pages in place (a custom kernel) instead of gathering copies.
-    pub decode_kernel: bool,
 }
 
 impl PagedKvCache {
@@ -82,7 +80,6 @@ impl PagedKvCache {
             values,
             layer_group,
             layer_storage,
-            decode_kernel: false,
         })
     }
 

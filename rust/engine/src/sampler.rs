@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use mlx_rs::{error::Exception, ops, ops::indexing::TryIndexOp, Array, Dtype};
 
-use crate::fuse::fused;
+use crate::mlx_ext::fuse::fused;
 
 #[derive(Debug, Clone)]
 pub struct SamplingParams {
@@ -746,7 +746,7 @@ mod tests {
     #[test]
     fn compiled_chains_equal_the_plain_ops_for_any_shape() {
         // Compiled here on the CPU backend; the engine compiles them on GPUs only.
-        use crate::fuse::compiled;
+        use crate::mlx_ext::fuse::compiled;
         let mut gumbel_c = compiled(gumbel_argmax_of);
         let mut filter_c = compiled(filter_sorted);
         let mut penalise_c = compiled(penalise);

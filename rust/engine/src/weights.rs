@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use mlx_rs::{ops, Array, Dtype};
 
-use crate::nn::{Linear, Quantization, RmsNorm};
+use crate::layers::linear::{Linear, Quantization};
+use crate::layers::norm::RmsNorm;
 
 /// GGUF tensor types MLX's loader turns into arrays we run.
 pub const GGUF_SUPPORTED: &str = "Q4_0, Q4_1, Q8_0, F16, F32";
 
-/// Where a model's weights are.
 #[derive(Debug, Clone)]
 pub enum WeightSource {
     Safetensors(Vec<PathBuf>),
@@ -82,18 +82,20 @@ pub struct Weights {
     /// config.json's `quantization` of MLX-quantized checkpoints: `group_size`, `bits`, and
     /// per-layer overrides keyed by layer path (None: GGUF quants, group size 32).
     quantization: Option<serde_json::Value>,
-    pub source: WeightSource,
+}
+
+/// How `Weights::load` prepares the tensors.
+#[derive(Debug, Clone, Copy)]
+pub struct WeightOptions {
+    /// Compute dtype for floating-point weights.
+    pub dtype: Dtype,
+    /// Dequantize packed weights at load (the CPU backend has fast matmul for float32 only).
+    pub dequantize: bool,
 }
 
 impl Weights {
-    pub fn load(
-        source: WeightSource,
-        dtype: Dtype,
-        dequantize: bool,
-        config: &crate::config::ModelConfig,
-        quantization: Option<serde_json::Value>,
-    ) -> Result<Self> {
-        let tensors = match &source {
+    pub fn load(source: &WeightSource, config: &crate::config::ModelConfig, opts: WeightOptions) -> Result<Self> {
+        let tensors = match source {
             WeightSource::Safetensors(files) => {
                 let mut all = HashMap::new();
                 for f in files {
@@ -106,7 +108,9 @@ impl Weights {
             }
             WeightSource::Gguf(path) => load_gguf(path, config)?,
         };
-        Ok(Self { tensors, dtype, dequantize, quantization, source })
+        // mlx-lm writes its quantization under both keys; config validation refused any other.
+        let quantization = config.quantization.clone().or_else(|| config.quantization_config.clone());
+        Ok(Self { tensors, dtype: opts.dtype, dequantize: opts.dequantize, quantization })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -264,29 +268,33 @@ fn unpermute_rows(num_heads: usize, rows: usize) -> Vec<i32> {
     order
 }
 
-/// llama.cpp architecture names of the GGUF files each config architecture loads from.
-fn gguf_architecture(hf: &str) -> Option<&'static str> {
-    match hf {
-        "LlamaForCausalLM" | "MistralForCausalLM" => Some("llama"),
-        "Qwen2ForCausalLM" => Some("qwen2"),
-        _ => None,
+/// The GGUF architectures the families load, each with its config architectures:
+/// "llama (LlamaForCausalLM, MistralForCausalLM) and qwen2 (Qwen2ForCausalLM)".
+fn gguf_support() -> String {
+    let mut by_gguf: Vec<(&str, Vec<&str>)> = Vec::new();
+    for f in crate::models::FAMILIES {
+        let Some(g) = f.gguf_architecture else { continue };
+        match by_gguf.iter_mut().find(|(name, _)| *name == g) {
+            Some((_, archs)) => archs.extend(f.architectures),
+            None => by_gguf.push((g, f.architectures.to_vec())),
+        }
     }
+    let mut parts: Vec<String> = by_gguf.iter().map(|(g, archs)| format!("{g} ({})", archs.join(", "))).collect();
+    let last = parts.pop().unwrap_or_default();
+    if parts.is_empty() { last } else { format!("{} and {last}", parts.join(", ")) }
 }
 
 fn load_gguf(path: &Path, config: &crate::config::ModelConfig) -> Result<HashMap<String, Array>> {
     crate::gguf::check_supported(path)?;
     let hf_arch = config.architecture()?;
     let found = crate::gguf::architecture(path)?.unwrap_or_else(|| "unknown".into());
-    match gguf_architecture(hf_arch) {
+    match config.family()?.gguf_architecture {
         Some(expected) if expected == found => {}
         Some(expected) => bail!(
             "GGUF {} has architecture {found:?} but config.json says {hf_arch} (GGUF {expected:?})",
             path.display()
         ),
-        None => bail!(
-            "GGUF weights are supported for llama (LlamaForCausalLM, MistralForCausalLM) and qwen2 \
-             (Qwen2ForCausalLM), not {hf_arch} (GGUF {found:?})"
-        ),
+        None => bail!("GGUF weights are supported for {}, not {hf_arch} (GGUF {found:?})", gguf_support()),
     }
     // llama.cpp permutes Q/K rows for its interleaved RoPE only in llama-architecture files.
     let permute = found == "llama";
@@ -332,6 +340,11 @@ fn load_gguf(path: &Path, config: &crate::config::ModelConfig) -> Result<HashMap
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gguf_support_names_each_gguf_architecture_with_its_families() {
+        assert_eq!(gguf_support(), "llama (LlamaForCausalLM, MistralForCausalLM) and qwen2 (Qwen2ForCausalLM)");
+    }
 
     #[test]
     fn gguf_names_map_to_hf() {

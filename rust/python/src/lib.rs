@@ -25,13 +25,13 @@ fn engine_err(e: anyhow::Error) -> PyErr {
 #[pyfunction]
 fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     let d = PyDict::new(py);
-    let backend = engine::device::backend();
+    let backend = engine::mlx_ext::device::backend();
     d.set_item("backend", backend)?;
     d.set_item("device", if backend == "cpu" { "cpu" } else { "gpu" })?;
-    let blas = engine::blas::active_blas();
-    d.set_item("blas_fast", engine::blas::is_fast(&blas))?;
+    let blas = engine::mlx_ext::blas::active_blas();
+    d.set_item("blas_fast", engine::mlx_ext::blas::is_fast(&blas))?;
     d.set_item("blas", blas)?;
-    d.set_item("memory_size", engine::device::memory_size())?;
+    d.set_item("memory_size", engine::mlx_ext::device::memory_size())?;
     Ok(d)
 }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use engine::batch::SeqChunk;
-use engine::device::DeviceKind;
+use engine::mlx_ext::device::DeviceKind;
 use engine::runner::{self, GrammarBitmask, Logprobs, RunnerOptions, StepId, StepOutput};
 use engine::sampler::SamplingParams;
 use numpy::{PyArray1, PyArrayMethods};

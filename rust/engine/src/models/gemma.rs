@@ -3,18 +3,48 @@
 //! GELU (tanh) MLP, attention scale query_pre_attn_scalar^-0.5, alternating local (sliding
 //! window) and global layers, logit soft-capping (Gemma 2: attention scores and final logits).
 //! Gemma 3 adds per-head (1 + w) q/k norms and a separate RoPE base for local layers.
+//! Block: sandwich norms (before and after attention and MLP); attention with RoPE, windowed on
+//! local layers (Gemma 3: q/k RMSNorm before RoPE); gated GELU (tanh) MLP.
 
 use anyhow::Result;
 use mlx_rs::{Array, Dtype};
 
-use crate::attention::Attention;
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
-use crate::models::llama::{attention, embeddings};
-use crate::models::{decoder_linears, CausalLm};
-use crate::nn::{scalar, softcap, Activation, Linear, Mlp, RmsNorm, Rope};
+use crate::layers::attention::Attention;
+use crate::layers::linear::Linear;
+use crate::layers::mlp::{Activation, Mlp};
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::Rope;
+use crate::layers::{scalar, softcap};
+use crate::models::llama::{attention, embeddings, AttnOptions};
+use crate::models::{decoder_linears, expect_activation, CausalLm, Family};
 use crate::weights::Weights;
+
+pub const GEMMA: Family = Family {
+    architectures: &["Gemma2ForCausalLM", "Gemma3ForCausalLM"],
+    gguf_architecture: None,
+    validate: |config| expect_activation(config, "gelu_pytorch_tanh"),
+    layer_windows,
+    longrope: false,
+    load: |config, w| Ok(Box::new(Model::load(config, w)?)),
+};
+
+/// Local (sliding-window) and global layers: by `layer_types` (transformers 5), else every
+/// `sliding_window_pattern`-th layer global (Gemma 3), else alternating from a local layer (Gemma 2).
+fn layer_windows(config: &ModelConfig) -> Vec<Option<usize>> {
+    (0..config.num_hidden_layers)
+        .map(|i| {
+            let local = match (&config.layer_types, config.sliding_window_pattern) {
+                (Some(t), _) => t.get(i).is_some_and(|t| t == "sliding_attention"),
+                (None, Some(p)) => (i + 1) % p != 0,
+                (None, None) => i % 2 == 0,
+            };
+            if local { config.sliding_window } else { None }
+        })
+        .collect()
+}
 
 pub struct Block {
     pub self_attn: Attention,
@@ -59,7 +89,8 @@ impl Model {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let mut self_attn = attention(config, w, &p, i, config.attention_bias, false)?;
+            let opts = AttnOptions { qkv_bias: config.attention_bias, qk_norm: false };
+            let mut self_attn = attention(config, w, &p, i, opts)?;
             if gemma3 {
                 self_attn.q_norm = Some(w.rms_norm_plus_one(&format!("{p}.self_attn.q_norm"), eps)?);
                 self_attn.k_norm = Some(w.rms_norm_plus_one(&format!("{p}.self_attn.k_norm"), eps)?);

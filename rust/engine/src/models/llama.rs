@@ -1,17 +1,31 @@
-//! The Llama decoder (`LlamaForCausalLM`, `MistralForCausalLM`): pre-norm blocks of attention and a
-//! gated MLP. Qwen2, Qwen3, Phi-3, Mixtral and Qwen3-MoE are this decoder with other attention or
-//! MLP weights; their files build it through [`Model::load_with`]. Names follow the HF checkpoint.
+//! Llama (`LlamaForCausalLM`) and the decoder most families share: pre-norm blocks of attention
+//! (RoPE, no window) and a gated SiLU MLP. Mistral, Qwen2, Qwen3, Phi-3, Mixtral and Qwen3-MoE are
+//! this decoder with other attention or MLP weights; their files build it through
+//! [`Model::load_with`]. Names follow the HF checkpoint.
 
 use anyhow::{bail, Result};
 use mlx_rs::Array;
 
-use crate::attention::{Attention, Qkv};
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
-use crate::models::{decoder_linears, CausalLm};
-use crate::nn::{Activation, Linear, Mlp, RmsNorm, Rope, SparseMoe};
+use crate::layers::attention::{Attention, Qkv};
+use crate::layers::linear::Linear;
+use crate::layers::mlp::{Activation, Mlp};
+use crate::layers::moe::SparseMoe;
+use crate::layers::norm::RmsNorm;
+use crate::layers::rope::Rope;
+use crate::models::{decoder_linears, expect_activation, full_attention, CausalLm, Family};
 use crate::weights::Weights;
+
+pub const LLAMA: Family = Family {
+    architectures: &["LlamaForCausalLM"],
+    gguf_architecture: Some("llama"),
+    validate: |config| expect_activation(config, "silu"),
+    layer_windows: full_attention,
+    longrope: false,
+    load: |config, w| Ok(Box::new(Model::load(config, w)?)),
+};
 
 /// The MLP of a block: dense, or a mixture of experts.
 pub enum FeedForward {
@@ -57,10 +71,18 @@ pub struct Model {
     pub lm_head: Option<Linear>,
 }
 
+/// What a family's attention has beyond separate q/k/v/o projections.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnOptions {
+    /// q, k and v have biases (o only with `attention_bias`).
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm of queries and keys before RoPE (`q_norm`, `k_norm`).
+    pub qk_norm: bool,
+}
+
 /// Attention of layer `layer` at `{prefix}.self_attn` from separate q/k/v/o projections.
-/// `qkv_bias`: q/k/v have biases (o only with `attention_bias`); `qk_norm`: per-head RMSNorm of
-/// queries and keys before RoPE (Qwen3).
-pub fn attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usize, qkv_bias: bool, qk_norm: bool) -> Result<Attention> {
+pub fn attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usize, opts: AttnOptions) -> Result<Attention> {
+    let AttnOptions { qkv_bias, qk_norm } = opts;
     let p = format!("{prefix}.self_attn");
     let q_proj = w.linear(&format!("{p}.q_proj"), qkv_bias)?;
     let k_proj = w.linear(&format!("{p}.k_proj"), qkv_bias)?;
@@ -128,7 +150,7 @@ impl Model {
         Self::load_with(
             config,
             w,
-            |w, p, i| attention(config, w, p, i, config.attention_bias, false),
+            |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias, qk_norm: false }),
             |w, p, _| dense_mlp(config, w, p),
         )
     }

@@ -1,21 +1,37 @@
 //! Mixtral (`MixtralForCausalLM`): the Mistral decoder (sliding window when configured) with a
 //! mixture of experts at `block_sparse_moe`: router `gate`, experts `w1` (gate), `w3` (up),
 //! `w2` (down); the top-k routing weights are renormalised.
+//! Block: pre-norm; attention with RoPE (windowed on every layer when configured); top-k mixture
+//! of gated SiLU experts.
 
 use anyhow::Result;
 
 use crate::config::ModelConfig;
-use crate::models::llama::{attention, FeedForward, Model};
-use crate::models::sparse_moe;
+use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions};
+use crate::models::llama::{attention, AttnOptions, FeedForward, Model};
+use crate::models::{expect_activation, window_on_every_layer, Family};
 use crate::weights::Weights;
+
+pub const MIXTRAL: Family = Family {
+    architectures: &["MixtralForCausalLM"],
+    gguf_architecture: None,
+    validate: |config| {
+        expect_activation(config, "silu")?;
+        check_expert_counts(config)
+    },
+    layer_windows: window_on_every_layer,
+    longrope: false,
+    load: |config, w| Ok(Box::new(load(config, w)?)),
+};
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
     Model::load_with(
         config,
         w,
-        |w, p, i| attention(config, w, p, i, config.attention_bias, false),
+        |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias, qk_norm: false }),
         |w, p, _| -> Result<FeedForward> {
-            let moe = sparse_moe(config, w, &format!("{p}.block_sparse_moe"), ["w1", "w3", "w2"], true)?;
+            let opts = MoeOptions { expert_names: ["w1", "w3", "w2"], norm_topk_prob: true };
+            let moe = sparse_moe(config, w, &format!("{p}.block_sparse_moe"), opts)?;
             Ok(FeedForward::Sparse(moe))
         },
     )

@@ -1,21 +1,24 @@
-//! Model families. Each is one file with plain structs named after its HF config; the Llama
-//! decoder (llama.rs) is the base that most families fill with their own attention or MLP.
+//! Model families, listed once in [`FAMILIES`]. Each is one file: its config rules, its layer
+//! windows and its loader, with plain structs named after its HF checkpoint. The Llama decoder
+//! (llama.rs) is the base that most families fill with their own attention or MLP.
 
 pub mod gemma;
 pub mod llama;
+pub mod mistral;
 pub mod mixtral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Result};
 use mlx_rs::Array;
 
-use crate::attention::Attention;
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
-use crate::nn::{Linear, RmsNorm, SparseMoe};
+use crate::layers::attention::Attention;
+use crate::layers::linear::Linear;
+use crate::layers::norm::RmsNorm;
 use crate::weights::Weights;
 
 pub trait CausalLm: Send {
@@ -43,35 +46,63 @@ pub fn decoder_linears<'a>(
     v
 }
 
-pub fn load(config: &ModelConfig, weights: &mut Weights) -> Result<Box<dyn CausalLm>> {
-    Ok(match config.architecture()? {
-        "LlamaForCausalLM" | "MistralForCausalLM" => Box::new(llama::Model::load(config, weights)?),
-        "Qwen2ForCausalLM" => Box::new(qwen2::load(config, weights)?),
-        "Qwen3ForCausalLM" => Box::new(qwen3::load(config, weights)?),
-        "Qwen3MoeForCausalLM" => Box::new(qwen3::load_moe(config, weights)?),
-        "MixtralForCausalLM" => Box::new(mixtral::load(config, weights)?),
-        "Phi3ForCausalLM" => Box::new(phi3::load(config, weights)?),
-        "Gemma2ForCausalLM" | "Gemma3ForCausalLM" => Box::new(gemma::Model::load(config, weights)?),
-        other => unreachable!("architecture {other} passed validation without a model"),
-    })
+/// A model family: the config architectures it runs and what differs between families.
+pub struct Family {
+    /// config.json `architectures[0]` values.
+    pub architectures: &'static [&'static str],
+    /// llama.cpp's architecture name of the GGUF files that load as this family.
+    pub gguf_architecture: Option<&'static str>,
+    /// The family's config rules, its activation first; the shared rules are in `config`.
+    pub validate: fn(&ModelConfig) -> Result<()>,
+    /// Attention window of each layer (None: full attention).
+    pub layer_windows: fn(&ModelConfig) -> Vec<Option<usize>>,
+    /// longrope `rope_scaling` is accepted (the other scalings every family takes).
+    pub longrope: bool,
+    pub load: fn(&ModelConfig, &mut Weights) -> Result<Box<dyn CausalLm>>,
 }
 
-/// A mixture-of-experts MLP at `prefix`: router `{prefix}.gate`, experts stacked from
-/// `{prefix}.experts.{e}.{name}` (HF) or read stacked from `{prefix}.switch_mlp.{gate,up,down}_proj`
-/// (mlx-lm's layout). `[gate, up, down]` are the HF names of the expert projections.
-pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, names: [&str; 3], norm_topk_prob: bool) -> Result<SparseMoe> {
-    let n = config.num_experts.context("num_experts")?;
-    let [gate, up, down] = names;
-    let mut experts = |name: &str, mlx: &str| w.experts(&format!("{prefix}.experts"), n, name, &format!("{prefix}.switch_mlp.{mlx}"));
-    let gate_proj = experts(gate, "gate_proj")?;
-    let up_proj = experts(up, "up_proj")?;
-    let down_proj = experts(down, "down_proj")?;
-    Ok(SparseMoe {
-        gate: w.linear(&format!("{prefix}.gate"), false)?,
-        gate_proj,
-        up_proj,
-        down_proj,
-        top_k: config.num_experts_per_tok.context("num_experts_per_tok")? as i32,
-        norm_topk_prob,
-    })
+/// Every family the engine runs, in the order errors list their architectures.
+pub static FAMILIES: &[Family] = &[
+    llama::LLAMA,
+    mistral::MISTRAL,
+    qwen2::QWEN2,
+    qwen3::QWEN3,
+    gemma::GEMMA,
+    phi3::PHI3,
+    mixtral::MIXTRAL,
+    qwen3::QWEN3_MOE,
+];
+
+/// The family of a config architecture.
+pub fn family(architecture: &str) -> Option<&'static Family> {
+    FAMILIES.iter().find(|f| f.architectures.contains(&architecture))
+}
+
+/// Every architecture the engine runs.
+pub fn architectures() -> impl Iterator<Item = &'static str> {
+    FAMILIES.iter().flat_map(|f| f.architectures.iter().copied())
+}
+
+pub fn load(config: &ModelConfig, weights: &mut Weights) -> Result<Box<dyn CausalLm>> {
+    (config.family()?.load)(config, weights)
+}
+
+/// The activation check of a family whose MLP runs `expected`.
+pub fn expect_activation(config: &ModelConfig, expected: &str) -> Result<()> {
+    let act = config.activation();
+    if act != expected {
+        bail!("unsupported activation {act:?} for {}: supported is {expected}", config.architecture()?);
+    }
+    Ok(())
+}
+
+/// Every layer attends to all its keys (a `sliding_window` in the config is ignored).
+pub fn full_attention(config: &ModelConfig) -> Vec<Option<usize>> {
+    vec![None; config.num_hidden_layers]
+}
+
+/// The config's `sliding_window` on every layer, unless it covers the whole context.
+pub fn window_on_every_layer(config: &ModelConfig) -> Vec<Option<usize>> {
+    let max_pos = config.max_position_embeddings.unwrap_or(usize::MAX);
+    vec![config.sliding_window.filter(|&w| w < max_pos); config.num_hidden_layers]
 }

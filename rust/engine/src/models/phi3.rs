@@ -1,14 +1,26 @@
 //! Phi-3 (`Phi3ForCausalLM`): the Llama decoder with fused projections — `qkv_proj` (q, k, v rows
 //! in that order) and `gate_up_proj` (gate rows, then up rows), which the shared layers take as
 //! they are, and longrope scaling (short / long factors, attention factor) in the RoPE.
+//! Block: pre-norm; attention with RoPE (longrope allowed; windowed on every layer when
+//! configured); gated SiLU MLP.
 
 use anyhow::{ensure, Result};
 
-use crate::attention::Qkv;
 use crate::config::ModelConfig;
+use crate::layers::attention::Qkv;
+use crate::layers::mlp::{Activation, Mlp};
 use crate::models::llama::{attention_from, FeedForward, Model};
-use crate::nn::{Activation, Mlp};
+use crate::models::{expect_activation, window_on_every_layer, Family};
 use crate::weights::Weights;
+
+pub const PHI3: Family = Family {
+    architectures: &["Phi3ForCausalLM"],
+    gguf_architecture: None,
+    validate: |config| expect_activation(config, "silu"),
+    layer_windows: window_on_every_layer,
+    longrope: true,
+    load: |config, w| Ok(Box::new(load(config, w)?)),
+};
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
     let d = config.head_dim() as i32;

@@ -2,33 +2,57 @@
 //! (`q_norm`, `k_norm` over head_dim) before RoPE; q/k/v biases only with `attention_bias`.
 //! Qwen3-MoE (`Qwen3MoeForCausalLM`) has the same attention and a mixture of experts in the
 //! layers `decoder_sparse_step` picks, except `mlp_only_layers`.
+//! Block: pre-norm; attention with q/k RMSNorm before RoPE; gated SiLU MLP (Qwen3-MoE: or a
+//! top-k mixture of gated SiLU experts).
 
 use anyhow::Result;
 
 use crate::config::ModelConfig;
-use crate::models::llama::{attention, dense_mlp, FeedForward, Model};
-use crate::models::sparse_moe;
+use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions};
+use crate::models::llama::{attention, dense_mlp, AttnOptions, FeedForward, Model};
+use crate::models::{full_attention, qwen2, Family};
 use crate::weights::Weights;
 
+pub const QWEN3: Family = Family {
+    architectures: &["Qwen3ForCausalLM"],
+    gguf_architecture: None,
+    validate: qwen2::validate,
+    layer_windows: full_attention,
+    longrope: false,
+    load: |config, w| Ok(Box::new(load(config, w)?)),
+};
+
+pub const QWEN3_MOE: Family = Family {
+    architectures: &["Qwen3MoeForCausalLM"],
+    gguf_architecture: None,
+    validate: |config| {
+        qwen2::validate(config)?;
+        check_expert_counts(config)
+    },
+    layer_windows: full_attention,
+    longrope: false,
+    load: |config, w| Ok(Box::new(load_moe(config, w)?)),
+};
+
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let bias = config.attention_bias;
-    Model::load_with(config, w, |w, p, i| attention(config, w, p, i, bias, true), |w, p, _| dense_mlp(config, w, p))
+    let attn = AttnOptions { qkv_bias: config.attention_bias, qk_norm: true };
+    Model::load_with(config, w, |w, p, i| attention(config, w, p, i, attn), |w, p, _| dense_mlp(config, w, p))
 }
 
 pub fn load_moe(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let bias = config.attention_bias;
+    let attn = AttnOptions { qkv_bias: config.attention_bias, qk_norm: true };
     let step = config.decoder_sparse_step.unwrap_or(1).max(1);
     Model::load_with(
         config,
         w,
-        |w, p, i| attention(config, w, p, i, bias, true),
+        |w, p, i| attention(config, w, p, i, attn),
         |w, p, i| -> Result<FeedForward> {
             if config.mlp_only_layers.contains(&i) || (i + 1) % step != 0 {
                 return dense_mlp(config, w, p);
             }
             // Experts at mlp.experts.{e}.{gate,up,down}_proj, router at mlp.gate.
-            let names = ["gate_proj", "up_proj", "down_proj"];
-            Ok(FeedForward::Sparse(sparse_moe(config, w, &format!("{p}.mlp"), names, config.norm_topk_prob)?))
+            let opts = MoeOptions { expert_names: ["gate_proj", "up_proj", "down_proj"], norm_topk_prob: config.norm_topk_prob };
+            Ok(FeedForward::Sparse(sparse_moe(config, w, &format!("{p}.mlp"), opts)?))
         },
     )
 }

@@ -29,15 +29,15 @@ pub use logprobs::Logprobs;
 pub use pipeline::{StepId, StepTiming};
 pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
 
-use crate::attention::decode_kernel_available;
 use crate::batch::{SeqChunk, StepBatch};
 use crate::config::ModelConfig;
-use crate::device::{self, DeviceKind};
+use crate::mlx_ext::device::{self, DeviceKind};
 use crate::kv_cache::PagedKvCache;
 use crate::models::{self, CausalLm};
-use crate::nn::{dtype_name, parse_dtype};
+use crate::dtype::{dtype_name, parse_dtype};
 use crate::sampler::LogprobsMode;
-use crate::weights::{WeightSource, Weights};
+use crate::paged_attention::AttentionBackend;
+use crate::weights::{WeightOptions, WeightSource, Weights};
 use pipeline::{InFlight, PendingStep, Pipeline};
 use plan::{Draws, StepPlan};
 use requests::{Failures, Limits, RequestTable};
@@ -100,6 +100,8 @@ pub struct ModelRunner {
     pub dtype: Dtype,
     pub weights_nbytes: usize,
     gather_attention: bool,
+    /// How attention reads the KV pages; chosen when the cache is allocated.
+    attention: AttentionBackend,
     model: Box<dyn CausalLm>,
     cache: Option<PagedKvCache>,
     table: RequestTable,
@@ -135,15 +137,7 @@ impl ModelRunner {
                 None => Dtype::Float16,
             },
         };
-        // mlx-lm writes its quantization under both keys; config validation refused any other.
-        let quantization = config.quantization.clone().or_else(|| config.quantization_config.clone());
-        let mut weights = Weights::load(
-            source.clone(),
-            dtype,
-            device == DeviceKind::Cpu,
-            &config,
-            quantization,
-        )?;
+        let mut weights = Weights::load(&source, &config, WeightOptions { dtype, dequantize: device == DeviceKind::Cpu })?;
         let model = models::load(&config, &mut weights)
             .with_context(|| format!("building the model from {}", model_path.display()))?;
         let leftover = weights.leftover();
@@ -176,6 +170,7 @@ impl ModelRunner {
             dtype,
             weights_nbytes,
             gather_attention: opts.gather_attention,
+            attention: AttentionBackend::Gather,
             model,
             cache: None,
             table: RequestTable::default(),
@@ -194,8 +189,7 @@ impl ModelRunner {
 
     /// A step's tensors, for this model's windows and this cache's attention.
     fn build_batch(&self, chunks: &[SeqChunk]) -> Result<StepBatch> {
-        let in_place = self.cache.as_ref().is_some_and(|c| c.decode_kernel);
-        StepBatch::build(chunks, self.block_size, self.sliding_window(), in_place)
+        StepBatch::build(chunks, self.block_size, self.sliding_window(), self.attention)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -254,7 +248,7 @@ impl ModelRunner {
             self.num_layers()
         );
         self.cache = None;
-        let mut cache = PagedKvCache::with_groups(
+        let cache = PagedKvCache::with_groups(
             layer_group,
             layer_storage,
             num_blocks,
@@ -263,13 +257,13 @@ impl ModelRunner {
             self.config.head_dim(),
             self.dtype,
         )?;
-        cache.decode_kernel = !self.gather_attention && decode_kernel_available(cache.head_dim, cache.dtype);
+        self.attention = AttentionBackend::choose(self.gather_attention, cache.head_dim, cache.dtype);
         log::info!(
             "KV cache: {num_blocks} blocks of {} tokens, {} KV-cache group(s), {:.1} MiB; decode attention {}",
             self.block_size,
             cache.num_groups(),
             cache.arrays().map(|a| a.nbytes()).sum::<usize>() as f64 / (1 << 20) as f64,
-            if cache.decode_kernel { "reads the pages in place" } else { "gathers the pages" }
+            self.attention.describe()
         );
         self.cache = Some(cache);
         Ok(())

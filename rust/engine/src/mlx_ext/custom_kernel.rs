@@ -12,7 +12,7 @@ pub enum TemplateArg {
     Int(i32),
 }
 
-/// One output of a launch.
+/// An output the launch allocates (the kernel must write all of it).
 pub struct Output<'a> {
     pub shape: &'a [i32],
     pub dtype: Dtype,

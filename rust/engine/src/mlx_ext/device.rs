@@ -3,7 +3,6 @@
 use anyhow::{bail, Result};
 use mlx_rs::Device;
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceKind {
     Cpu,

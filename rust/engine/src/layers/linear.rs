@@ -1,0 +1,146 @@
+//! Linear layers: dense or MLX-quantized `x W^T (+ b)`, several stacked into one matmul, expert
+//! linears stacked `[experts, out, in]` for gathered matmuls, and embedding rows.
+
+use anyhow::{Context, Result};
+use mlx_rs::{ops, Array};
+
+/// MLX affine quantization of a weight matrix (`weight` packed into uint32 along the input dimension).
+#[derive(Clone)]
+pub struct Quantization {
+    pub scales: Array,
+    pub biases: Option<Array>,
+    pub group_size: i32,
+    pub bits: i32,
+}
+
+/// `y = x W^T (+ b)`; W is `[out, in]` dense, or packed with [`Quantization`].
+/// Embeddings are the same struct: rows of W looked up by token id.
+pub struct Linear {
+    pub weight: Array,
+    pub bias: Option<Array>,
+    pub quant: Option<Quantization>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        let y = match &self.quant {
+            None => x.matmul(self.weight.t())?,
+            Some(q) => ops::quantized_matmul(
+                x,
+                &self.weight,
+                &q.scales,
+                q.biases.as_ref(),
+                true,
+                q.group_size,
+                q.bits,
+            )?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.add(b)?,
+            None => y,
+        })
+    }
+
+    /// `forward` of a stacked linear, split along the features at `at` (the parts' boundaries).
+    pub fn forward_split(&self, x: &Array, at: &[i32]) -> Result<Vec<Array>> {
+        Ok(ops::split_at_indices(&self.forward(x)?, at, -1)?)
+    }
+
+    /// Expert linears stacked in one `[experts, out, in]` weight: `x` `[T, 1, 1, in]` times the
+    /// experts `idx` `[T, k]` chose, `[T, k, 1, out]`. One gather_mm / gather_qmm for the whole batch.
+    pub fn forward_experts(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array> {
+        Ok(match &self.quant {
+            None => ops::gather_mm(x, self.weight.swap_axes(-1, -2)?, None, idx, sorted)?,
+            Some(q) => ops::gather_qmm(
+                x,
+                &self.weight,
+                &q.scales,
+                q.biases.as_ref(),
+                None,
+                idx,
+                true,
+                q.group_size,
+                q.bits,
+                sorted,
+            )?,
+        })
+    }
+
+    /// The linears as one, rows in order (one matmul instead of several on the same input);
+    /// `None` when they cannot share one weight (different dtypes or quantizations, a bias on
+    /// some only). Evaluated here, so the parts' memory is released as soon as they are dropped.
+    pub fn stack_rows(parts: &[&Linear]) -> Result<Option<Linear>> {
+        let first = parts.first().context("stack_rows of no linears")?;
+        let same = parts.iter().all(|l| {
+            l.weight.dtype() == first.weight.dtype()
+                && l.weight.ndim() == 2
+                && l.bias.is_some() == first.bias.is_some()
+                && match (&l.quant, &first.quant) {
+                    (None, None) => true,
+                    (Some(p), Some(q)) => p.group_size == q.group_size && p.bits == q.bits && p.biases.is_some() == q.biases.is_some(),
+                    _ => false,
+                }
+        });
+        if !same {
+            return Ok(None);
+        }
+        let cat = |f: &dyn Fn(&Linear) -> Option<Array>| -> Result<Option<Array>> {
+            let v: Option<Vec<Array>> = parts.iter().map(|l| f(l)).collect();
+            Ok(match v {
+                Some(v) => Some(ops::concatenate(&v, 0)?),
+                None => None,
+            })
+        };
+        let linear = Linear {
+            weight: cat(&|l| Some(l.weight.clone()))?.unwrap(),
+            bias: cat(&|l| l.bias.clone())?,
+            quant: match &first.quant {
+                None => None,
+                Some(q) => Some(Quantization {
+                    scales: cat(&|l| l.quant.as_ref().map(|q| q.scales.clone()))?.unwrap(),
+                    biases: cat(&|l| l.quant.as_ref().and_then(|q| q.biases.clone()))?,
+                    group_size: q.group_size,
+                    bits: q.bits,
+                }),
+            },
+        };
+        mlx_rs::transforms::eval(linear.arrays())?;
+        Ok(Some(linear))
+    }
+
+    /// Embedding lookup: rows `ids` of W, dequantized when W is quantized.
+    pub fn rows(&self, ids: &Array) -> Result<Array> {
+        match &self.quant {
+            None => Ok(self.weight.take_axis(ids, 0)?),
+            Some(q) => {
+                let w = self.weight.take_axis(ids, 0)?;
+                let s = q.scales.take_axis(ids, 0)?;
+                let b = q.biases.as_ref().map(|b| b.take_axis(ids, 0)).transpose()?;
+                Ok(ops::dequantize(&w, &s, b.as_ref(), q.group_size, q.bits)?
+                    .as_dtype(q.scales.dtype())?)
+            }
+        }
+    }
+
+    pub fn out_features(&self) -> i32 {
+        self.weight.shape()[self.weight.ndim() - 2]
+    }
+
+    pub fn nbytes(&self) -> usize {
+        let q = self.quant.as_ref().map_or(0, |q| {
+            q.scales.nbytes() + q.biases.as_ref().map_or(0, |b| b.nbytes())
+        });
+        self.weight.nbytes() + self.bias.as_ref().map_or(0, |b| b.nbytes()) + q
+    }
+
+    /// The weights as plain arrays (for evaluation at load time).
+    pub fn arrays(&self) -> Vec<&Array> {
+        let mut v = vec![&self.weight];
+        v.extend(self.bias.as_ref());
+        if let Some(q) = &self.quant {
+            v.push(&q.scales);
+            v.extend(q.biases.as_ref());
+        }
+        v
+    }
+}

@@ -1,0 +1,147 @@
+//! Rotary position embedding at per-token positions, with the scalings of HF configs: default,
+//! linear, llama3 (Llama 3.1's smooth stretch of long wavelengths) and longrope (Phi-3's
+//! per-frequency factors, switched by request length).
+
+use anyhow::{Context, Result};
+use mlx_rs::{fast, ops, Array};
+
+use crate::config::RopeScaling;
+use crate::layers::scalar;
+
+/// Rotary position embedding applied at explicit per-token positions (tokens of a flattened batch
+/// belong to different requests, so there is no single offset).
+pub struct Rope {
+    pub dims: i32,
+    pub base: Option<f32>,
+    pub scale: f32,
+    /// Per-frequency periods (MLX's `freqs`), used instead of `base` by scaled variants.
+    pub freqs: Option<Array>,
+    /// Longrope: periods for requests longer than the original context.
+    pub long: Option<LongRope>,
+    /// Longrope's attention factor (scales cos and sin, i.e. the rotated vector).
+    pub mscale: f32,
+}
+
+pub struct LongRope {
+    pub freqs: Array,
+    pub original_max_position_embeddings: i32,
+}
+
+impl Rope {
+    /// `rope_scaling` of a config: none/default, linear, llama3, or longrope (`max_pos` is the
+    /// config's max_position_embeddings, longrope's default factor is max_pos / original).
+    pub fn from_config(
+        head_dim: usize,
+        theta: f32,
+        scaling: Option<&RopeScaling>,
+        max_pos: Option<usize>,
+        original_max_pos: Option<usize>,
+    ) -> Result<Self> {
+        let dims = head_dim as i32;
+        let plain = |base: Option<f32>, scale: f32, freqs: Option<Array>| Self {
+            dims,
+            base,
+            scale,
+            freqs,
+            long: None,
+            mscale: 1.0,
+        };
+        let kind = scaling.and_then(|s| s.rope_type.as_deref()).unwrap_or("default");
+        match (kind, scaling) {
+            ("linear", Some(s)) => {
+                Ok(plain(Some(theta), 1.0 / s.factor.context("linear rope_scaling needs factor")?, None))
+            }
+            ("longrope" | "su", Some(s)) => {
+                let orig = s
+                    .original_max_position_embeddings
+                    .or(original_max_pos)
+                    .context("longrope needs original_max_position_embeddings")?;
+                let periods = |factors: &Option<Vec<f32>>, what: &str| -> Result<Array> {
+                    let f = factors.as_ref().with_context(|| format!("longrope needs {what}"))?;
+                    anyhow::ensure!(
+                        f.len() == (dims / 2) as usize,
+                        "longrope {what} has {} entries, head_dim/2 is {}",
+                        f.len(),
+                        dims / 2
+                    );
+                    let p: Vec<f32> = (0..dims / 2)
+                        .map(|i| f[i as usize] * theta.powf((2 * i) as f32 / dims as f32))
+                        .collect();
+                    Ok(Array::from_slice(&p, &[dims / 2]))
+                };
+                let factor = s.factor.unwrap_or_else(|| {
+                    max_pos.map_or(1.0, |m| m as f32 / orig as f32)
+                });
+                let mscale = s.attention_factor.unwrap_or(if factor <= 1.0 {
+                    1.0
+                } else {
+                    (1.0 + factor.ln() / (orig as f32).ln()).sqrt()
+                });
+                Ok(Self {
+                    dims,
+                    base: None,
+                    scale: 1.0,
+                    freqs: Some(periods(&s.short_factor, "short_factor")?),
+                    long: Some(LongRope {
+                        freqs: periods(&s.long_factor, "long_factor")?,
+                        original_max_position_embeddings: orig as i32,
+                    }),
+                    mscale,
+                })
+            }
+            ("llama3", Some(s)) => {
+                let factor = s.factor.context("llama3 rope_scaling needs factor")?;
+                let low = s.low_freq_factor.unwrap_or(1.0);
+                let high = s.high_freq_factor.unwrap_or(4.0);
+                let old_ctx = s
+                    .original_max_position_embeddings
+                    .context("llama3 rope_scaling needs original_max_position_embeddings")?
+                    as f32;
+                let low_wavelen = old_ctx / low;
+                let high_wavelen = old_ctx / high;
+                // Periods 2*pi/inv_freq, stretched by `factor` for long wavelengths and smoothly
+                // interpolated in between (Llama 3.1's scheme).
+                let periods: Vec<f32> = (0..dims / 2)
+                    .map(|i| {
+                        let inv_freq = 1.0 / theta.powf((2 * i) as f32 / dims as f32);
+                        let wavelen = 2.0 * std::f32::consts::PI / inv_freq;
+                        let scaled = if wavelen < high_wavelen {
+                            inv_freq
+                        } else if wavelen > low_wavelen {
+                            inv_freq / factor
+                        } else {
+                            let smooth = (old_ctx / wavelen - low) / (high - low);
+                            (1.0 - smooth) * inv_freq / factor + smooth * inv_freq
+                        };
+                        1.0 / scaled
+                    })
+                    .collect();
+                Ok(plain(None, 1.0, Some(Array::from_slice(&periods, &[dims / 2]))))
+            }
+            _ => Ok(plain(Some(theta), 1.0, None)),
+        }
+    }
+
+    /// `x`: `[T, heads, head_dim]`, `positions`: `[T]` int32, `seq_ends`: `[T]` int32, the length
+    /// of each token's request up to the end of this step's chunk (longrope picks its factors by it,
+    /// as transformers does by the length of the sequence in the forward).
+    pub fn forward(&self, x: &Array, positions: &Array, seq_ends: &Array) -> Result<Array> {
+        let shape = x.shape().to_vec();
+        // MLX rotates along axis -2 with one offset per leading index: one "sequence" per token.
+        let x4 = x.reshape(&[shape[0], shape[1], 1, shape[2]])?;
+        let rope = |freqs: Option<&Array>| {
+            fast::rope_dynamic(&x4, self.dims, false, self.base, self.scale, positions, freqs)
+        };
+        let mut y = rope(self.freqs.as_ref())?;
+        if let Some(long) = &self.long {
+            let is_long = seq_ends
+                .gt(Array::from_int(long.original_max_position_embeddings))?
+                .reshape(&[shape[0], 1, 1, 1])?;
+            y = ops::select(&is_long, &rope(Some(&long.freqs))?, &y)?;
+        }
+        if self.mscale != 1.0 {
+            y = y.multiply(scalar(self.mscale, &y)?)?;
+        }
+        Ok(y.reshape(&shape)?)
+    }
+}
