@@ -28,10 +28,10 @@ from vllm_metal_rs.scheduler import MetalModelRunnerOutput
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
-
-    from vllm_metal_rs import _core as _core_types
     from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    from vllm_metal_rs import _core as _core_types
 
 logger = logging.getLogger("vllm.vllm_metal_rs.worker")
 
@@ -409,10 +409,10 @@ class MetalWorker(WorkerBase):
 
 def _model_runner_output(step: _core_types.StepOutput) -> ModelRunnerOutput:
     """The engine's step output as vLLM's (with the requests that failed, for our scheduler)."""
-    logprobs = step.logprobs
+    req_ids, logprobs = step.req_ids, step.logprobs  # each read builds a new Python object
     return MetalModelRunnerOutput(
-        req_ids=step.req_ids,
-        req_id_to_index={req_id: i for i, req_id in enumerate(step.req_ids)},
+        req_ids=req_ids,
+        req_id_to_index={req_id: i for i, req_id in enumerate(req_ids)},
         sampled_token_ids=step.sampled_token_ids,
         logprobs=None if logprobs is None else LogprobsLists(*logprobs),
         prompt_logprobs_dict={

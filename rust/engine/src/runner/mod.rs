@@ -31,12 +31,12 @@ pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
 
 use crate::batch::{SeqChunk, StepBatch};
 use crate::config::ModelConfig;
-use crate::mlx_ext::device::{self, DeviceKind};
-use crate::kv_cache::PagedKvCache;
-use crate::models::{self, CausalLm};
 use crate::dtype::{dtype_name, parse_dtype};
-use crate::sampler::LogprobsMode;
+use crate::kv_cache::PagedKvCache;
+use crate::mlx_ext::device::{self, DeviceKind};
+use crate::models::{self, CausalLm};
 use crate::paged_attention::AttentionBackend;
+use crate::sampler::LogprobsMode;
 use crate::weights::{WeightOptions, WeightSource, Weights};
 use pipeline::{InFlight, PendingStep, Pipeline};
 use plan::{Draws, StepPlan};
@@ -300,14 +300,6 @@ impl ModelRunner {
         result
     }
 
-    /// The first half of a step: update request state, build the batch, submit the forward (MLX
-    /// computes it in the background while the caller prepares the grammar bitmask).
-    ///
-    /// A request the step cannot serve (unreadable, out-of-range tokens, inconsistent with what
-    /// the engine knows) fails alone; an error of the forward itself fails the step's requests.
-    /// Either way the failed requests are forgotten and reported in the step's output, and the
-    /// engine goes on. Only an engine-level inconsistency is an `Err`.
-
     /// What the request table checks requests against.
     fn limits(&self) -> Limits {
         Limits { vocab_size: self.config.vocab_size, kv: self.cache.as_ref().map(|c| (c.num_groups(), c.num_blocks)) }
@@ -315,6 +307,11 @@ impl ModelRunner {
 
     /// The first half of a step: update the request table, plan, build the batch, submit the
     /// forward (MLX computes it while the caller prepares the grammar bitmask).
+    ///
+    /// A request the step cannot serve (unreadable, out-of-range tokens, inconsistent with what
+    /// the engine knows) fails alone; an error of the forward itself fails the step's requests.
+    /// Either way the failed requests are forgotten and reported in the step's output, and the
+    /// engine goes on. Only an engine-level inconsistency is an `Err`.
     pub fn forward_step(&mut self, step: &SchedulerStep) -> Result<()> {
         ensure!(!self.pipeline.has_pending(), "a step is submitted twice without sampling its tokens");
         let t0 = Instant::now();
