@@ -8,7 +8,6 @@ request alone, while the engine goes on serving the others.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,6 @@ from vllm.v1.outputs import ModelRunnerOutput
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
 
-logger = logging.getLogger("vllm.vllm_metal_rs.scheduler")
 
 SCHEDULER_CLS = "vllm_metal_rs.scheduler.MetalScheduler"
 ASYNC_SCHEDULER_CLS = "vllm_metal_rs.scheduler.MetalAsyncScheduler"
@@ -40,13 +38,9 @@ class _FinishesFailedRequests:
     def update_from_output(
         self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
     ) -> Any:
+        # The engine has logged each failure and its reason.
         failed = getattr(model_runner_output, "failed_requests", None)
         if failed:
-            logger.warning(
-                "vllm-metal-rs: %d request(s) failed in the engine and finish with an error: %s",
-                len(failed),
-                "; ".join(f"{req_id}: {why}" for req_id, why in failed.items()),
-            )
             # update_from_output finishes the requests of this set with FINISHED_ERROR and an
             # output for each (vLLM's path for requests whose grammar could not be compiled).
             self.grammar_compile_error_reqs.update(r for r in failed if r in self.requests)

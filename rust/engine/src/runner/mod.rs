@@ -324,7 +324,6 @@ impl ModelRunner {
         let pending = match catching(|| self.submit_forward(step, &failed, t0)) {
             Ok(p) => PendingStep { failed, ..p },
             Err(e) => {
-                log::error!("a step of {} requests failed: {e:#}", step.num_scheduled_tokens.len());
                 let mut failed = failed;
                 self.fail_all(&step.num_scheduled_tokens, &mut failed, &e);
                 PendingStep::nothing(StepPlan::nothing(&step.num_scheduled_tokens), failed)
@@ -344,7 +343,7 @@ impl ModelRunner {
             batch.token_ids = self.pipeline.device_tokens(&batch.token_ids, &plan.device_tokens)?;
         }
         let model = self.model.as_ref();
-        let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
+        let cache = allocated(&mut self.cache)?;
         let hidden = model.forward(&batch, cache)?;
         let logits = match plan.last_tokens.len() {
             0 => None,
@@ -422,20 +421,23 @@ impl ModelRunner {
 
     /// A step whose requests all fail with `e` (those not failed already), queued in place of it.
     fn fail_step(&mut self, id: StepId, scheduled: Vec<(String, usize)>, mut failed: Failures, e: anyhow::Error) -> StepId {
-        log::error!("a step of {} requests failed: {e:#}", scheduled.len());
         self.fail_all(&scheduled, &mut failed, &e);
         self.pipeline.push(InFlight::done(id, scheduled, failed));
         id
     }
 
-    /// The requests of `scheduled` not failed yet fail with `e` and are forgotten.
+    /// The requests of `scheduled` not failed yet fail with `e` and are forgotten (one log line
+    /// for the step, naming them).
     fn fail_all(&mut self, scheduled: &[(String, usize)], failed: &mut Failures, e: &anyhow::Error) {
+        let mut ids = Vec::new();
         for (id, _) in scheduled {
             if !failed.iter().any(|(f, _)| f == id) {
                 self.table.forget(id);
                 failed.push((id.clone(), format!("the engine failed this step: {e:#}")));
+                ids.push(id.as_str());
             }
         }
+        log::error!("a step failed: {e:#}; its requests fail: {}", ids.join(", "));
     }
 
     /// The oldest submitted step's output (which must be `expected` when given), waiting for it.
@@ -450,9 +452,8 @@ impl ModelRunner {
         if let Err(e) = resolved {
             // The device could not compute the step: its requests fail. If the KV cache itself
             // cannot be computed any more, no later step can run and the engine must stop.
-            log::error!("a step failed on the device: {e:#}");
             let mut failed = f.failed;
-            self.fail_all(&f.scheduled, &mut failed, &e);
+            self.fail_all(&f.scheduled, &mut failed, &e.context("on the device"));
             if let Some(cache) = &self.cache {
                 eval(cache.arrays()).context("the KV cache cannot be computed after a failed step; the engine stops")?;
             }
@@ -493,7 +494,7 @@ impl ModelRunner {
     pub fn step_logits(&mut self, chunks: &[SeqChunk]) -> Result<Array> {
         let batch = self.build_batch(chunks)?;
         let model = &self.model;
-        let cache = self.cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))?;
+        let cache = allocated(&mut self.cache)?;
         let hidden = model.forward(&batch, cache)?;
         let logits = model.logits(&hidden)?;
         eval([&logits].into_iter().chain(cache.arrays()))?;
@@ -508,6 +509,11 @@ impl ModelRunner {
     pub fn dtype_name(&self) -> &'static str {
         dtype_name(self.dtype)
     }
+}
+
+/// The KV cache, which steps need allocated (a free function: callers hold the model too).
+fn allocated(cache: &mut Option<PagedKvCache>) -> Result<&mut PagedKvCache> {
+    cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))
 }
 
 /// A request's logprob count: `-1` (all tokens) is the vocabulary size.
