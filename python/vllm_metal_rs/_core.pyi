@@ -1,5 +1,6 @@
 """Types of `vllm_metal_rs._core`, the engine's PyO3 module (rust/python/src)."""
 
+import os
 from collections.abc import Sequence
 from typing import Any, Literal, TypedDict
 
@@ -87,6 +88,14 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int: ...
     def set_seed(self, seed: int) -> None: ...
     def profile_peak_memory(self, num_tokens: int) -> int: ...
+    def kv_cache_budget(
+        self,
+        memory_fraction: float,
+        max_num_batched_tokens: int,
+        max_model_len: int | None = None,
+    ) -> int:
+        """Bytes vLLM may give to the KV cache; EngineError when one max_model_len sequence
+        would not fit (max_model_len None: vLLM fits the length to the cache)."""
     def allocate_kv_cache(
         self,
         num_blocks: int,
@@ -128,6 +137,13 @@ class ModelRunner:
 
 def init_logging(debug: bool = False) -> None: ...
 def backend_info() -> BackendInfo: ...
+def resolve_device(device: Literal["cpu", "gpu"] | None = None) -> Literal["cpu", "gpu"]:
+    """The device the engine runs on when `device` (or nothing) is asked for."""
+def device_total_memory(device: Literal["cpu", "gpu"] | None = None) -> int: ...
+def gguf_architectures() -> list[tuple[str, list[str]]]:
+    """GGUF architecture -> the config architectures of the families that load it."""
+def gguf_to_safetensors(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[str]) -> int:
+    """The GGUF checkpoint of model_dir as float32 safetensors under HF names; tensor count."""
 
 # The sampler alone, for tests against vLLM's sampling code. Rows are dicts of SamplingParams
 # fields plus "prompt", "output" (token lists) and "key" (the draw's PRNG key).

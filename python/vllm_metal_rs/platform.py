@@ -30,24 +30,6 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 envs.register_with_vllm()
 
 
-def device_total_memory(device: str) -> int:
-    """Bytes of memory behind the MLX device: physical RAM for "cpu", the GPU's for "gpu".
-
-    Metal GPUs share RAM with the CPU, so RAM is also the fallback when MLX reports no size.
-    """
-    if device == "gpu":
-        import mlx.core as mx
-
-        info = mx.device_info(mx.gpu)
-        for key in ("memory_size", "total_memory"):
-            value = info.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    import psutil
-
-    return int(psutil.virtual_memory().total)
-
-
 def _v2_runner_requested() -> bool:
     raw = os.environ.get(_V2_RUNNER_VAR)
     try:
@@ -149,7 +131,9 @@ class MetalPlatform(Platform):
 
     @classmethod
     def get_device_total_memory(cls, device_id: int = 0) -> int:
-        return device_total_memory(envs.mlx_device())
+        from vllm_metal_rs import _core
+
+        return _core.device_total_memory(envs.mlx_device())
 
     @classmethod
     def get_current_memory_usage(cls, device: Any = None) -> float:

@@ -114,10 +114,7 @@ impl PyModelRunner {
             kv_cache_dtype: r.dtype_name(),
             weights_nbytes: r.weights_nbytes,
             max_position_embeddings: r.config.max_position_embeddings,
-            device: match r.device {
-                DeviceKind::Cpu => "cpu",
-                DeviceKind::Gpu => "gpu",
-            },
+            device: r.device.name(),
             inner: Mutex::new(r),
         })
     }
@@ -178,6 +175,20 @@ impl PyModelRunner {
 
     fn profile_peak_memory(&self, py: Python<'_>, num_tokens: usize) -> PyResult<usize> {
         py.detach(|| self.lock().profile_peak_memory(num_tokens)).map_err(engine_err)
+    }
+
+    /// Bytes vLLM may give to the KV cache (see the engine's `kv_cache_budget`); max_model_len
+    /// None when vLLM fits the length to the cache.
+    #[pyo3(signature = (memory_fraction, max_num_batched_tokens, max_model_len=None))]
+    fn kv_cache_budget(
+        &self,
+        py: Python<'_>,
+        memory_fraction: f64,
+        max_num_batched_tokens: usize,
+        max_model_len: Option<usize>,
+    ) -> PyResult<usize> {
+        let req = runner::KvBudgetRequest { memory_fraction, max_num_batched_tokens, max_model_len };
+        py.detach(|| self.lock().kv_cache_budget(req)).map_err(engine_err)
     }
 
     /// `layer_group` / `layer_storage`: vLLM's KV-cache plan (each layer's group and shared

@@ -6,7 +6,7 @@ use mlx_rs::{ops, Array, Dtype};
 use crate::config::ModelConfig;
 use crate::layers::linear::Linear;
 use crate::layers::mlp::Activation;
-use crate::weights::Weights;
+use crate::weights::{Bias, Weights};
 
 /// Mixture of experts (Mixtral, Qwen3-MoE): a router picks `top_k` experts per token, each a gated
 /// MLP; experts are stacked `[experts, out, in]` and run with gathered matmuls, no loop.
@@ -96,7 +96,7 @@ pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, opts: Moe
     let up_proj = experts(up, "up_proj")?;
     let down_proj = experts(down, "down_proj")?;
     Ok(SparseMoe {
-        gate: w.linear(&format!("{prefix}.gate"), false)?,
+        gate: w.linear(&format!("{prefix}.gate"), Bias::Absent)?,
         gate_proj,
         up_proj,
         down_proj,

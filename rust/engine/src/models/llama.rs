@@ -15,8 +15,8 @@ use crate::layers::mlp::{Activation, Mlp};
 use crate::layers::moe::SparseMoe;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
-use crate::models::{decoder_linears, expect_activation, full_attention, CausalLm, Family};
-use crate::weights::Weights;
+use crate::models::{decoder_weights, expect_activation, full_attention, CausalLm, Family};
+use crate::weights::{Bias, Weights};
 
 pub const LLAMA: Family = Family {
     architectures: &["LlamaForCausalLM"],
@@ -75,7 +75,7 @@ pub struct Model {
 #[derive(Debug, Clone, Copy)]
 pub struct AttnOptions {
     /// q, k and v have biases (o only with `attention_bias`).
-    pub qkv_bias: bool,
+    pub qkv_bias: Bias,
     /// Per-head RMSNorm of queries and keys before RoPE (`q_norm`, `k_norm`).
     pub qk_norm: bool,
 }
@@ -87,7 +87,7 @@ pub fn attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usi
     let q_proj = w.linear(&format!("{p}.q_proj"), qkv_bias)?;
     let k_proj = w.linear(&format!("{p}.k_proj"), qkv_bias)?;
     let v_proj = w.linear(&format!("{p}.v_proj"), qkv_bias)?;
-    let o_proj = w.linear(&format!("{p}.o_proj"), config.attention_bias)?;
+    let o_proj = w.linear(&format!("{p}.o_proj"), config.attention_bias.into())?;
     let (q_norm, k_norm) = if qk_norm {
         let eps = config.rms_norm_eps;
         (Some(w.rms_norm(&format!("{p}.q_norm"), eps)?), Some(w.rms_norm(&format!("{p}.k_norm"), eps)?))
@@ -136,7 +136,7 @@ pub fn rope(config: &ModelConfig) -> Result<Rope> {
 /// The gated MLP at `{prefix}.mlp`.
 pub fn dense_mlp(config: &ModelConfig, w: &mut Weights, prefix: &str) -> Result<FeedForward> {
     let p = format!("{prefix}.mlp");
-    let b = config.mlp_bias;
+    let b = Bias::from(config.mlp_bias);
     Ok(FeedForward::Dense(Mlp::new(
         w.linear(&format!("{p}.gate_proj"), b)?,
         w.linear(&format!("{p}.up_proj"), b)?,
@@ -150,7 +150,7 @@ impl Model {
         Self::load_with(
             config,
             w,
-            |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias, qk_norm: false }),
+            |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias.into(), qk_norm: false }),
             |w, p, _| dense_mlp(config, w, p),
         )
     }
@@ -174,17 +174,30 @@ impl Model {
                 post_attention_layernorm: w.rms_norm(&format!("{p}.post_attention_layernorm"), eps)?,
             });
         }
-        let (embed_tokens, lm_head) = embeddings(config, w, config.tie_word_embeddings)?;
+        let (embed_tokens, lm_head) = embeddings(config, w, HeadTying::AsConfigSays)?;
         let norm = w.rms_norm("model.norm", eps)?;
         Ok(Self { embed_tokens, layers, norm, lm_head })
     }
 }
 
-/// The embedding, and the LM head unless it is tied to it (`tied`: the config says so).
-pub fn embeddings(config: &ModelConfig, w: &mut Weights, tied: bool) -> Result<(Linear, Option<Linear>)> {
-    let embed_tokens = w.linear("model.embed_tokens", false)?;
+/// When the LM head may be the embedding (a checkpoint without `lm_head.weight`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadTying {
+    /// When config.json's `tie_word_embeddings` says so.
+    AsConfigSays,
+    /// Always (families whose LM head is the embedding by definition).
+    Always,
+}
+
+/// The embedding, and the LM head unless it is tied to it.
+pub fn embeddings(config: &ModelConfig, w: &mut Weights, tying: HeadTying) -> Result<(Linear, Option<Linear>)> {
+    let tied = match tying {
+        HeadTying::AsConfigSays => config.tie_word_embeddings,
+        HeadTying::Always => true,
+    };
+    let embed_tokens = w.linear("model.embed_tokens", Bias::Absent)?;
     let lm_head = if w.contains("lm_head.weight") {
-        Some(w.linear("lm_head", false)?)
+        Some(w.linear("lm_head", Bias::Absent)?)
     } else if tied {
         None
     } else {
@@ -215,17 +228,11 @@ impl CausalLm for Model {
         Ok(head.forward(&x)?.as_dtype(mlx_rs::Dtype::Float32)?)
     }
 
-    fn parameters(&self) -> Vec<&Linear> {
-        let layers = self.layers.iter().map(|l| (&l.self_attn, l.mlp.linears()));
-        decoder_linears(&self.embed_tokens, self.lm_head.as_ref(), layers)
-    }
-
-    fn norms(&self) -> Vec<&RmsNorm> {
-        let mut v = vec![&self.norm];
-        for l in &self.layers {
-            v.extend([&l.input_layernorm, &l.post_attention_layernorm]);
-            v.extend(l.self_attn.norms());
-        }
-        v
+    fn weights(&self) -> Vec<&Array> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| (&l.self_attn, l.mlp.linears(), vec![&l.input_layernorm, &l.post_attention_layernorm]));
+        decoder_weights(&self.embed_tokens, self.lm_head.as_ref(), &self.norm, layers)
     }
 }

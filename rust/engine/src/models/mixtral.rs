@@ -28,7 +28,7 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
     Model::load_with(
         config,
         w,
-        |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias, qk_norm: false }),
+        |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias.into(), qk_norm: false }),
         |w, p, _| -> Result<FeedForward> {
             let opts = MoeOptions { expert_names: ["w1", "w3", "w2"], norm_topk_prob: true };
             let moe = sparse_moe(config, w, &format!("{p}.block_sparse_moe"), opts)?;

@@ -26,23 +26,29 @@ pub trait CausalLm: Send {
     fn forward(&self, batch: &StepBatch, cache: &mut PagedKvCache) -> Result<Array>;
     /// float32 logits of some rows of `forward`'s output.
     fn logits(&self, hidden: &Array) -> Result<Array>;
-    fn parameters(&self) -> Vec<&Linear>;
-    fn norms(&self) -> Vec<&RmsNorm>;
+    /// Every weight array (materialised at load; their bytes are the weights' memory).
+    fn weights(&self) -> Vec<&Array>;
 }
 
-/// A decoder's linears: the embedding, the LM head unless tied, then each layer's attention and
-/// MLP linears (the layers given as `(attention, mlp linears)`).
-pub fn decoder_linears<'a>(
+/// A decoder's weight arrays: the embedding, the LM head unless tied, the final norm, then each
+/// layer's attention (with its q/k norms), MLP linears and layer norms.
+pub fn decoder_weights<'a>(
     embed_tokens: &'a Linear,
     lm_head: Option<&'a Linear>,
-    layers: impl IntoIterator<Item = (&'a Attention, Vec<&'a Linear>)>,
-) -> Vec<&'a Linear> {
-    let mut v = vec![embed_tokens];
-    v.extend(lm_head);
-    for (attn, mlp) in layers {
-        v.extend(attn.linears());
-        v.extend(mlp);
+    norm: &'a RmsNorm,
+    layers: impl IntoIterator<Item = (&'a Attention, Vec<&'a Linear>, Vec<&'a RmsNorm>)>,
+) -> Vec<&'a Array> {
+    let mut linears = vec![embed_tokens];
+    linears.extend(lm_head);
+    let mut norms = vec![norm];
+    for (attn, mlp, layer_norms) in layers {
+        linears.extend(attn.linears());
+        linears.extend(mlp);
+        norms.extend(attn.norms());
+        norms.extend(layer_norms);
     }
+    let mut v: Vec<&Array> = linears.into_iter().flat_map(Linear::arrays).collect();
+    v.extend(norms.into_iter().map(|n| &n.weight));
     v
 }
 

@@ -9,6 +9,7 @@
 
 mod generate;
 mod logprobs;
+mod memory;
 mod pipeline;
 mod plan;
 mod requests;
@@ -26,6 +27,7 @@ use mlx_rs::{
 };
 
 pub use logprobs::Logprobs;
+pub use memory::KvBudgetRequest;
 pub use pipeline::{StepId, StepTiming};
 pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
 
@@ -145,12 +147,9 @@ impl ModelRunner {
             log::warn!("{} checkpoint tensors unused, e.g. {}", leftover.len(), leftover[0]);
         }
         drop(weights);
-        let linears = model.parameters();
-        let mut arrays: Vec<&Array> = linears.iter().flat_map(|l| l.arrays()).collect();
-        arrays.extend(model.norms().iter().map(|n| &n.weight));
+        let arrays = model.weights();
         eval(arrays.iter().copied()).context("materialising weights")?;
-        let weights_nbytes = linears.iter().map(|l| l.nbytes()).sum::<usize>()
-            + model.norms().iter().map(|n| n.weight.nbytes()).sum::<usize>();
+        let weights_nbytes = arrays.iter().map(|a| a.nbytes()).sum::<usize>();
         log::info!(
             "loaded {} from {} ({}) on {:?}: {} layers, {} in {}, {:.1} MiB, {:.2}s",
             config.architectures.first().map(String::as_str).unwrap_or("?"),
@@ -158,7 +157,7 @@ impl ModelRunner {
             match &source { WeightSource::Gguf(_) => "gguf", WeightSource::Safetensors(_) => "safetensors" },
             device,
             config.num_hidden_layers,
-            if linears.iter().any(|l| l.quant.is_some()) { "quantized" } else { "dense" },
+            if arrays.iter().any(|a| a.dtype() == Dtype::Uint32) { "quantized" } else { "dense" },
             dtype_name(dtype),
             weights_nbytes as f64 / (1 << 20) as f64,
             start.elapsed().as_secs_f64()
@@ -194,16 +193,6 @@ impl ModelRunner {
 
     pub fn num_layers(&self) -> usize {
         self.config.num_hidden_layers
-    }
-
-    pub fn kv_bytes_per_block(&self) -> usize {
-        PagedKvCache::bytes_per_block(
-            self.num_layers(),
-            self.block_size,
-            self.config.num_kv_heads(),
-            self.config.head_dim(),
-            self.dtype,
-        )
     }
 
     /// Seed for draws of requests without their own seed.
@@ -271,33 +260,6 @@ impl ModelRunner {
 
     pub fn num_blocks(&self) -> usize {
         self.cache.as_ref().map_or(0, |c| c.num_blocks)
-    }
-
-    /// Bytes MLX allocates beyond the weights for one forward of `num_tokens` tokens (one request).
-    pub fn profile_peak_memory(&mut self, num_tokens: usize) -> Result<usize> {
-        ensure!(num_tokens > 0, "profile needs at least one token");
-        let saved = self.cache.take();
-        mlx_rs::memory::clear_cache()?;
-        mlx_rs::memory::reset_peak_memory()?;
-        let base = mlx_rs::memory::active_memory()?;
-        let blocks = num_tokens.div_ceil(self.block_size);
-        let result = (|| -> Result<usize> {
-            self.allocate_kv_cache(blocks)?;
-            let tokens = vec![0i32; num_tokens];
-            let block_ids: Vec<i32> = (0..blocks as i32).collect();
-            let block_ids = [block_ids];
-            let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
-            let batch = self.build_batch(&[chunk])?;
-            let cache = self.cache.as_mut().unwrap();
-            let hidden = self.model.forward(&batch, cache)?;
-            let last = hidden.take_axis(&Array::from_slice(&[num_tokens as i32 - 1], &[1]), 0)?;
-            let logits = self.model.logits(&last)?;
-            eval([&logits].into_iter().chain(cache.arrays()))?;
-            Ok(mlx_rs::memory::peak_memory()?.saturating_sub(base))
-        })();
-        self.cache = saved;
-        mlx_rs::memory::clear_cache()?;
-        result
     }
 
     /// What the request table checks requests against.
