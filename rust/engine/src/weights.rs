@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use mlx_rs::{ops, Array, Dtype};
 
 use crate::layers::linear::{Linear, Quantization};
-use crate::layers::norm::RmsNorm;
+use crate::layers::norm::{LayerNorm, RmsNorm};
 
 #[derive(Debug, Clone)]
 pub enum WeightSource {
@@ -110,21 +110,26 @@ pub struct WeightOptions {
 
 impl Weights {
     pub fn load(source: &WeightSource, config: &crate::config::ModelConfig, opts: WeightOptions) -> Result<Self> {
-        let tensors = match source {
-            WeightSource::Safetensors(files) => {
-                let mut all = HashMap::new();
-                for f in files {
-                    let part = Array::load_safetensors(f).map_err(|e| {
-                        anyhow!("cannot load safetensors file {}: {e} (missing, truncated or corrupt?)", f.display())
-                    })?;
-                    all.extend(part);
-                }
-                all
-            }
-            WeightSource::Gguf(path) => crate::gguf::load_hf(path, config)?,
-        };
         // mlx-lm writes its quantization under both keys; config validation refused any other.
         let quantization = config.quantization.clone().or_else(|| config.quantization_config.clone());
+        match source {
+            WeightSource::Safetensors(files) => Self::load_safetensors(files, quantization, opts),
+            WeightSource::Gguf(path) => {
+                let tensors = crate::gguf::load_hf(path, config)?;
+                Ok(Self { tensors, dtype: opts.dtype, dequantize: opts.dequantize, quantization })
+            }
+        }
+    }
+
+    /// Safetensors files, with config.json's MLX `quantization` (if any).
+    pub fn load_safetensors(files: &[PathBuf], quantization: Option<serde_json::Value>, opts: WeightOptions) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for f in files {
+            let part = Array::load_safetensors(f).map_err(|e| {
+                anyhow!("cannot load safetensors file {}: {e} (missing, truncated or corrupt?)", f.display())
+            })?;
+            tensors.extend(part);
+        }
         Ok(Self { tensors, dtype: opts.dtype, dequantize: opts.dequantize, quantization })
     }
 
@@ -145,6 +150,10 @@ impl Weights {
             bail!("tensor {name:?} has dtype {:?}, expected floating point", a.dtype());
         }
         Ok(if a.dtype() == self.dtype { a } else { a.as_dtype(self.dtype)? })
+    }
+
+    pub fn layer_norm(&mut self, prefix: &str, eps: f32) -> Result<LayerNorm> {
+        Ok(LayerNorm { weight: self.take(&format!("{prefix}.weight"))?, bias: self.take(&format!("{prefix}.bias"))?, eps })
     }
 
     pub fn rms_norm(&mut self, prefix: &str, eps: f32) -> Result<RmsNorm> {

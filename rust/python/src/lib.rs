@@ -4,6 +4,7 @@
 //! fields are read here, in Rust (`vllm.rs`), and the step runs without touching Python again.
 //! `python/vllm_metal_rs/_core.pyi` types everything this module exports.
 
+mod encoder;
 mod logging;
 mod runner;
 mod testing;
@@ -74,6 +75,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add_class::<runner::PyModelRunner>()?;
     m.add_class::<runner::PyStepOutput>()?;
+    m.add_class::<encoder::PyEncoderRunner>()?;
     m.add_function(wrap_pyfunction!(logging::init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(backend_info, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_device, m)?)?;

@@ -2,6 +2,7 @@
 //! windows and its loader, with plain structs named after its HF checkpoint. The Llama decoder
 //! (llama.rs) is the base that most families fill with their own attention or MLP.
 
+pub mod bert;
 pub mod gemma;
 pub mod llama;
 pub mod mistral;

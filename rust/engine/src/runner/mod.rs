@@ -33,7 +33,7 @@ pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
 
 use crate::batch::{SeqChunk, StepBatch};
 use crate::config::ModelConfig;
-use crate::dtype::{dtype_name, parse_dtype};
+use crate::dtype::{compute_dtype, dtype_name};
 use crate::kv_cache::PagedKvCache;
 use crate::mlx_ext::device::{self, DeviceKind};
 use crate::models::{self, CausalLm};
@@ -124,21 +124,7 @@ impl ModelRunner {
         let config_dir = if model_path.is_file() { model_path.parent().unwrap_or(Path::new(".")) } else { model_path };
         let config = ModelConfig::from_file(&config_dir.join("config.json"))?;
         let source = WeightSource::locate(model_path)?;
-        let dtype = match device {
-            // MLX's CPU backend has fast (BLAS) matmul for float32 only.
-            DeviceKind::Cpu => {
-                if let Some(d) = &opts.dtype {
-                    if parse_dtype(d)? != Dtype::Float32 {
-                        log::info!("dtype {d} requested; the CPU backend computes in float32");
-                    }
-                }
-                Dtype::Float32
-            }
-            DeviceKind::Gpu => match opts.dtype.as_deref().or(config.checkpoint_dtype()) {
-                Some(d) => parse_dtype(d)?,
-                None => Dtype::Float16,
-            },
-        };
+        let dtype = compute_dtype(device, opts.dtype.as_deref(), config.checkpoint_dtype())?;
         let mut weights = Weights::load(&source, &config, WeightOptions { dtype, dequantize: device == DeviceKind::Cpu })?;
         let model = models::load(&config, &mut weights)
             .with_context(|| format!("building the model from {}", model_path.display()))?;

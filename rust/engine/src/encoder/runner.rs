@@ -1,0 +1,116 @@
+//! The encoder runner: loads an encoder model and embeds batches of requests.
+
+use std::path::Path;
+
+use anyhow::{bail, ensure, Context, Result};
+use mlx_rs::{transforms::eval, Dtype};
+
+use super::pooling::{pool, PoolOptions, PoolingKind};
+use super::{family_of, Encoder, EncoderBatch, EncoderInput};
+use crate::dtype::{compute_dtype, dtype_name};
+use crate::mlx_ext::device::{self, DeviceKind};
+use crate::weights::{WeightOptions, WeightSource, Weights};
+
+#[derive(Debug, Clone, Default)]
+pub struct EncoderOptions {
+    /// None: the GPU when MLX has one, else the CPU.
+    pub device: Option<DeviceKind>,
+    /// None: float32 on CPU, the checkpoint's dtype on GPU.
+    pub dtype: Option<String>,
+}
+
+pub struct EncoderRunner {
+    model: Box<dyn Encoder>,
+    pub device: DeviceKind,
+    pub dtype: Dtype,
+    pub weights_nbytes: usize,
+    pub vocab_size: usize,
+    pub type_vocab_size: usize,
+}
+
+impl EncoderRunner {
+    pub fn load(model_path: &Path, opts: &EncoderOptions) -> Result<Self> {
+        let start = std::time::Instant::now();
+        let device = device::select(opts.device)?;
+        let config_path = model_path.join("config.json");
+        let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading model config {}", config_path.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("parsing {}", config_path.display()))?;
+        let family = family_of(&config)?;
+        let checkpoint_dtype = config.get("torch_dtype").or(config.get("dtype")).and_then(|d| d.as_str());
+        let dtype = compute_dtype(device, opts.dtype.as_deref(), checkpoint_dtype)?;
+        let WeightSource::Safetensors(files) = WeightSource::locate(model_path)? else {
+            bail!("encoder weights must be safetensors (GGUF encoders are not supported)");
+        };
+        let quantization = config.get("quantization").cloned();
+        let mut weights = Weights::load_safetensors(&files, quantization, WeightOptions { dtype, dequantize: device == DeviceKind::Cpu })?;
+        let model = (family.load)(&config, &mut weights).with_context(|| format!("building the model from {}", model_path.display()))?;
+        let leftover = weights.leftover();
+        if !leftover.is_empty() {
+            log::info!("{} checkpoint tensors unused, e.g. {}", leftover.len(), leftover[0]);
+        }
+        let arrays = model.weights();
+        eval(arrays.iter().copied()).context("materialising weights")?;
+        let weights_nbytes = arrays.iter().map(|a| a.nbytes()).sum();
+        let count = |k: &str, default: usize| config.get(k).and_then(|v| v.as_u64()).map_or(default, |v| v as usize);
+        log::info!(
+            "loaded encoder {} from {} on {}: {} {:.1} MiB, {:.2}s",
+            family.architectures[0],
+            model_path.display(),
+            device.name(),
+            dtype_name(dtype),
+            weights_nbytes as f64 / (1 << 20) as f64,
+            start.elapsed().as_secs_f64()
+        );
+        Ok(Self {
+            vocab_size: count("vocab_size", 0),
+            type_vocab_size: count("type_vocab_size", 1),
+            model,
+            device,
+            dtype,
+            weights_nbytes,
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.model.hidden_size()
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.model.max_positions()
+    }
+
+    /// Whether the engine can run this input: an error naming what is out of range.
+    pub fn check(&self, input: &EncoderInput) -> Result<()> {
+        let n = input.tokens.len();
+        ensure!(n > 0, "the input has no tokens");
+        ensure!(n <= self.max_positions(), "the input has {n} tokens; this model takes at most {}", self.max_positions());
+        if let Some(t) = input.tokens.iter().find(|&&t| t < 0 || t as usize >= self.vocab_size) {
+            bail!("token id {t} is outside the vocabulary (0..{})", self.vocab_size);
+        }
+        if let Some(t) = input.token_types.and_then(|tt| tt.iter().find(|&&t| t < 0 || t as usize >= self.type_vocab_size)) {
+            bail!("token type {t} is outside 0..{}", self.type_vocab_size);
+        }
+        Ok(())
+    }
+
+    /// The hidden states `[T, hidden]` (float32, host) of a batch, for tests against references.
+    pub fn hidden_states(&self, inputs: &[EncoderInput]) -> Result<(Vec<f32>, Vec<(usize, usize)>)> {
+        for i in inputs {
+            self.check(i)?;
+        }
+        let batch = EncoderBatch::build(inputs)?;
+        let h = self.model.forward(&batch)?.as_dtype(Dtype::Float32)?;
+        eval([&h])?;
+        Ok((h.as_slice::<f32>().to_vec(), batch.spans))
+    }
+
+    /// One pooled vector per input, in input order.
+    pub fn embed(&self, inputs: &[EncoderInput], kind: PoolingKind, opts: &[PoolOptions]) -> Result<Vec<Vec<f32>>> {
+        for i in inputs {
+            self.check(i)?;
+        }
+        let batch = EncoderBatch::build(inputs)?;
+        let hidden = self.model.forward(&batch)?;
+        pool(&hidden, &batch.spans, kind, opts)
+    }
+}

@@ -1,0 +1,106 @@
+//! `EncoderRunner`: the engine's encoder models as a Python class (embeddings).
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use engine::encoder::pooling::{PoolOptions, PoolingKind};
+use engine::encoder::runner::{EncoderOptions, EncoderRunner};
+use engine::encoder::EncoderInput;
+use engine::mlx_ext::device::DeviceKind;
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::prelude::*;
+
+use crate::engine_err;
+
+#[pyclass(name = "EncoderRunner", module = "vllm_metal_rs._core")]
+pub struct PyEncoderRunner {
+    #[pyo3(get)]
+    hidden_size: usize,
+    #[pyo3(get)]
+    max_positions: usize,
+    #[pyo3(get)]
+    weights_nbytes: usize,
+    #[pyo3(get)]
+    device: &'static str,
+    inner: Mutex<EncoderRunner>,
+}
+
+fn inputs<'a>(tokens: &'a [Vec<i32>], token_types: &'a Option<Vec<Option<Vec<i32>>>>) -> PyResult<Vec<EncoderInput<'a>>> {
+    if let Some(tt) = token_types {
+        if tt.len() != tokens.len() {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "{} token type lists for {} inputs",
+                tt.len(),
+                tokens.len()
+            )));
+        }
+    }
+    Ok(tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| EncoderInput {
+            tokens: t,
+            token_types: token_types.as_ref().and_then(|tt| tt[i].as_deref()),
+        })
+        .collect())
+}
+
+#[pymethods]
+impl PyEncoderRunner {
+    #[new]
+    #[pyo3(signature = (model_path, *, device = None, dtype = None))]
+    fn new(py: Python<'_>, model_path: PathBuf, device: Option<String>, dtype: Option<String>) -> PyResult<Self> {
+        let device = device.map(|d| d.parse::<DeviceKind>()).transpose().map_err(engine_err)?;
+        let opts = EncoderOptions { device, dtype };
+        let r = py.detach(|| EncoderRunner::load(&model_path, &opts)).map_err(engine_err)?;
+        Ok(Self {
+            hidden_size: r.hidden_size(),
+            max_positions: r.max_positions(),
+            weights_nbytes: r.weights_nbytes,
+            device: r.device.name(),
+            inner: Mutex::new(r),
+        })
+    }
+
+    /// One float32 vector per input (`pooling`: MEAN, CLS or LAST; `dimensions` per input or None).
+    #[pyo3(signature = (token_ids, *, pooling, normalize, dimensions = None, token_type_ids = None))]
+    fn embed<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<Vec<i32>>,
+        pooling: &str,
+        normalize: bool,
+        dimensions: Option<Vec<Option<usize>>>,
+        token_type_ids: Option<Vec<Option<Vec<i32>>>>,
+    ) -> PyResult<Vec<Bound<'py, PyArray1<f32>>>> {
+        let kind: PoolingKind = pooling.parse().map_err(engine_err)?;
+        let dims = dimensions.unwrap_or_else(|| vec![None; token_ids.len()]);
+        if dims.len() != token_ids.len() {
+            return Err(pyo3::exceptions::PyValueError::new_err("one dimensions entry per input"));
+        }
+        let opts: Vec<PoolOptions> = dims.into_iter().map(|dimensions| PoolOptions { dimensions, normalize }).collect();
+        let inputs = inputs(&token_ids, &token_type_ids)?;
+        let out = py
+            .detach(|| self.inner.lock().unwrap_or_else(|p| p.into_inner()).embed(&inputs, kind, &opts))
+            .map_err(engine_err)?;
+        Ok(out.into_iter().map(|v| PyArray1::from_vec(py, v)).collect())
+    }
+
+    /// The last hidden states `[T, hidden]` (float32) of the flattened inputs, and each input's
+    /// (first row, length).
+    #[pyo3(signature = (token_ids, *, token_type_ids = None))]
+    fn hidden_states<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<Vec<i32>>,
+        token_type_ids: Option<Vec<Option<Vec<i32>>>>,
+    ) -> PyResult<(Bound<'py, PyAny>, Vec<(usize, usize)>)> {
+        let inputs = inputs(&token_ids, &token_type_ids)?;
+        let (h, spans) = py
+            .detach(|| self.inner.lock().unwrap_or_else(|p| p.into_inner()).hidden_states(&inputs))
+            .map_err(engine_err)?;
+        let rows = spans.iter().map(|s| s.1).sum::<usize>();
+        let arr = PyArray1::from_vec(py, h).reshape([rows, self.hidden_size])?.into_any();
+        Ok((arr, spans))
+    }
+}
