@@ -7,6 +7,7 @@ every cache lives in a per-session temporary directory and nothing reaches the H
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -210,3 +211,76 @@ def shutdown_llm(llm) -> None:
     del llm
     gc.collect()
     time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# `vllm serve` in a subprocess
+# --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "vllm"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def tail(path: Path, n: int = 8000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError as e:
+        return f"<no log: {e}>"
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode("utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def vllm_server(args: list[str], log_path: Path, startup_timeout_s: float):
+    """`vllm serve <args>` on a free local port until healthy; yields {"base", "proc", "log"} and
+    stops the server's whole process group afterwards."""
+    import signal
+    import urllib.error
+
+    port = free_port()
+    cmd = vllm_cmd() + ["serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up:\n{tail(log_path)}")
+            if time.monotonic() - t0 > startup_timeout_s:
+                pytest.fail(f"vllm serve not healthy after {startup_timeout_s:.0f}s:\n{tail(log_path)}")
+            try:
+                status, _ = http_get(base + "/health", timeout=2)
+                if status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(1.0)
+        print(f"vllm serve healthy after {time.monotonic() - t0:.1f}s")
+        yield {"base": base, "proc": proc, "log": log_path}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()

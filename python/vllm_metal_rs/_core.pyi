@@ -135,6 +135,17 @@ class ModelRunner:
         pipeline: bool = True,
     ) -> list[list[int]]: ...
 
+class PoolingOutput:
+    """One encoder step: the served requests in step order with their vectors, and the requests
+    that failed with the reason."""
+
+    @property
+    def req_ids(self) -> list[str]: ...
+    @property
+    def vectors(self) -> list[npt.NDArray[np.float32]]: ...
+    @property
+    def failed(self) -> dict[str, str]: ...
+
 class EncoderRunner:
     """An encoder model (BertModel, ...) and the pooling of its hidden states."""
 
@@ -153,6 +164,10 @@ class EncoderRunner:
     def weights_nbytes(self) -> int: ...
     @property
     def device(self) -> Literal["cpu", "gpu"]: ...
+    def set_pooling(self, pooling: Literal["MEAN", "CLS", "LAST"]) -> None:
+        """The pooling of vLLM's steps (vLLM's seq_pooling_type)."""
+    def execute_model(self, scheduler_output: Any) -> PoolingOutput:
+        """vLLM's SchedulerOutput in: every scheduled request embedded whole."""
     def embed(
         self,
         token_ids: Sequence[Sequence[int]],
@@ -176,6 +191,8 @@ def backend_info() -> BackendInfo: ...
 def resolve_device(device: Literal["cpu", "gpu"] | None = None) -> Literal["cpu", "gpu"]:
     """The device the engine runs on when `device` (or nothing) is asked for."""
 def device_total_memory(device: Literal["cpu", "gpu"] | None = None) -> int: ...
+def encoder_architectures() -> list[str]:
+    """The config architectures of the encoder families (pooling models) the engine runs."""
 def gguf_architectures() -> list[tuple[str, list[str]]]:
     """GGUF architecture -> the config architectures of the families that load it."""
 def gguf_to_safetensors(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[str]) -> int:

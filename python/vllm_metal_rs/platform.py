@@ -180,6 +180,11 @@ class MetalPlatform(Platform):
         parallel_config = vllm_config.parallel_config
         if parallel_config.worker_cls == "auto":
             parallel_config.worker_cls = WORKER_CLS
+            mc = vllm_config.model_config
+            if mc is not None and mc.runner_type == "pooling":
+                from vllm_metal_rs.pooling import ENCODER_WORKER_CLS
+
+                parallel_config.worker_cls = ENCODER_WORKER_CLS
 
         # vLLM's scheduler, taught to finish the requests a step could not serve (the engine
         # forgets them and goes on; see scheduler.py).
@@ -275,10 +280,8 @@ class MetalPlatform(Platform):
         mc = vllm_config.model_config
         if mc is None:
             return
-        _reject(
-            mc.runner_type == "pooling",
-            "pooling/embedding models are not supported; only text generation runs here",
-        )
+        if mc.runner_type == "pooling":
+            _check_pooling(vllm_config)
         mm = mc.multimodal_config
         _reject(
             mm is not None and not getattr(mm, "language_model_only", False),
@@ -335,6 +338,46 @@ class MetalPlatform(Platform):
             raise _UnsupportedRequest(
                 "vllm-metal-rs: logit_bias values must be finite numbers", parameter="logit_bias"
             )
+
+
+def _check_pooling(vllm_config: VllmConfig) -> None:
+    """Pooling runs encoder models (the engine's encoder families) for the embed task."""
+    from vllm_metal_rs import _core
+
+    mc = vllm_config.model_config
+    archs = list(getattr(getattr(mc, "hf_config", None), "architectures", None) or [])
+    arch = archs[0] if archs else "?"
+    encoders = _core.encoder_architectures()
+    _reject(
+        arch not in encoders,
+        f"pooling is not supported for {arch}; the engine pools encoder models"
+        f" ({', '.join(encoders)})",
+    )
+    pooler = mc.pooler_config
+    task = getattr(pooler, "task", None)
+    _reject(
+        task not in (None, "embed"),
+        f"pooling task {task!r} is not supported; encoder models serve task 'embed'",
+    )
+    kind = getattr(pooler, "seq_pooling_type", None)
+    _reject(
+        kind not in ("MEAN", "CLS", "LAST"),
+        f"pooling type {kind!r} is not supported; supported are MEAN, CLS, LAST",
+    )
+    # vLLM turns these off for encoder-only models unless the user forces them on.
+    _reject(
+        bool(vllm_config.scheduler_config.enable_chunked_prefill),
+        "chunked prefill is not supported for encoder models: their prompts run whole",
+    )
+    cache = vllm_config.cache_config
+    _reject(
+        cache is not None and bool(cache.enable_prefix_caching),
+        "prefix caching is not supported for encoder models (they keep no KV cache)",
+    )
+    _reject(
+        bool(vllm_config.scheduler_config.async_scheduling),
+        "async scheduling is not supported for pooling models",
+    )
 
 
 # SamplingParams' integer fields, as the engine-core request carries them.

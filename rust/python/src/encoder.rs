@@ -9,11 +9,24 @@ use engine::encoder::EncoderInput;
 use engine::mlx_ext::device::DeviceKind;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::engine_err;
+use crate::vllm::encoder_step;
+
+/// One encoder step's output: the served requests in step order with their vectors, and the
+/// requests that failed with the reason.
+#[pyclass(name = "PoolingOutput", module = "vllm_metal_rs._core", frozen, get_all)]
+pub struct PyPoolingOutput {
+    req_ids: Vec<String>,
+    vectors: Vec<Py<PyArray1<f32>>>,
+    failed: Py<PyDict>,
+}
 
 #[pyclass(name = "EncoderRunner", module = "vllm_metal_rs._core")]
 pub struct PyEncoderRunner {
+    /// The model's pooling, from vLLM's pooler config (MEAN until set).
+    pooling: Mutex<PoolingKind>,
     #[pyo3(get)]
     hidden_size: usize,
     #[pyo3(get)]
@@ -58,7 +71,31 @@ impl PyEncoderRunner {
             max_positions: r.max_positions(),
             weights_nbytes: r.weights_nbytes,
             device: r.device.name(),
+            pooling: Mutex::new(PoolingKind::Mean),
             inner: Mutex::new(r),
+        })
+    }
+
+    /// The pooling of vLLM's steps: MEAN, CLS or LAST (vLLM's `seq_pooling_type`).
+    fn set_pooling(&self, pooling: &str) -> PyResult<()> {
+        *self.pooling.lock().unwrap_or_else(|p| p.into_inner()) = pooling.parse().map_err(engine_err)?;
+        Ok(())
+    }
+
+    /// vLLM's SchedulerOutput in: every scheduled request embedded whole.
+    fn execute_model(&self, py: Python<'_>, scheduler_output: &Bound<'_, PyAny>) -> PyResult<PyPoolingOutput> {
+        let (requests, rejected) = encoder_step(scheduler_output)?;
+        let kind = *self.pooling.lock().unwrap_or_else(|p| p.into_inner());
+        let out = py.detach(|| self.inner.lock().unwrap_or_else(|p| p.into_inner()).execute(&requests, kind));
+        let failed = PyDict::new(py);
+        for (id, reason) in rejected.into_iter().chain(out.failed) {
+            log::warn!("request {id} failed: {reason}");
+            failed.set_item(id, reason)?;
+        }
+        Ok(PyPoolingOutput {
+            req_ids: out.req_ids,
+            vectors: out.vectors.into_iter().map(|v| PyArray1::from_vec(py, v).unbind()).collect(),
+            failed: failed.unbind(),
         })
     }
 

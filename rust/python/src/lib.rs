@@ -70,17 +70,25 @@ fn gguf_to_safetensors(py: Python<'_>, model_dir: std::path::PathBuf, out_file: 
     py.detach(|| engine::gguf::export_float32(&model_dir, &out_file)).map_err(engine_err)
 }
 
+/// The config architectures of the encoder families (pooling models) the engine runs.
+#[pyfunction]
+fn encoder_architectures() -> Vec<&'static str> {
+    engine::encoder::architectures().collect()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add_class::<runner::PyModelRunner>()?;
     m.add_class::<runner::PyStepOutput>()?;
     m.add_class::<encoder::PyEncoderRunner>()?;
+    m.add_class::<encoder::PyPoolingOutput>()?;
     m.add_function(wrap_pyfunction!(logging::init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(backend_info, m)?)?;
     m.add_function(wrap_pyfunction!(resolve_device, m)?)?;
     m.add_function(wrap_pyfunction!(device_total_memory, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_architectures, m)?)?;
+    m.add_function(wrap_pyfunction!(encoder_architectures, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_to_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(testing::process_logits, m)?)?;
     m.add_function(wrap_pyfunction!(testing::filter_logits, m)?)?;

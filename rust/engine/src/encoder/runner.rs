@@ -114,3 +114,71 @@ impl EncoderRunner {
         pool(&hidden, &batch.spans, kind, opts)
     }
 }
+
+/// One pooling request of a step: its whole prompt (encoder prompts are never chunked).
+#[derive(Debug, Clone)]
+pub struct EncoderRequest {
+    pub req_id: String,
+    pub tokens: Vec<i32>,
+    pub token_types: Option<Vec<i32>>,
+    pub options: PoolOptions,
+}
+
+/// What a step hands back: a vector per served request, in step order, and the requests that
+/// failed with the reason (the others are served regardless).
+#[derive(Debug, Default)]
+pub struct EncoderOutput {
+    pub req_ids: Vec<String>,
+    pub vectors: Vec<Vec<f32>>,
+    pub failed: Vec<(String, String)>,
+}
+
+impl EncoderRunner {
+    /// The vLLM step of an encoder: embed every request with the model's pooling. A request
+    /// outside the model's ranges fails alone; when the batch fails on the device, each request
+    /// is retried alone so that only the ones that fail by themselves are lost.
+    pub fn execute(&self, requests: &[EncoderRequest], kind: PoolingKind) -> EncoderOutput {
+        let mut out = EncoderOutput::default();
+        let mut ok: Vec<&EncoderRequest> = Vec::with_capacity(requests.len());
+        for r in requests {
+            match self.check(&input_of(r)) {
+                Ok(()) => ok.push(r),
+                Err(e) => out.failed.push((r.req_id.clone(), format!("{e:#}"))),
+            }
+        }
+        if ok.is_empty() {
+            return out;
+        }
+        match self.embed_requests(&ok, kind) {
+            Ok(vectors) => {
+                out.req_ids = ok.iter().map(|r| r.req_id.clone()).collect();
+                out.vectors = vectors;
+            }
+            Err(batch_err) => {
+                log::warn!("encoder step of {} requests failed ({batch_err:#}); retrying each alone", ok.len());
+                for r in ok {
+                    match self.embed_requests(&[r], kind) {
+                        Ok(mut v) => {
+                            out.req_ids.push(r.req_id.clone());
+                            out.vectors.push(v.remove(0));
+                        }
+                        Err(e) => out.failed.push((r.req_id.clone(), format!("{e:#}"))),
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn embed_requests(&self, requests: &[&EncoderRequest], kind: PoolingKind) -> Result<Vec<Vec<f32>>> {
+        let inputs: Vec<EncoderInput> = requests.iter().map(|r| input_of(r)).collect();
+        let opts: Vec<PoolOptions> = requests.iter().map(|r| r.options).collect();
+        // A panic inside MLX or the engine fails the batch like an error would.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.embed(&inputs, kind, &opts)))
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the encoder step panicked")))
+    }
+}
+
+fn input_of(r: &EncoderRequest) -> EncoderInput<'_> {
+    EncoderInput { tokens: &r.tokens, token_types: r.token_types.as_deref() }
+}

@@ -1,0 +1,123 @@
+"""The worker of pooling models that are encoders (BertModel, ...): embeddings on the engine.
+
+Encoders keep no KV cache: vLLM's KV-cache spec is empty, the scheduler runs each prompt whole
+(chunked prefill and prefix caching are off for encoder-only models) and every step returns one
+vector per request, which finishes it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.v1.kv_cache_interface import KVCacheSpec
+from vllm.v1.outputs import ModelRunnerOutput
+
+from vllm_metal_rs.scheduler import MetalModelRunnerOutput
+from vllm_metal_rs.worker import _DTYPE_NAMES, MetalWorker, _core, _resolve_model_path, logger
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+    from vllm_metal_rs import _core as _core_types
+
+ENCODER_WORKER_CLS = "vllm_metal_rs.pooling.MetalEncoderWorker"
+
+
+def _refuse_dense_modules(path: str) -> None:
+    """sentence-transformers' Dense projections after pooling are not run by the engine."""
+    modules = Path(path) / "modules.json"
+    if not modules.is_file():
+        return
+    for m in json.loads(modules.read_text()):
+        kind = str(m.get("type", ""))
+        if kind.rsplit(".", 1)[-1] == "Dense":
+            raise ValueError(
+                f"vllm-metal-rs: {modules} has a Dense module ({m.get('path')}); projections after"
+                " pooling are not supported"
+            )
+
+
+class MetalEncoderWorker(MetalWorker):
+    """MetalWorker for encoder pooling models; the Rust EncoderRunner holds the weights."""
+
+    encoder: _core_types.EncoderRunner | None = None
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        if load_dummy_weights:
+            raise ValueError("vllm-metal-rs: dummy weights are not supported")
+        mc = self.model_config
+        path = _resolve_model_path(mc.model, mc.revision, self.load_config.download_dir)
+        dtype = _DTYPE_NAMES.get(mc.dtype)
+        if dtype is None:
+            raise ValueError(f"vllm-metal-rs: dtype {mc.dtype} is not supported")
+        _refuse_dense_modules(path)
+        self.encoder = _core().EncoderRunner(path, device=self.mlx_device, dtype=dtype)
+        pooling = mc.pooler_config.seq_pooling_type
+        self.encoder.set_pooling(pooling)
+        logger.info(
+            "vllm-metal-rs: loaded encoder %s: hidden %d, %s pooling, weights %.2f GiB",
+            path,
+            self.encoder.hidden_size,
+            pooling,
+            self.encoder.weights_nbytes / 2**30,
+        )
+
+    def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
+        # Encoder attention keeps nothing between steps.
+        return {}
+
+    def determine_available_memory(self) -> int:
+        return 0
+
+    def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
+        if kv_cache_config.kv_cache_groups:
+            raise ValueError("vllm-metal-rs: vLLM planned a KV cache for an encoder model")
+
+    def get_supported_tasks(self) -> tuple[str, ...]:
+        return ("embed",)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        out = self._encoder().execute_model(scheduler_output)
+        req_ids = out.req_ids
+        failed = out.failed
+        # vLLM lists every scheduled request; a failed one has no vector (the scheduler
+        # finishes it with the error status).
+        ids = req_ids + list(failed)
+        vectors: list[torch.Tensor | None] = [torch.from_numpy(v) for v in out.vectors]
+        vectors += [None] * len(failed)
+        return MetalModelRunnerOutput(
+            req_ids=ids,
+            req_id_to_index={req_id: i for i, req_id in enumerate(ids)},
+            sampled_token_ids=[],
+            pooler_output=vectors,
+            failed_requests=failed,
+        )
+
+    def sample_tokens(self, grammar_output: GrammarOutput | None) -> ModelRunnerOutput | None:
+        # execute_model returns every pooling step's output itself.
+        return None
+
+    def get_model_inspection(self) -> str:
+        e = self._encoder()
+        return (
+            f"{self.model_config.architecture} on the vllm-metal-rs engine (encoder, hidden"
+            f" {e.hidden_size}, MLX {e.device})"
+        )
+
+    def get_cache_block_size_bytes(self) -> int:
+        return 0
+
+    def shutdown(self) -> None:
+        self.encoder = None
+
+    def _encoder(self) -> _core_types.EncoderRunner:
+        if self.encoder is None:
+            raise RuntimeError("vllm-metal-rs: the model is not loaded")
+        return self.encoder
+
+    def _runner(self) -> Any:
+        raise RuntimeError("vllm-metal-rs: an encoder model has no generation runner")
