@@ -760,11 +760,17 @@ SENTENCES = [
 ]
 
 
-def write_tiny_bert(out_dir: str | os.PathLike, *, seed: int = 0, **config) -> Path:
-    """A tiny random BertModel (float32 safetensors + config.json) with non-trivial LayerNorm
-    gains and biases; `config` overrides BertConfig fields."""
+def write_tiny_bert(
+    out_dir: str | os.PathLike, *, seed: int = 0, architecture: str = "BertModel", tokenizer_from=None, **config
+) -> Path:
+    """A tiny random encoder (float32 safetensors + config.json) with non-trivial LayerNorm gains
+    and biases: `architecture` BertModel, BertForSequenceClassification, XLMRobertaModel or
+    XLMRobertaForSequenceClassification; `config` overrides its config fields;
+    `tokenizer_from`: a directory whose tokenizer files are copied beside it."""
+    import shutil
+
     import torch
-    from transformers import BertConfig, BertModel
+    import transformers
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -780,7 +786,11 @@ def write_tiny_bert(out_dir: str | os.PathLike, *, seed: int = 0, **config) -> P
     )
     fields.update(config)
     torch.manual_seed(seed)
-    model = BertModel(BertConfig(**fields), add_pooling_layer=False).to(torch.float32).eval()
+    family = "XLMRoberta" if architecture.startswith("XLMRoberta") else "Bert"
+    config_cls = getattr(transformers, f"{family}Config")
+    model_cls = getattr(transformers, architecture)
+    kwargs = {"add_pooling_layer": False} if architecture.endswith("Model") else {}
+    model = model_cls(config_cls(**fields), **kwargs).to(torch.float32).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
@@ -789,6 +799,10 @@ def write_tiny_bert(out_dir: str | os.PathLike, *, seed: int = 0, **config) -> P
             else:
                 p.copy_(0.1 * torch.randn(p.shape, generator=gen))
     model.save_pretrained(out)
+    if tokenizer_from is not None:
+        for f in Path(tokenizer_from).iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab")):
+                shutil.copy(f, out / f.name)
     return out
 
 
@@ -804,3 +818,19 @@ def hf_encoder_hidden(model_dir: str | os.PathLike, token_ids: Sequence[int], to
     with torch.no_grad():
         out = model(input_ids=torch.tensor([list(token_ids)]), **kwargs)
     return out.last_hidden_state[0].float().numpy()
+
+
+def hf_classifier_logits(model_dir: str | os.PathLike, token_ids: Sequence[int], token_type_ids=None) -> np.ndarray:
+    """transformers' sequence-classification logits [num_labels] of one sequence (float32)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(model_dir), dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    kwargs = {}
+    if token_type_ids is not None:
+        kwargs["token_type_ids"] = torch.tensor([list(token_type_ids)])
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([list(token_ids)]), **kwargs)
+    return out.logits[0].float().numpy()

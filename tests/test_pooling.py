@@ -105,3 +105,46 @@ def test_encoder_refuses_bad_inputs_with_one_line(core, tmp_path):
             runner.hidden_states(ids, token_type_ids=types)
         assert "\n" not in str(e.value)
     runner.hidden_states([[1, 2, 3]])  # still serves
+
+
+def test_tiny_xlm_roberta_hidden_states_match_transformers(core, tmp_path):
+    """XLM-R: BERT's blocks with positions from pad_token_id + 1."""
+    d = R.write_tiny_bert(tmp_path / "xlmr", seed=4, architecture="XLMRobertaModel", type_vocab_size=1, pad_token_id=1)
+    rng = np.random.default_rng(6)
+    # Ids from 2 on: transformers gives pad tokens (id 1) inside a sequence the padding position.
+    ids = [rng.integers(2, 300, size=n).tolist() for n in (3, 40, 11)]
+    runner = core.EncoderRunner(str(d))
+    assert runner.max_positions == 128 - 2
+    hidden, spans = runner.hidden_states(ids)
+    for (start, n), i in zip(spans, ids):
+        err = R.rel_err(hidden[start : start + n], R.hf_encoder_hidden(d, i))
+        assert err <= R.LOGITS_REL_TOL, f"length {n}: rel err {err:.3g}"
+
+
+@pytest.mark.parametrize("architecture", ["BertForSequenceClassification", "XLMRobertaForSequenceClassification"])
+@pytest.mark.parametrize("num_labels", [1, 3])
+def test_tiny_classifiers_match_transformers(core, tmp_path, architecture, num_labels):
+    """Cross-encoder / classifier logits (CLS pooling, the family's head), with token types for
+    BERT pairs; scores with vLLM's activations (sigmoid for one label, softmax for several)."""
+    xlmr = architecture.startswith("XLM")
+    extra = {"type_vocab_size": 1, "pad_token_id": 1} if xlmr else {}
+    d = R.write_tiny_bert(tmp_path / architecture, seed=7, architecture=architecture, num_labels=num_labels, **extra)
+    runner = core.EncoderRunner(str(d))
+    assert runner.task == "classify" and runner.num_labels == num_labels
+    rng = np.random.default_rng(8)
+    ids = [rng.integers(2, 300, size=n).tolist() for n in (5, 23, 9)]
+    types = None if xlmr else [[0] * (n // 2) + [1] * (n - n // 2) for n in (5, 23, 9)]
+    runner.configure("CLS")
+    logits = runner.embed(ids, pooling="CLS", normalize=False, token_type_ids=types)
+    for i, (seq, got) in enumerate(zip(ids, logits)):
+        ref = R.hf_classifier_logits(d, seq, None if types is None else types[i])
+        assert got.shape == (num_labels,)
+        err = R.rel_err(got, ref)
+        assert err <= R.LOGITS_REL_TOL, f"request {i}: rel err {err:.3g}"
+    act = "sigmoid" if num_labels == 1 else "softmax"
+    runner.configure("CLS", activation=act)
+    scores = runner.embed(ids, pooling="CLS", normalize=True, token_type_ids=types)
+    for got, lg in zip(scores, logits):
+        lg = lg.astype(np.float64)
+        want = 1 / (1 + np.exp(-lg)) if act == "sigmoid" else np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

@@ -109,7 +109,7 @@ def test_generate_and_embed_in_one_process(embed_llm, default_model_dir):
     [
         ({"enable_chunked_prefill": True}, "chunked prefill"),
         ({"enable_prefix_caching": True}, "prefix caching"),
-        ({"pooler_config": {"task": "classify"}}, "task 'classify'"),
+        ({"pooler_config": {"task": "token_embed"}}, "task 'token_embed'"),
     ],
 )
 def test_pooling_configs_the_engine_cannot_honour_are_refused(minilm_dir, kwargs, fragment):
@@ -164,3 +164,80 @@ def test_v1_embeddings_with_the_openai_client(embed_server, st_reference):
     assert http_get(embed_server["base"] + "/health")[0] == 200
     assert embed_server["proc"].poll() is None, tail(embed_server["log"])
     assert len(client.embeddings.create(model="minilm", input="ok").data[0].embedding) == 384
+
+
+# --- cross-encoders (score / rerank) ---------------------------------------------------------------
+
+QUERY = "Where is the nearest train station?"
+DOCS = [
+    "The station is two blocks north of here.",
+    "Bananas are rich in potassium.",
+    "Trains leave every ten minutes from platform four.",
+    "I like green tea.",
+]
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_dir(minilm_dir, tmp_path_factory):
+    """A tiny random BertForSequenceClassification (one label) with MiniLM's tokenizer."""
+    return R.write_tiny_bert(
+        tmp_path_factory.mktemp("ce") / "tiny-ce",
+        seed=11,
+        architecture="BertForSequenceClassification",
+        num_labels=1,
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        tokenizer_from=minilm_dir,
+    )
+
+
+def _reference_scores(model_dir, query, docs) -> list[float]:
+    """transformers on (query, doc) pairs with token types: sigmoid of the one logit."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    out = []
+    for d in docs:
+        enc = tok(query, d)
+        logit = R.hf_classifier_logits(model_dir, enc["input_ids"], enc["token_type_ids"])[0]
+        out.append(float(1 / (1 + np.exp(-logit))))
+    return out
+
+
+def test_llm_score_with_a_cross_encoder(cross_encoder_dir):
+    from vllm import LLM
+
+    want = _reference_scores(cross_encoder_dir, QUERY, DOCS)
+    # The token types matter: without them the scores would differ (else this proves nothing).
+    from transformers import AutoTokenizer
+
+    enc = AutoTokenizer.from_pretrained(str(cross_encoder_dir))(QUERY, DOCS[0])
+    no_types = R.hf_classifier_logits(cross_encoder_dir, enc["input_ids"], [0] * len(enc["input_ids"]))[0]
+    assert abs(1 / (1 + np.exp(-no_types)) - want[0]) > 1e-4
+
+    llm = LLM(model=str(cross_encoder_dir), max_model_len=512, seed=0)
+    try:
+        got = [o.outputs.score for o in llm.score(QUERY, DOCS)]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+        classified = llm.classify([QUERY])[0].outputs.probs
+        assert len(classified) == 1 and 0.0 < classified[0] < 1.0
+    finally:
+        shutdown_llm(llm)
+
+
+def test_rerank_endpoint_orders_by_cross_encoder_score(cross_encoder_dir, tmp_path_factory):
+    import json
+    import urllib.request
+
+    want = _reference_scores(cross_encoder_dir, QUERY, DOCS)
+    args = [str(cross_encoder_dir), "--served-model-name", "ce", "--max-model-len", "512"]
+    with vllm_server(args, tmp_path_factory.mktemp("serve-ce") / "vllm-serve.log", STARTUP_TIMEOUT_S) as srv:
+        body = json.dumps({"model": "ce", "query": QUERY, "documents": DOCS}).encode()
+        req = urllib.request.Request(srv["base"] + "/rerank", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            results = json.loads(r.read())["results"]
+        order = [x["index"] for x in results]
+        assert order == sorted(range(len(DOCS)), key=lambda i: -want[i])
+        np.testing.assert_allclose([x["relevance_score"] for x in results], sorted(want, reverse=True), rtol=1e-4, atol=1e-6)

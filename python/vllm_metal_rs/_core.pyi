@@ -164,8 +164,20 @@ class EncoderRunner:
     def weights_nbytes(self) -> int: ...
     @property
     def device(self) -> Literal["cpu", "gpu"]: ...
-    def set_pooling(self, pooling: Literal["MEAN", "CLS", "LAST"]) -> None:
-        """The pooling of vLLM's steps (vLLM's seq_pooling_type)."""
+    @property
+    def task(self) -> Literal["embed", "classify"]:
+        """"classify" for a model with a classifier head (cross-encoders), else "embed"."""
+    @property
+    def num_labels(self) -> int | None: ...
+    def configure(
+        self,
+        pooling: Literal["MEAN", "CLS", "LAST"],
+        *,
+        activation: Literal["identity", "sigmoid", "softmax"] = "identity",
+        logit_mean: float = 0.0,
+        logit_sigma: float = 1.0,
+    ) -> None:
+        """vLLM's pooler config: pooling, the classifier's activation and logit affine."""
     def execute_model(self, scheduler_output: Any) -> PoolingOutput:
         """vLLM's SchedulerOutput in: every scheduled request embedded whole."""
     def embed(
@@ -177,7 +189,8 @@ class EncoderRunner:
         dimensions: Sequence[int | None] | None = None,
         token_type_ids: Sequence[Sequence[int] | None] | None = None,
     ) -> list[npt.NDArray[np.float32]]:
-        """One float32 vector per input, in input order."""
+        """One float32 vector per input, in input order: embeddings, or a classifier's scores
+        (normalize: vLLM's use_activation)."""
     def hidden_states(
         self,
         token_ids: Sequence[Sequence[int]],

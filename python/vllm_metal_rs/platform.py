@@ -356,8 +356,9 @@ def _check_pooling(vllm_config: VllmConfig) -> None:
     pooler = mc.pooler_config
     task = getattr(pooler, "task", None)
     _reject(
-        task not in (None, "embed"),
-        f"pooling task {task!r} is not supported; encoder models serve task 'embed'",
+        task not in (None, "embed", "classify"),
+        f"pooling task {task!r} is not supported; encoder models serve 'embed' (embedding"
+        " models) or 'classify' (classifiers and cross-encoders)",
     )
     kind = getattr(pooler, "seq_pooling_type", None)
     _reject(

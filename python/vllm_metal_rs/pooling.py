@@ -41,6 +41,22 @@ def _refuse_dense_modules(path: str) -> None:
             )
 
 
+def _classifier_activation(hf_config: Any, num_labels: int) -> str:
+    """vLLM's activation of the model's classifier logits (by its problem type, its
+    sentence-transformers activation, else by the number of labels), by name for the engine."""
+    from vllm.model_executor.layers.pooler import activations as A
+
+    act = A.get_act_fn(hf_config, static_num_labels=False)
+    if isinstance(act, A.PoolerIdentity):
+        return "identity"
+    if isinstance(act, A.PoolerMultiLabelClassify):
+        return "sigmoid"
+    if isinstance(act, A.PoolerClassify):
+        n = act.num_labels if act.num_labels is not None else num_labels
+        return "sigmoid" if n < 2 else "softmax"
+    raise ValueError(f"vllm-metal-rs: classifier activation {act!r} is not supported")
+
+
 class MetalEncoderWorker(MetalWorker):
     """MetalWorker for encoder pooling models; the Rust EncoderRunner holds the weights."""
 
@@ -55,15 +71,27 @@ class MetalEncoderWorker(MetalWorker):
         if dtype is None:
             raise ValueError(f"vllm-metal-rs: dtype {mc.dtype} is not supported")
         _refuse_dense_modules(path)
-        self.encoder = _core().EncoderRunner(path, device=self.mlx_device, dtype=dtype)
-        pooling = mc.pooler_config.seq_pooling_type
-        self.encoder.set_pooling(pooling)
-        logger.info(
-            "vllm-metal-rs: loaded encoder %s: hidden %d, %s pooling, weights %.2f GiB",
-            path,
-            self.encoder.hidden_size,
+        encoder = _core().EncoderRunner(path, device=self.mlx_device, dtype=dtype)
+        pooler = mc.pooler_config
+        pooling = pooler.seq_pooling_type
+        activation = "identity"
+        if encoder.task == "classify":
+            activation = _classifier_activation(mc.hf_config, encoder.num_labels or 0)
+        encoder.configure(
             pooling,
-            self.encoder.weights_nbytes / 2**30,
+            activation=activation,
+            logit_mean=float(pooler.logit_mean or 0.0),
+            logit_sigma=float(pooler.logit_sigma or 1.0),
+        )
+        self.encoder = encoder
+        logger.info(
+            "vllm-metal-rs: loaded encoder %s (%s): hidden %d, %s pooling%s, weights %.2f GiB",
+            path,
+            encoder.task,
+            encoder.hidden_size,
+            pooling,
+            f", {encoder.num_labels} labels, {activation}" if encoder.task == "classify" else "",
+            encoder.weights_nbytes / 2**30,
         )
 
     def get_kv_cache_spec(self) -> dict[str, KVCacheSpec]:
@@ -78,7 +106,7 @@ class MetalEncoderWorker(MetalWorker):
             raise ValueError("vllm-metal-rs: vLLM planned a KV cache for an encoder model")
 
     def get_supported_tasks(self) -> tuple[str, ...]:
-        return ("embed",)
+        return (self._encoder().task,)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         out = self._encoder().execute_model(scheduler_output)

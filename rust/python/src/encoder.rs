@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use engine::encoder::head::ClassifyOptions;
 use engine::encoder::pooling::{PoolOptions, PoolingKind};
 use engine::encoder::runner::{EncoderOptions, EncoderRunner};
 use engine::encoder::EncoderInput;
@@ -25,8 +26,6 @@ pub struct PyPoolingOutput {
 
 #[pyclass(name = "EncoderRunner", module = "vllm_metal_rs._core")]
 pub struct PyEncoderRunner {
-    /// The model's pooling, from vLLM's pooler config (MEAN until set).
-    pooling: Mutex<PoolingKind>,
     #[pyo3(get)]
     hidden_size: usize,
     #[pyo3(get)]
@@ -58,6 +57,12 @@ fn inputs<'a>(tokens: &'a [Vec<i32>], token_types: &'a Option<Vec<Option<Vec<i32
         .collect())
 }
 
+impl PyEncoderRunner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, EncoderRunner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 #[pymethods]
 impl PyEncoderRunner {
     #[new]
@@ -71,22 +76,35 @@ impl PyEncoderRunner {
             max_positions: r.max_positions(),
             weights_nbytes: r.weights_nbytes,
             device: r.device.name(),
-            pooling: Mutex::new(PoolingKind::Mean),
             inner: Mutex::new(r),
         })
     }
 
-    /// The pooling of vLLM's steps: MEAN, CLS or LAST (vLLM's `seq_pooling_type`).
-    fn set_pooling(&self, pooling: &str) -> PyResult<()> {
-        *self.pooling.lock().unwrap_or_else(|p| p.into_inner()) = pooling.parse().map_err(engine_err)?;
+    /// "classify" for a model with a classifier head (cross-encoders), else "embed".
+    #[getter]
+    fn task(&self) -> &'static str {
+        self.lock().task()
+    }
+
+    #[getter]
+    fn num_labels(&self) -> Option<usize> {
+        self.lock().num_labels()
+    }
+
+    /// vLLM's pooler config for the model: pooling (MEAN, CLS or LAST), the classifier's
+    /// activation (identity, sigmoid, softmax) and the logit affine.
+    #[pyo3(signature = (pooling, *, activation = "identity", logit_mean = 0.0, logit_sigma = 1.0))]
+    fn configure(&self, pooling: &str, activation: &str, logit_mean: f32, logit_sigma: f32) -> PyResult<()> {
+        let mut r = self.lock();
+        r.pooling = pooling.parse().map_err(engine_err)?;
+        r.classify = ClassifyOptions { logit_mean, logit_sigma, activation: activation.parse().map_err(engine_err)? };
         Ok(())
     }
 
     /// vLLM's SchedulerOutput in: every scheduled request embedded whole.
     fn execute_model(&self, py: Python<'_>, scheduler_output: &Bound<'_, PyAny>) -> PyResult<PyPoolingOutput> {
         let (requests, rejected) = encoder_step(scheduler_output)?;
-        let kind = *self.pooling.lock().unwrap_or_else(|p| p.into_inner());
-        let out = py.detach(|| self.inner.lock().unwrap_or_else(|p| p.into_inner()).execute(&requests, kind));
+        let out = py.detach(|| self.lock().execute(&requests));
         let failed = PyDict::new(py);
         for (id, reason) in rejected.into_iter().chain(out.failed) {
             log::warn!("request {id} failed: {reason}");
@@ -99,7 +117,8 @@ impl PyEncoderRunner {
         })
     }
 
-    /// One float32 vector per input (`pooling`: MEAN, CLS or LAST; `dimensions` per input or None).
+    /// One float32 vector per input (`pooling`: MEAN, CLS or LAST; `dimensions` per input or
+    /// None; `normalize`: vLLM's use_activation): embeddings, or a classifier's scores.
     #[pyo3(signature = (token_ids, *, pooling, normalize, dimensions = None, token_type_ids = None))]
     fn embed<'py>(
         &self,
@@ -115,10 +134,10 @@ impl PyEncoderRunner {
         if dims.len() != token_ids.len() {
             return Err(pyo3::exceptions::PyValueError::new_err("one dimensions entry per input"));
         }
-        let opts: Vec<PoolOptions> = dims.into_iter().map(|dimensions| PoolOptions { dimensions, normalize }).collect();
+        let opts: Vec<PoolOptions> = dims.into_iter().map(|dimensions| PoolOptions { dimensions, use_activation: normalize }).collect();
         let inputs = inputs(&token_ids, &token_type_ids)?;
         let out = py
-            .detach(|| self.inner.lock().unwrap_or_else(|p| p.into_inner()).embed(&inputs, kind, &opts))
+            .detach(|| self.lock().embed(&inputs, kind, &opts))
             .map_err(engine_err)?;
         Ok(out.into_iter().map(|v| PyArray1::from_vec(py, v)).collect())
     }
@@ -134,7 +153,7 @@ impl PyEncoderRunner {
     ) -> PyResult<(Bound<'py, PyAny>, Vec<(usize, usize)>)> {
         let inputs = inputs(&token_ids, &token_type_ids)?;
         let (h, spans) = py
-            .detach(|| self.inner.lock().unwrap_or_else(|p| p.into_inner()).hidden_states(&inputs))
+            .detach(|| self.lock().hidden_states(&inputs))
             .map_err(engine_err)?;
         let rows = spans.iter().map(|s| s.1).sum::<usize>();
         let arr = PyArray1::from_vec(py, h).reshape([rows, self.hidden_size])?.into_any();

@@ -269,14 +269,9 @@ fn encoder_request(r: &Bound<'_, PyAny>, req_id: &str, scheduled: usize) -> PyRe
     if params.is_none() {
         return Err(PyValueError::new_err("the request has no pooling parameters"));
     }
-    if let Some(task) = field(&params, "task")? {
-        let task: String = task.extract()?;
-        if task != "embed" {
-            return Err(PyValueError::new_err(format!("pooling task {task:?} is not supported: supported is embed")));
-        }
-    }
+    let task: Option<String> = field(&params, "task")?.map(|t| t.extract()).transpose()?;
     // vLLM's PoolingParams.verify fills these from the pooler config; None means the default.
-    let normalize: bool = field_or(&params, "use_activation", true)?;
+    let use_activation: bool = field_or(&params, "use_activation", true)?;
     let dimensions = int_field(&params, "dimensions", 0, i64::from(i32::MAX))?.map(|d| d as usize);
     // Cross-encoder pairs: token type 1 from this index on (vLLM's compressed form).
     let extra = field(&params, "extra_kwargs")?;
@@ -292,6 +287,7 @@ fn encoder_request(r: &Bound<'_, PyAny>, req_id: &str, scheduled: usize) -> PyRe
         req_id: req_id.to_string(),
         tokens,
         token_types,
-        options: PoolOptions { dimensions, normalize },
+        task,
+        options: PoolOptions { dimensions, use_activation },
     })
 }

@@ -3,6 +3,7 @@
 //! one forward over the flattened tokens of every request, attention within each request only.
 
 pub mod batch;
+pub mod head;
 pub mod pooling;
 pub mod runner;
 
@@ -20,6 +21,10 @@ pub trait Encoder: Send {
     fn max_positions(&self) -> usize;
     /// Every weight array (materialised at load; their bytes are the weights' memory).
     fn weights(&self) -> Vec<&Array>;
+    /// The classifier head of a sequence classifier / cross-encoder (None: an embedding model).
+    fn classifier(&self) -> Option<&head::Classifier> {
+        None
+    }
 }
 
 /// An encoder family: the config architectures it runs and its loader (which parses the config
@@ -30,7 +35,12 @@ pub struct EncoderFamily {
 }
 
 /// Every encoder family the engine runs.
-pub static ENCODERS: &[EncoderFamily] = &[crate::models::bert::BERT];
+pub static ENCODERS: &[EncoderFamily] = &[
+    crate::models::bert::BERT,
+    crate::models::bert::BERT_CLASSIFIER,
+    crate::models::xlm_roberta::XLM_ROBERTA,
+    crate::models::xlm_roberta::XLM_ROBERTA_CLASSIFIER,
+];
 
 pub fn family(architecture: &str) -> Option<&'static EncoderFamily> {
     ENCODERS.iter().find(|f| f.architectures.contains(&architecture))

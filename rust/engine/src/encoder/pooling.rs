@@ -32,7 +32,8 @@ impl std::str::FromStr for PoolingKind {
 pub struct PoolOptions {
     /// Keep the first `dimensions` features (Matryoshka models), before normalising.
     pub dimensions: Option<usize>,
-    pub normalize: bool,
+    /// vLLM's use_activation: L2-normalise an embedding, or apply a classifier's activation.
+    pub use_activation: bool,
 }
 
 /// The pooled float32 vector of each request (`spans`: (first flat token, length) in `hidden`).
@@ -40,7 +41,11 @@ pub fn pool(hidden: &Array, spans: &[(usize, usize)], kind: PoolingKind, opts: &
     if spans.len() != opts.len() {
         bail!("{} requests but {} pooling options", spans.len(), opts.len());
     }
-    let width = hidden.shape()[1] as usize;
+    embeddings(&pooled_rows(hidden, spans, kind)?, opts)
+}
+
+/// One float32 row `[R, hidden]` per request, on the device.
+pub fn pooled_rows(hidden: &Array, spans: &[(usize, usize)], kind: PoolingKind) -> Result<Array> {
     let hidden = hidden.as_dtype(Dtype::Float32)?;
     let rows = match kind {
         PoolingKind::Cls | PoolingKind::Last => {
@@ -60,9 +65,18 @@ pub fn pool(hidden: &Array, spans: &[(usize, usize)], kind: PoolingKind, opts: &
             Array::from_slice(&w, &[spans.len() as i32, t as i32]).matmul(&hidden)?
         }
     };
-    eval([&rows])?;
+    Ok(rows)
+}
+
+/// Pooled rows as embeddings: per request truncated to its dimensions, then normalised.
+pub fn embeddings(rows: &Array, opts: &[PoolOptions]) -> Result<Vec<Vec<f32>>> {
+    let width = rows.shape()[1] as usize;
+    eval([rows])?;
+    if rows.shape()[0] as usize != opts.len() {
+        bail!("{} pooled rows but {} pooling options", rows.shape()[0], opts.len());
+    }
     let host = rows.as_slice::<f32>();
-    let mut out = Vec::with_capacity(spans.len());
+    let mut out = Vec::with_capacity(opts.len());
     for (r, o) in opts.iter().enumerate() {
         let full = &host[r * width..(r + 1) * width];
         let dims = match o.dimensions {
@@ -71,7 +85,7 @@ pub fn pool(hidden: &Array, spans: &[(usize, usize)], kind: PoolingKind, opts: &
             Some(d) => bail!("dimensions {d} is outside 1..={width} for this model"),
         };
         let mut v = full[..dims].to_vec();
-        if o.normalize {
+        if o.use_activation {
             // As torch's F.normalize: divide by max(norm, 1e-12).
             let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt().max(1e-12);
             v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
@@ -94,10 +108,10 @@ mod tests {
         assert_eq!(pool(&h, &spans, PoolingKind::Mean, &plain).unwrap(), vec![vec![3., 4.], vec![7., 8.]]);
         assert_eq!(pool(&h, &spans, PoolingKind::Cls, &plain).unwrap(), vec![vec![1., 2.], vec![7., 8.]]);
         assert_eq!(pool(&h, &spans, PoolingKind::Last, &plain).unwrap(), vec![vec![5., 6.], vec![7., 8.]]);
-        let opts = [PoolOptions { dimensions: Some(1), normalize: true }, PoolOptions { dimensions: None, normalize: true }];
+        let opts = [PoolOptions { dimensions: Some(1), use_activation: true }, PoolOptions { dimensions: None, use_activation: true }];
         let v = pool(&h, &spans, PoolingKind::Last, &opts).unwrap();
         assert_eq!(v[0], vec![1.0]);
         assert!((v[1][0] - 7.0 / 113f32.sqrt()).abs() < 1e-6);
-        assert!(pool(&h, &spans, PoolingKind::Cls, &[PoolOptions { dimensions: Some(3), normalize: false }; 2]).is_err());
+        assert!(pool(&h, &spans, PoolingKind::Cls, &[PoolOptions { dimensions: Some(3), use_activation: false }; 2]).is_err());
     }
 }

@@ -5,7 +5,8 @@ use std::path::Path;
 use anyhow::{bail, ensure, Context, Result};
 use mlx_rs::{transforms::eval, Dtype};
 
-use super::pooling::{pool, PoolOptions, PoolingKind};
+use super::head::ClassifyOptions;
+use super::pooling::{embeddings, pooled_rows, PoolOptions, PoolingKind};
 use super::{family_of, Encoder, EncoderBatch, EncoderInput};
 use crate::dtype::{compute_dtype, dtype_name};
 use crate::mlx_ext::device::{self, DeviceKind};
@@ -21,6 +22,10 @@ pub struct EncoderOptions {
 
 pub struct EncoderRunner {
     model: Box<dyn Encoder>,
+    /// How a request's tokens become its vector (vLLM's pooler config; MEAN until set).
+    pub pooling: PoolingKind,
+    /// How a classifier's logits become scores (vLLM's choice for the model).
+    pub classify: ClassifyOptions,
     pub device: DeviceKind,
     pub dtype: Dtype,
     pub weights_nbytes: usize,
@@ -62,6 +67,8 @@ impl EncoderRunner {
             start.elapsed().as_secs_f64()
         );
         Ok(Self {
+            pooling: PoolingKind::Mean,
+            classify: ClassifyOptions::default(),
             vocab_size: count("vocab_size", 0),
             type_vocab_size: count("type_vocab_size", 1),
             model,
@@ -104,14 +111,38 @@ impl EncoderRunner {
         Ok((h.as_slice::<f32>().to_vec(), batch.spans))
     }
 
-    /// One pooled vector per input, in input order.
+    /// The task vLLM runs this model for: "classify" with a classifier head, else "embed".
+    pub fn task(&self) -> &'static str {
+        if self.model.classifier().is_some() {
+            "classify"
+        } else {
+            "embed"
+        }
+    }
+
+    pub fn num_labels(&self) -> Option<usize> {
+        self.model.classifier().map(|c| c.num_labels())
+    }
+
+    /// One output per input, in input order: the pooled vector (embedding models) or the
+    /// classifier's scores (classifiers), each as its options ask.
     pub fn embed(&self, inputs: &[EncoderInput], kind: PoolingKind, opts: &[PoolOptions]) -> Result<Vec<Vec<f32>>> {
         for i in inputs {
             self.check(i)?;
         }
+        ensure!(inputs.len() == opts.len(), "{} inputs but {} pooling options", inputs.len(), opts.len());
         let batch = EncoderBatch::build(inputs)?;
         let hidden = self.model.forward(&batch)?;
-        pool(&hidden, &batch.spans, kind, opts)
+        let rows = pooled_rows(&hidden, &batch.spans, kind)?;
+        let Some(head) = self.model.classifier() else { return embeddings(&rows, opts) };
+        if let Some(o) = opts.iter().find(|o| o.dimensions.is_some()) {
+            bail!("dimensions {} asked of a classifier (its outputs are label scores)", o.dimensions.unwrap_or(0));
+        }
+        let logits = head.forward(&rows.as_dtype(self.dtype)?)?.as_dtype(Dtype::Float32)?;
+        eval([&logits])?;
+        let labels = head.num_labels();
+        let host = logits.as_slice::<f32>();
+        Ok(opts.iter().enumerate().map(|(r, o)| self.classify.scores(&host[r * labels..(r + 1) * labels], o.use_activation)).collect())
     }
 }
 
@@ -121,6 +152,8 @@ pub struct EncoderRequest {
     pub req_id: String,
     pub tokens: Vec<i32>,
     pub token_types: Option<Vec<i32>>,
+    /// vLLM's pooling task of the request ("embed", "classify"); None: the model's.
+    pub task: Option<String>,
     pub options: PoolOptions,
 }
 
@@ -137,10 +170,16 @@ impl EncoderRunner {
     /// The vLLM step of an encoder: embed every request with the model's pooling. A request
     /// outside the model's ranges fails alone; when the batch fails on the device, each request
     /// is retried alone so that only the ones that fail by themselves are lost.
-    pub fn execute(&self, requests: &[EncoderRequest], kind: PoolingKind) -> EncoderOutput {
+    pub fn execute(&self, requests: &[EncoderRequest]) -> EncoderOutput {
+        let kind = self.pooling;
         let mut out = EncoderOutput::default();
         let mut ok: Vec<&EncoderRequest> = Vec::with_capacity(requests.len());
+        let task = self.task();
         for r in requests {
+            if let Some(t) = r.task.as_deref().filter(|t| *t != task) {
+                out.failed.push((r.req_id.clone(), format!("pooling task {t:?} is not served: this model serves {task:?}")));
+                continue;
+            }
             match self.check(&input_of(r)) {
                 Ok(()) => ok.push(r),
                 Err(e) => out.failed.push((r.req_id.clone(), format!("{e:#}"))),

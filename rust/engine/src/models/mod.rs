@@ -10,6 +10,7 @@ pub mod mixtral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
+pub mod xlm_roberta;
 
 use anyhow::{bail, Result};
 use mlx_rs::Array;
