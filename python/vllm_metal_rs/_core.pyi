@@ -49,6 +49,9 @@ class StepOutput:
     @property
     def failed(self) -> dict[str, str]:
         """Requests the step could not serve, with the reason (the engine has forgotten them)."""
+    @property
+    def pooled(self) -> list[npt.NDArray[np.float32] | None]:
+        """Pooling models: per request, its vector (or scores) when its prompt ended."""
 
 class ModelRunner:
     """Weights, the paged KV cache, the request table and the step."""
@@ -110,6 +113,23 @@ class ModelRunner:
     def sample_tokens(
         self, grammar: tuple[list[str], npt.NDArray[np.int32]] | None = None
     ) -> StepOutput: ...
+    def set_pooling(
+        self,
+        pooling: Literal["MEAN", "CLS", "LAST"],
+        *,
+        classifier_tokens: Sequence[int] | None = None,
+        two_way: bool = False,
+        activation: Literal["identity", "sigmoid", "softmax"] = "identity",
+        logit_mean: float = 0.0,
+        logit_sigma: float = 1.0,
+    ) -> None:
+        """Make this runner a pooling model's: embeddings, or scores from the logits of
+        classifier_tokens (two_way: [negative, positive], one label)."""
+    @property
+    def pooling_task(self) -> Literal["embed", "classify"] | None:
+        """The pooling task this runner serves; None for generation."""
+    def pool_model(self, scheduler_output: Any) -> StepOutput:
+        """A pooling model's whole step: vectors of the requests whose prompt ends in it."""
     def submit_tokens(
         self, grammar: tuple[list[str], npt.NDArray[np.int32]] | None = None
     ) -> int:
@@ -204,6 +224,8 @@ def backend_info() -> BackendInfo: ...
 def resolve_device(device: Literal["cpu", "gpu"] | None = None) -> Literal["cpu", "gpu"]:
     """The device the engine runs on when `device` (or nothing) is asked for."""
 def device_total_memory(device: Literal["cpu", "gpu"] | None = None) -> int: ...
+def decoder_architectures() -> list[str]:
+    """The config architectures of the decoder families the engine runs."""
 def encoder_architectures() -> list[str]:
     """The config architectures of the encoder families (pooling models) the engine runs."""
 def gguf_architectures() -> list[tuple[str, list[str]]]:

@@ -181,7 +181,7 @@ class MetalPlatform(Platform):
         if parallel_config.worker_cls == "auto":
             parallel_config.worker_cls = WORKER_CLS
             mc = vllm_config.model_config
-            if mc is not None and mc.runner_type == "pooling":
+            if mc is not None and mc.runner_type == "pooling" and _architecture(mc) in _encoders():
                 from vllm_metal_rs.pooling import ENCODER_WORKER_CLS
 
                 parallel_config.worker_cls = ENCODER_WORKER_CLS
@@ -340,45 +340,58 @@ class MetalPlatform(Platform):
             )
 
 
+def _architecture(mc: Any) -> str:
+    archs = list(getattr(getattr(mc, "hf_config", None), "architectures", None) or [])
+    return archs[0] if archs else "?"
+
+
+def _encoders() -> list[str]:
+    from vllm_metal_rs import _core
+
+    return _core.encoder_architectures()
+
+
 def _check_pooling(vllm_config: VllmConfig) -> None:
-    """Pooling runs encoder models (the engine's encoder families) for the embed task."""
+    """Pooling runs the engine's encoder families, and its decoder families as embedders (and
+    as rerankers vLLM converts with from_2_way_softmax)."""
     from vllm_metal_rs import _core
 
     mc = vllm_config.model_config
-    archs = list(getattr(getattr(mc, "hf_config", None), "architectures", None) or [])
-    arch = archs[0] if archs else "?"
-    encoders = _core.encoder_architectures()
+    arch = _architecture(mc)
+    encoders = _encoders()
+    decoders = _core.decoder_architectures()
+    is_encoder = arch in encoders
+    base = arch.replace("ForSequenceClassification", "ForCausalLM")
     _reject(
-        arch not in encoders,
+        not is_encoder and arch not in decoders and base not in decoders,
         f"pooling is not supported for {arch}; the engine pools encoder models"
-        f" ({', '.join(encoders)})",
+        f" ({', '.join(encoders)}) and its decoder families",
     )
     pooler = mc.pooler_config
     task = getattr(pooler, "task", None)
     _reject(
         task not in (None, "embed", "classify"),
-        f"pooling task {task!r} is not supported; encoder models serve 'embed' (embedding"
-        " models) or 'classify' (classifiers and cross-encoders)",
+        f"pooling task {task!r} is not supported; the engine serves 'embed' (embedding models)"
+        " and 'classify' (classifiers, cross-encoders, rerankers)",
     )
     kind = getattr(pooler, "seq_pooling_type", None)
     _reject(
         kind not in ("MEAN", "CLS", "LAST"),
         f"pooling type {kind!r} is not supported; supported are MEAN, CLS, LAST",
     )
-    # vLLM turns these off for encoder-only models unless the user forces them on.
-    _reject(
-        bool(vllm_config.scheduler_config.enable_chunked_prefill),
-        "chunked prefill is not supported for encoder models: their prompts run whole",
-    )
+    sched = vllm_config.scheduler_config
     cache = vllm_config.cache_config
-    _reject(
-        cache is not None and bool(cache.enable_prefix_caching),
-        "prefix caching is not supported for encoder models (they keep no KV cache)",
-    )
-    _reject(
-        bool(vllm_config.scheduler_config.async_scheduling),
-        "async scheduling is not supported for pooling models",
-    )
+    prefix_caching = cache is not None and bool(cache.enable_prefix_caching)
+    # Encoders keep no KV cache and run prompts whole; a decoder pooling the mean or the first
+    # token needs the whole prompt in one step too. vLLM turns these off unless forced on.
+    whole = "encoder models" if is_encoder else f"{kind} pooling"
+    if is_encoder or kind != "LAST":
+        _reject(
+            bool(sched.enable_chunked_prefill),
+            f"chunked prefill is not supported for {whole}: their prompts run whole",
+        )
+        _reject(prefix_caching, f"prefix caching is not supported for {whole}")
+    _reject(bool(sched.async_scheduling), "async scheduling is not supported for pooling models")
 
 
 # SamplingParams' integer fields, as the engine-core request carries them.

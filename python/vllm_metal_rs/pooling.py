@@ -1,8 +1,12 @@
-"""The worker of pooling models that are encoders (BertModel, ...): embeddings on the engine.
+"""Pooling models on the engine.
 
-Encoders keep no KV cache: vLLM's KV-cache spec is empty, the scheduler runs each prompt whole
-(chunked prefill and prefix caching are off for encoder-only models) and every step returns one
-vector per request, which finishes it.
+Encoders (BertModel, ...) run on `MetalEncoderWorker`: they keep no KV cache (vLLM's KV-cache
+spec is empty), the scheduler runs each prompt whole (chunked prefill and prefix caching are off
+for encoder-only models) and every step returns one vector per request, which finishes it.
+
+Decoders (Qwen3-Embedding, Qwen3-Reranker, ...) run on the generation worker, whose runner
+`configure_decoder_pooling` turns into a pooling one: same KV cache and steps, vectors instead of
+tokens.
 """
 
 from __future__ import annotations
@@ -55,6 +59,43 @@ def _classifier_activation(hf_config: Any, num_labels: int) -> str:
         n = act.num_labels if act.num_labels is not None else num_labels
         return "sigmoid" if n < 2 else "softmax"
     raise ValueError(f"vllm-metal-rs: classifier activation {act!r} is not supported")
+
+
+def configure_decoder_pooling(runner: _core_types.ModelRunner, mc: Any) -> None:
+    """vLLM's pooler config (and, for rerankers converted by vLLM's from_2_way_softmax, the two
+    classifier tokens) given to a decoder runner once."""
+    pooler = mc.pooler_config
+    hf = mc.hf_config
+    text = hf.get_text_config()
+    affine = dict(logit_mean=float(pooler.logit_mean or 0.0), logit_sigma=float(pooler.logit_sigma or 1.0))
+    if mc.convert_type != "classify":
+        runner.set_pooling(pooler.seq_pooling_type)
+        return
+    method = getattr(text, "method", None) or getattr(hf, "method", None)
+    tokens = getattr(hf, "classifier_from_token", None) or getattr(text, "classifier_from_token", None)
+    if method != "from_2_way_softmax" or not tokens or len(tokens) != 2:
+        raise ValueError(
+            f"vllm-metal-rs: classifying with {mc.architecture} needs a score head the engine does"
+            " not run; rerankers converted with method 'from_2_way_softmax' and two"
+            " classifier_from_token entries are supported"
+        )
+    from vllm.tokenizers import get_tokenizer
+
+    tokenizer = get_tokenizer(
+        mc.tokenizer,
+        revision=mc.tokenizer_revision,
+        tokenizer_mode=mc.tokenizer_mode,
+        trust_remote_code=mc.trust_remote_code,
+    )
+    ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in tokens]
+    runner.set_pooling(
+        pooler.seq_pooling_type,
+        classifier_tokens=ids,
+        two_way=True,
+        activation=_classifier_activation(hf, 1),
+        **affine,
+    )
+    logger.info("vllm-metal-rs: %s scores with tokens %s (ids %s)", mc.architecture, tokens, ids)
 
 
 class MetalEncoderWorker(MetalWorker):

@@ -180,6 +180,10 @@ class MetalWorker(WorkerBase):
         # Draws of requests without their own seed follow the engine seed, as on other platforms.
         r.set_seed(mc.seed or 0)
         r.set_logprobs_mode(str(mc.logprobs_mode))
+        if mc.runner_type == "pooling":
+            from vllm_metal_rs.pooling import configure_decoder_pooling
+
+            configure_decoder_pooling(r, mc)
         logger.info(
             "vllm-metal-rs: loaded %s: %d layers, %d KV heads x %d, %s, weights %.2f GiB",
             path,
@@ -268,12 +272,16 @@ class MetalWorker(WorkerBase):
         return CompilationTimes(language_model=0.0, encoder=0.0)
 
     def get_supported_tasks(self) -> tuple[str, ...]:
-        return ("generate",)
+        return (self._runner().pooling_task or "generate",)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        r = self._runner()
+        if r.pooling_task is not None:
+            # A pooling model's step ends here: vectors instead of tokens.
+            return _model_runner_output(r.pool_model(scheduler_output))
         # The forward is submitted here and runs while the engine core computes the grammar
         # bitmask; the tokens come from sample_tokens (vLLM calls it when this returns None).
-        if not self._runner().execute_model(scheduler_output):
+        if not r.execute_model(scheduler_output):
             # Nothing ran; finished requests have left the engine's state.
             return EMPTY_MODEL_RUNNER_OUTPUT
         return None
@@ -377,6 +385,7 @@ def _model_runner_output(step: _core_types.StepOutput) -> ModelRunnerOutput:
             req_id: LogprobsTensors(*(torch.from_numpy(a) for a in arrays))
             for req_id, arrays in step.prompt_logprobs.items()
         },
+        pooler_output=[None if v is None else torch.from_numpy(v) for v in step.pooled] or None,
         failed_requests=step.failed,
     )
 

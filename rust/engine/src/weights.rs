@@ -133,6 +133,15 @@ impl Weights {
         Ok(Self { tensors, dtype: opts.dtype, dequantize: opts.dequantize, quantization })
     }
 
+    /// Checkpoints saved from the bare decoder (`Qwen3Model`: embedding models such as
+    /// Qwen3-Embedding) name their tensors without the causal LM's `model.` prefix.
+    pub fn prefix_bare_decoder(&mut self) {
+        if !self.contains("model.embed_tokens.weight") && self.contains("embed_tokens.weight") {
+            let tensors = std::mem::take(&mut self.tensors);
+            self.tensors = tensors.into_iter().map(|(k, v)| (format!("model.{k}"), v)).collect();
+        }
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

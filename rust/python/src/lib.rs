@@ -70,6 +70,12 @@ fn gguf_to_safetensors(py: Python<'_>, model_dir: std::path::PathBuf, out_file: 
     py.detach(|| engine::gguf::export_float32(&model_dir, &out_file)).map_err(engine_err)
 }
 
+/// The config architectures of the decoder families the engine runs.
+#[pyfunction]
+fn decoder_architectures() -> Vec<&'static str> {
+    engine::models::architectures().collect()
+}
+
 /// The config architectures of the encoder families (pooling models) the engine runs.
 #[pyfunction]
 fn encoder_architectures() -> Vec<&'static str> {
@@ -89,6 +95,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(device_total_memory, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_architectures, m)?)?;
     m.add_function(wrap_pyfunction!(encoder_architectures, m)?)?;
+    m.add_function(wrap_pyfunction!(decoder_architectures, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_to_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(testing::process_logits, m)?)?;
     m.add_function(wrap_pyfunction!(testing::filter_logits, m)?)?;

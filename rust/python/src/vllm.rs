@@ -2,7 +2,7 @@
 //! step, into the engine's `SchedulerStep` (or an encoder's requests). Values are brought into
 //! the engine's ranges here, once.
 
-use engine::encoder::pooling::PoolOptions;
+use engine::encoder::pooling::{PoolOptions, PoolingParams};
 use engine::encoder::runner::EncoderRequest;
 use engine::runner::{CachedRequest, NewRequest, SchedulerStep};
 use engine::sampler::SamplingParams;
@@ -161,11 +161,19 @@ fn new_request(r: &Bound<'_, PyAny>, req_id: &str) -> PyResult<NewRequest> {
     if prompt.is_none() {
         return Err(PyValueError::new_err("prompt embeddings are not supported, send token ids"));
     }
+    // A pooling model's requests carry pooling parameters instead of sampling ones.
+    let pooling = r.getattr("pooling_params")?;
+    let (sampling, pooling) = if pooling.is_none() {
+        (sampling_of(&r.getattr("sampling_params")?)?, None)
+    } else {
+        (SamplingParams::default(), Some(pooling_params_of(&pooling)?))
+    };
     Ok(NewRequest {
         prompt_token_ids: token_ids(&prompt, "prompt_token_ids")?,
         block_ids: block_ids_of(&r.getattr("block_ids")?)?,
         num_computed_tokens: r.getattr("num_computed_tokens")?.extract()?,
-        sampling: sampling_of(&r.getattr("sampling_params")?)?,
+        sampling,
+        pooling,
         req_id: req_id.to_string(),
     })
 }
@@ -269,10 +277,7 @@ fn encoder_request(r: &Bound<'_, PyAny>, req_id: &str, scheduled: usize) -> PyRe
     if params.is_none() {
         return Err(PyValueError::new_err("the request has no pooling parameters"));
     }
-    let task: Option<String> = field(&params, "task")?.map(|t| t.extract()).transpose()?;
-    // vLLM's PoolingParams.verify fills these from the pooler config; None means the default.
-    let use_activation: bool = field_or(&params, "use_activation", true)?;
-    let dimensions = int_field(&params, "dimensions", 0, i64::from(i32::MAX))?.map(|d| d as usize);
+    let PoolingParams { task, options } = pooling_params_of(&params)?;
     // Cross-encoder pairs: token type 1 from this index on (vLLM's compressed form).
     let extra = field(&params, "extra_kwargs")?;
     let first_type_one = match &extra {
@@ -288,6 +293,15 @@ fn encoder_request(r: &Bound<'_, PyAny>, req_id: &str, scheduled: usize) -> PyRe
         tokens,
         token_types,
         task,
-        options: PoolOptions { dimensions, use_activation },
+        options,
     })
+}
+
+/// vLLM's PoolingParams: the task, use_activation and dimensions (`verify` filled them from the
+/// pooler config; None means the default).
+fn pooling_params_of(params: &Bound<'_, PyAny>) -> PyResult<PoolingParams> {
+    let task: Option<String> = field(params, "task")?.map(|t| t.extract()).transpose()?;
+    let use_activation: bool = field_or(params, "use_activation", true)?;
+    let dimensions = int_field(params, "dimensions", 0, i64::from(i32::MAX))?.map(|d| d as usize);
+    Ok(PoolingParams { task, options: PoolOptions { dimensions, use_activation } })
 }

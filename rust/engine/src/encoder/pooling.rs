@@ -36,6 +36,14 @@ pub struct PoolOptions {
     pub use_activation: bool,
 }
 
+/// What a pooling request of a decoder model asks (vLLM's PoolingParams, read once).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolingParams {
+    /// vLLM's pooling task ("embed", "classify"); None: the model's.
+    pub task: Option<String>,
+    pub options: PoolOptions,
+}
+
 /// The pooled float32 vector of each request (`spans`: (first flat token, length) in `hidden`).
 pub fn pool(hidden: &Array, spans: &[(usize, usize)], kind: PoolingKind, opts: &[PoolOptions]) -> Result<Vec<Vec<f32>>> {
     if spans.len() != opts.len() {
@@ -76,23 +84,24 @@ pub fn embeddings(rows: &Array, opts: &[PoolOptions]) -> Result<Vec<Vec<f32>>> {
         bail!("{} pooled rows but {} pooling options", rows.shape()[0], opts.len());
     }
     let host = rows.as_slice::<f32>();
-    let mut out = Vec::with_capacity(opts.len());
-    for (r, o) in opts.iter().enumerate() {
-        let full = &host[r * width..(r + 1) * width];
-        let dims = match o.dimensions {
-            None => width,
-            Some(d) if d >= 1 && d <= width => d,
-            Some(d) => bail!("dimensions {d} is outside 1..={width} for this model"),
-        };
-        let mut v = full[..dims].to_vec();
-        if o.use_activation {
-            // As torch's F.normalize: divide by max(norm, 1e-12).
-            let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt().max(1e-12);
-            v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
-        }
-        out.push(v);
+    opts.iter().enumerate().map(|(r, o)| finish_embedding(&host[r * width..(r + 1) * width], o)).collect()
+}
+
+/// One pooled row as the request asks: truncated to its dimensions, then normalised.
+pub fn finish_embedding(full: &[f32], o: &PoolOptions) -> Result<Vec<f32>> {
+    let width = full.len();
+    let dims = match o.dimensions {
+        None => width,
+        Some(d) if d >= 1 && d <= width => d,
+        Some(d) => bail!("dimensions {d} is outside 1..={width} for this model"),
+    };
+    let mut v = full[..dims].to_vec();
+    if o.use_activation {
+        // As torch's F.normalize: divide by max(norm, 1e-12).
+        let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt().max(1e-12);
+        v.iter_mut().for_each(|x| *x = (*x as f64 / norm) as f32);
     }
-    Ok(out)
+    Ok(v)
 }
 
 #[cfg(test)]

@@ -138,6 +138,10 @@ impl CausalLm for Model {
         Ok(h)
     }
 
+    fn final_norm(&self, hidden: &Array) -> Result<Array> {
+        self.norm.forward(hidden)
+    }
+
     fn logits(&self, hidden: &Array) -> Result<Array> {
         let x = self.norm.forward(hidden)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);

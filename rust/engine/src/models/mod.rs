@@ -28,6 +28,8 @@ pub trait CausalLm: Send {
     fn forward(&self, batch: &StepBatch, cache: &mut PagedKvCache) -> Result<Array>;
     /// float32 logits of some rows of `forward`'s output.
     fn logits(&self, hidden: &Array) -> Result<Array>;
+    /// The final norm of some rows of `forward`'s output (the hidden states pooling models use).
+    fn final_norm(&self, hidden: &Array) -> Result<Array>;
     /// Every weight array (materialised at load; their bytes are the weights' memory).
     fn weights(&self) -> Vec<&Array>;
 }

@@ -12,6 +12,7 @@ mod logprobs;
 mod memory;
 mod pipeline;
 mod plan;
+mod pooling;
 mod requests;
 mod sampling;
 mod schedule;
@@ -29,6 +30,7 @@ use mlx_rs::{
 pub use logprobs::Logprobs;
 pub use memory::KvBudgetRequest;
 pub use pipeline::{StepId, StepTiming};
+pub use pooling::{DecoderHead, DecoderPooling};
 pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
 
 use crate::batch::{SeqChunk, StepBatch};
@@ -69,6 +71,8 @@ pub struct StepOutput {
     /// Requests of the step that failed (no token), with the reason; the engine has forgotten
     /// them and serves the others.
     pub failed: Vec<(String, String)>,
+    /// Pooling models: per request of `req_ids`, its vector (or scores) when its prompt ended.
+    pub pooled: Vec<Option<Vec<f32>>>,
 }
 
 /// Where a step can fail: building and submitting the forward, choosing the tokens, or on the
@@ -114,6 +118,8 @@ pub struct ModelRunner {
     timings: VecDeque<StepTiming>,
     /// A failure to raise once at this stage of the next step (tests of fault isolation).
     fault: Option<FaultStage>,
+    /// A pooling model's output (None: generation).
+    pooling: Option<DecoderPooling>,
 }
 
 impl ModelRunner {
@@ -126,6 +132,7 @@ impl ModelRunner {
         let source = WeightSource::locate(model_path)?;
         let dtype = compute_dtype(device, opts.dtype.as_deref(), config.checkpoint_dtype())?;
         let mut weights = Weights::load(&source, &config, WeightOptions { dtype, dequantize: device == DeviceKind::Cpu })?;
+        weights.prefix_bare_decoder();
         let model = models::load(&config, &mut weights)
             .with_context(|| format!("building the model from {}", model_path.display()))?;
         let leftover = weights.leftover();
@@ -164,6 +171,7 @@ impl ModelRunner {
             pipeline: Pipeline::default(),
             timings: VecDeque::new(),
             fault: None,
+            pooling: None,
         })
     }
 
@@ -293,13 +301,16 @@ impl ModelRunner {
         let model = self.model.as_ref();
         let cache = allocated(&mut self.cache)?;
         let hidden = model.forward(&batch, cache)?;
+        let pooled = self.submit_pooled(&plan, &hidden)?;
         let logits = match plan.last_tokens.len() {
+            _ if self.pooling.is_some() => None,
             0 => None,
             n => Some(model.logits(&hidden.take_axis(&Array::from_slice(&plan.last_tokens, &[n as i32]), 0)?)?),
         };
+        let cache = allocated(&mut self.cache)?;
         let prompt_chunks = logprobs::prompt_chunks(model, &hidden, &plan.prompt_rows, &self.table, self.logprobs_mode)?;
         let t1 = Instant::now();
-        async_eval(cache.arrays().chain(logits.iter())).context("submitting the step")?;
+        async_eval(cache.arrays().chain(logits.iter()).chain(pooled.iter())).context("submitting the step")?;
         let timing = StepTiming {
             num_tokens: plan.num_tokens,
             num_seqs: plan.running.len(),
@@ -312,7 +323,7 @@ impl ModelRunner {
             let (id, n) = &plan.scheduled[i];
             self.table.get_mut(id).expect("planned requests are in the table").num_computed += n;
         }
-        Ok(PendingStep { plan, logits, prompt_chunks, timing, failed: Vec::new() })
+        Ok(PendingStep { plan, logits, pooled, prompt_chunks, timing, failed: Vec::new() })
     }
 
     /// The second half of a step, waiting for it: [`Self::sample_submit`] then [`Self::collect`].
