@@ -148,3 +148,21 @@ def test_tiny_classifiers_match_transformers(core, tmp_path, architecture, num_l
         lg = lg.astype(np.float64)
         want = 1 / (1 + np.exp(-lg)) if act == "sigmoid" else np.exp(lg - lg.max()) / np.exp(lg - lg.max()).sum()
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("group_size", "bits"), [(32, 4), (64, 8)])
+def test_mlx_quantized_bert_matches_its_dequantized_weights(core, tmp_path, group_size, bits):
+    """An MLX-quantized encoder (every 2-D table and linear quantized, embeddings included, as
+    MLX's quantizer lays it out) against transformers on the same weights dequantized."""
+    src = R.write_tiny_bert(tmp_path / "bert", seed=9, hidden_size=64, intermediate_size=128)
+    qdir, ddir = R.write_mlx_quantized(src, tmp_path / "q", tmp_path / "dq", group_size=group_size, bits=bits)
+    from safetensors import safe_open
+
+    with safe_open(str(qdir / "model.safetensors"), "np") as f:
+        assert "embeddings.position_embeddings.scales" in f.keys()
+    rng = np.random.default_rng(10)
+    ids = [rng.integers(0, 300, size=n).tolist() for n in (4, 31)]
+    hidden, spans = core.EncoderRunner(str(qdir)).hidden_states(ids)
+    for (start, n), i in zip(spans, ids):
+        err = R.rel_err(hidden[start : start + n], R.hf_encoder_hidden(ddir, i))
+        assert err <= R.LOGITS_REL_TOL, f"q{bits} g{group_size}, length {n}: rel err {err:.3g}"

@@ -69,6 +69,7 @@ def test_decoder_embedder_matches_transformers(embedder_dir):
         enable_chunked_prefill=True,
         enable_prefix_caching=True,
         kv_cache_memory_bytes=32 * 2**20,
+        hf_overrides={"is_matryoshka": True},
         seed=0,
     )
     try:
@@ -82,6 +83,10 @@ def test_decoder_embedder_matches_transformers(embedder_dir):
                 assert err <= R.LOGITS_REL_TOL, f"pass {attempt}, {len(p)} tokens: rel err {err:.3g}"
         raw = llm.embed([TokensPrompt(prompt_token_ids=prompts[1])], pooling_params=PoolingParams(use_activation=False))
         assert R.rel_err(np.asarray(raw[0].outputs.embedding), refs[1]) <= R.LOGITS_REL_TOL
+        # Matryoshka: the first 16 features, normalised after truncation.
+        short = llm.embed([TokensPrompt(prompt_token_ids=prompts[2])], pooling_params=PoolingParams(dimensions=16))
+        want = refs[2][:16] / np.linalg.norm(refs[2][:16])
+        assert R.rel_err(np.asarray(short[0].outputs.embedding), want) <= R.LOGITS_REL_TOL
     finally:
         shutdown_llm(llm)
 

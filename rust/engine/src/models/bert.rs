@@ -87,9 +87,10 @@ struct BertLayer {
 pub struct Bert {
     classifier: Option<Classifier>,
     position_offset: usize,
+    // Embedding tables as linears: MLX-quantized checkpoints quantize all three.
     word_embeddings: Linear,
-    position_embeddings: Array,
-    token_type_embeddings: Array,
+    position_embeddings: Linear,
+    token_type_embeddings: Linear,
     embeddings_norm: LayerNorm,
     layers: Vec<BertLayer>,
     heads: i32,
@@ -142,8 +143,8 @@ impl Bert {
                 config.vocab_size
             );
         }
-        let position_embeddings = w.take(&format!("{e}.position_embeddings.weight"))?;
-        let token_type_embeddings = w.take(&format!("{e}.token_type_embeddings.weight"))?;
+        let position_embeddings = w.linear(&format!("{e}.position_embeddings"), Bias::Absent)?;
+        let token_type_embeddings = w.linear(&format!("{e}.token_type_embeddings"), Bias::Absent)?;
         let embeddings_norm = w.layer_norm(&format!("{e}.LayerNorm"), eps)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -220,8 +221,8 @@ impl Encoder for Bert {
         let mut x = self
             .word_embeddings
             .rows(&batch.token_ids)?
-            .add(self.position_embeddings.take_axis(&self.positions(batch)?, 0)?)?
-            .add(self.token_type_embeddings.take_axis(&batch.token_types, 0)?)?;
+            .add(self.position_embeddings.rows(&self.positions(batch)?)?)?
+            .add(self.token_type_embeddings.rows(&batch.token_types)?)?;
         x = self.embeddings_norm.forward(&x)?;
         for layer in &self.layers {
             x = layer.forward(&x, batch, self.heads, self.scale, self.act)?;
@@ -243,7 +244,8 @@ impl Encoder for Bert {
 
     fn weights(&self) -> Vec<&Array> {
         let mut v = self.word_embeddings.arrays();
-        v.extend([&self.position_embeddings, &self.token_type_embeddings]);
+        v.extend(self.position_embeddings.arrays());
+        v.extend(self.token_type_embeddings.arrays());
         v.extend([&self.embeddings_norm.weight, &self.embeddings_norm.bias]);
         v.extend(self.classifier.iter().flat_map(Classifier::arrays));
         for l in &self.layers {
