@@ -165,9 +165,13 @@ def test_v1_embeddings_with_the_openai_client(embed_server, st_reference):
             got = np.frombuffer(base64.b64decode(got), dtype="<f4")
         np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=1e-5, atol=1e-6)
 
-    # A bad request is refused alone; the server stays up.
+    # Over max_model_len: truncated when asked (vLLM's truncate_prompt_tokens), else refused
+    # alone while the server stays up.
+    long = "word " * 400
+    cut = client.embeddings.create(model="minilm", input=long, extra_body={"truncate_prompt_tokens": 128})
+    assert cut.usage.prompt_tokens == 128 and len(cut.data[0].embedding) == 384
     with pytest.raises(Exception):
-        client.embeddings.create(model="minilm", input="word " * 400)
+        client.embeddings.create(model="minilm", input=long)
     assert http_get(embed_server["base"] + "/health")[0] == 200
     assert embed_server["proc"].poll() is None, tail(embed_server["log"])
     assert len(client.embeddings.create(model="minilm", input="ok").data[0].embedding) == 384
@@ -248,3 +252,9 @@ def test_rerank_endpoint_orders_by_cross_encoder_score(cross_encoder_dir, tmp_pa
         order = [x["index"] for x in results]
         assert order == sorted(range(len(DOCS)), key=lambda i: -want[i])
         np.testing.assert_allclose([x["relevance_score"] for x in results], sorted(want, reverse=True), rtol=1e-4, atol=1e-6)
+
+        body = json.dumps({"model": "ce", "queries": QUERY, "documents": DOCS}).encode()
+        req = urllib.request.Request(srv["base"] + "/score", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            scored = json.loads(r.read())["data"]
+        np.testing.assert_allclose([x["score"] for x in sorted(scored, key=lambda x: x["index"])], want, rtol=1e-4, atol=1e-6)
