@@ -180,6 +180,13 @@ FAMILY_VARIANTS: dict[str, TinySpec] = {
             "mlp_only_layers": [1],
         },
     ),
+    # layer 1 of 3 without positional encoding (NoPE: every 2nd layer), tied embeddings.
+    "smollm3": TinySpec(
+        seed=19,
+        architecture="SmolLM3ForCausalLM",
+        tie_word_embeddings=True,
+        extra_config={"no_rope_layer_interval": 2},
+    ),
 }
 TINY_VARIANTS.update(FAMILY_VARIANTS)
 
@@ -237,6 +244,7 @@ MODEL_TYPES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
     "Phi3ForCausalLM": "phi3",
+    "SmolLM3ForCausalLM": "smollm3",
 }
 
 

@@ -1,5 +1,6 @@
 """Model families beyond Llama against transformers (float32): Qwen2, Qwen3, Mistral with a
-sliding window, Gemma 2 / Gemma 3, Phi-3 with longrope, Mixtral and Qwen3-MoE.
+sliding window, Gemma 2 / Gemma 3, Phi-3 with longrope, Mixtral, Qwen3-MoE and SmolLM3 (NoPE
+layers).
 
 Each family's tiny checkpoint (reference.FAMILY_VARIANTS) exercises what sets it apart. Per family,
 one engine-level test compares logits of full prompts, of a paged run (chunked prefill, decode,
@@ -32,6 +33,7 @@ QUANTIZED = {
     "phi3": (32, 4, {}, False),
     "mixtral": (64, 4, {"block_sparse_moe.gate": 8}, False),
     "qwen3_moe": (32, 4, {"mlp.gate": 8}, True),
+    "smollm3": (32, 4, {"mlp.down_proj": 8}, False),
 }
 #: Families whose vllm.LLM run uses the quantized directory (and transformers the dequantized one).
 VLLM_QUANTIZED = {"mixtral", "qwen3_moe"}
@@ -70,6 +72,7 @@ PECULIARITY_OFF = {
     "phi3": {"original_max_position_embeddings": 4096},
     "mixtral": {"num_experts_per_tok": 1},
     "qwen3_moe": {"num_experts_per_tok": 1},
+    "smollm3": {"no_rope_layers": [1, 1, 1]},
 }
 
 

@@ -65,6 +65,10 @@ pub struct ModelConfig {
     /// Phi-3: context length the short rope factors were trained for.
     pub original_max_position_embeddings: Option<usize>,
     pub partial_rotary_factor: Option<f32>,
+    /// SmolLM3: per layer 1 (RoPE) or 0 (no positional encoding); absent, every
+    /// `no_rope_layer_interval`-th layer has none.
+    pub no_rope_layers: Option<Vec<u8>>,
+    pub no_rope_layer_interval: Option<usize>,
     /// MoE: experts (Mixtral `num_local_experts`, Qwen3-MoE `num_experts`).
     #[serde(alias = "num_local_experts")]
     pub num_experts: Option<usize>,
@@ -286,7 +290,7 @@ mod tests {
         assert!(format!("{err:#}").contains("unsupported model architecture"));
         assert!(format!("{err:#}").ends_with(
             "vllm-metal-rs runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, \
-             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM"
+             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM"
         ));
     }
 

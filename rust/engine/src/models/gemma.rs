@@ -96,7 +96,7 @@ impl Model {
                 self_attn.k_norm = Some(w.rms_norm_plus_one(&format!("{p}.self_attn.k_norm"), eps)?);
             }
             if let (Some(base), Some(_)) = (local_rope, windows[i]) {
-                self_attn.rope = Rope::from_config(config.head_dim(), base, None, None, None)?;
+                self_attn.rope = Some(Rope::from_config(config.head_dim(), base, None, None, None)?);
             }
             self_attn.scale = scale;
             self_attn.softcap = config.attn_logit_softcapping;

@@ -1,5 +1,5 @@
 //! Llama (`LlamaForCausalLM`) and the decoder most families share: pre-norm blocks of attention
-//! (RoPE, no window) and a gated SiLU MLP. Mistral, Qwen2, Qwen3, Phi-3, Mixtral and Qwen3-MoE are
+//! (RoPE, no window) and a gated SiLU MLP. Mistral, Qwen2, Qwen3, Phi-3, Mixtral, Qwen3-MoE and SmolLM3 are
 //! this decoder with other attention or MLP weights; their files build it through
 //! [`Model::load_with`]. Names follow the HF checkpoint.
 
@@ -116,7 +116,7 @@ pub fn attention_from(
         num_kv_heads: config.num_kv_heads() as i32,
         head_dim: head_dim as i32,
         scale: 1.0 / (head_dim as f32).sqrt(),
-        rope: rope(config)?,
+        rope: Some(rope(config)?),
         sliding_window: config.layer_windows()[layer],
         softcap: None,
     })

@@ -9,6 +9,7 @@ pub mod mixtral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
+pub mod smollm3;
 
 use anyhow::{bail, Result};
 use mlx_rs::Array;
@@ -71,6 +72,7 @@ pub static FAMILIES: &[Family] = &[
     phi3::PHI3,
     mixtral::MIXTRAL,
     qwen3::QWEN3_MOE,
+    smollm3::SMOLLM3,
 ];
 
 /// The family of a config architecture.
