@@ -180,6 +180,28 @@ FAMILY_VARIANTS: dict[str, TinySpec] = {
             "mlp_only_layers": [1],
         },
     ),
+    # 8 experts in 4 groups of 2, the best 2 groups kept, 3 experts active, chosen with a routing
+    # bias and weighed by sigmoid score (renormalised, scaled 2.5), a shared expert; layer 0 dense;
+    # RoPE on half of each head (head_dim 24: 12 rotated); q/k norms; q/k/v biases (none on o).
+    "glm4_moe": TinySpec(
+        seed=20,
+        architecture="Glm4MoeForCausalLM",
+        extra_config={
+            "head_dim": 24,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 3,
+            "n_group": 4,
+            "topk_group": 2,
+            "moe_intermediate_size": 32,
+            "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+            "first_k_dense_replace": 1,
+            "use_qk_norm": True,
+            "attention_bias": True,
+            "partial_rotary_factor": 0.5,
+        },
+    ),
     # layer 1 of 3 without positional encoding (NoPE: every 2nd layer), tied embeddings.
     "smollm3": TinySpec(
         seed=19,
@@ -189,6 +211,23 @@ FAMILY_VARIANTS: dict[str, TinySpec] = {
     ),
 }
 TINY_VARIANTS.update(FAMILY_VARIANTS)
+# Phi-3 with partial rotary embeddings (Phi-4-mini's layout): longrope on 12 of 16 features per head.
+TINY_VARIANTS["phi3_partial"] = TinySpec(
+    seed=21,
+    architecture="Phi3ForCausalLM",
+    max_position_embeddings=256,
+    extra_config={
+        "original_max_position_embeddings": 64,
+        "rope_parameters": {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+            "short_factor": [1.0 + 0.1 * i for i in range(6)],
+            "long_factor": [1.0 + 0.9 * i for i in range(6)],
+            "original_max_position_embeddings": 64,
+        },
+    },
+)
 
 
 def chat_template() -> str:
@@ -245,6 +284,7 @@ MODEL_TYPES = {
     "Gemma3ForCausalLM": "gemma3_text",
     "Phi3ForCausalLM": "phi3",
     "SmolLM3ForCausalLM": "smollm3",
+    "Glm4MoeForCausalLM": "glm4_moe",
 }
 
 
@@ -276,7 +316,7 @@ def _hf_config(spec: TinySpec):
 
 
 def randomize_(model, spec: TinySpec) -> None:
-    """Deterministic random weights, including non-trivial RMSNorm gains."""
+    """Deterministic random weights, including non-trivial RMSNorm gains and routing biases."""
     import torch
 
     gen = torch.Generator().manual_seed(spec.seed)
@@ -286,6 +326,10 @@ def randomize_(model, spec: TinySpec) -> None:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(spec.init_std * torch.randn(p.shape, generator=gen))
+        # Saved buffers that steer the model (GLM-4.5's routing bias, zero at init).
+        for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=gen))
 
 
 def make_tiny_model(out_dir: str | os.PathLike, spec: TinySpec) -> Path:

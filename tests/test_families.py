@@ -1,6 +1,6 @@
 """Model families beyond Llama against transformers (float32): Qwen2, Qwen3, Mistral with a
-sliding window, Gemma 2 / Gemma 3, Phi-3 with longrope, Mixtral, Qwen3-MoE and SmolLM3 (NoPE
-layers).
+sliding window, Gemma 2 / Gemma 3, Phi-3 with longrope, Mixtral, Qwen3-MoE, SmolLM3 (NoPE
+layers) and GLM-4.5 (grouped sigmoid routing, shared experts, partial rotary).
 
 Each family's tiny checkpoint (reference.FAMILY_VARIANTS) exercises what sets it apart. Per family,
 one engine-level test compares logits of full prompts, of a paged run (chunked prefill, decode,
@@ -34,9 +34,10 @@ QUANTIZED = {
     "mixtral": (64, 4, {"block_sparse_moe.gate": 8}, False),
     "qwen3_moe": (32, 4, {"mlp.gate": 8}, True),
     "smollm3": (32, 4, {"mlp.down_proj": 8}, False),
+    "glm4_moe": (32, 4, {"mlp.gate": 8, "shared_experts.down_proj": 8}, True),
 }
 #: Families whose vllm.LLM run uses the quantized directory (and transformers the dequantized one).
-VLLM_QUANTIZED = {"mixtral", "qwen3_moe"}
+VLLM_QUANTIZED = {"mixtral", "qwen3_moe", "glm4_moe"}
 
 _quantized_dirs: dict[str, tuple] = {}
 
@@ -62,9 +63,11 @@ def _rand_ids(seed: int, n: int, vocab: int) -> list[int]:
     return np.random.default_rng(seed).integers(R.NUM_SPECIAL, vocab, size=n).tolist()
 
 
-#: Config changes that remove a family's peculiarity. The same weights with the change must give
-#: clearly different transformers logits on the test prompts, or matching them would prove nothing.
+#: Config changes that remove a family's peculiarity (a list: each of several). The same weights
+#: with the change must give clearly different transformers logits on the test prompts, or
+#: matching them would prove nothing. `ZERO` names weights (by suffix) set to zero instead.
 #: (Qwen2's biases and Qwen3's q/k norms are weights: a model without them would not load them.)
+ZERO = "zero_weights"
 PECULIARITY_OFF = {
     "mistral": {"sliding_window": None},
     "gemma2": {"attn_logit_softcapping": None, "final_logit_softcapping": None},
@@ -73,14 +76,32 @@ PECULIARITY_OFF = {
     "mixtral": {"num_experts_per_tok": 1},
     "qwen3_moe": {"num_experts_per_tok": 1},
     "smollm3": {"no_rope_layers": [1, 1, 1]},
+    "glm4_moe": [
+        {"n_group": 1, "topk_group": 1},
+        {ZERO: "e_score_correction_bias"},
+        {"routed_scaling_factor": 1.0},
+        {"norm_topk_prob": False},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": R.TINY_VARIANTS["glm4_moe"].rope_theta,
+                             "partial_rotary_factor": 1.0}},
+    ],
 }
+_OFF_CASES = [
+    (family, off)
+    for family, offs in PECULIARITY_OFF.items()
+    for off in (offs if isinstance(offs, list) else [offs])
+]
 
 
-@pytest.mark.parametrize("family", list(PECULIARITY_OFF))
-def test_family_peculiarity_is_visible(tiny_models, family):
+@pytest.mark.parametrize(
+    "family,off", _OFF_CASES, ids=[f"{f}-{'-'.join(map(str, off))}" for f, off in _OFF_CASES]
+)
+def test_family_peculiarity_is_visible(tiny_models, family, off):
+    import torch
+
     spec = R.TINY_VARIANTS[family]
     path = tiny_models.path(family)
-    off = PECULIARITY_OFF[family]
+    off = dict(off)
+    zero = off.pop(ZERO, None)
     if family == "phi3":
         # Long factors apply beyond the original context: prompts of 100 tokens use them.
         import json
@@ -88,9 +109,15 @@ def test_family_peculiarity_is_visible(tiny_models, family):
         rope = json.loads((path / "config.json").read_text())["rope_parameters"]
         off = {"rope_parameters": dict(rope, original_max_position_embeddings=4096), **off}
     plain = R.load_hf(path, **off)
+    if zero is not None:
+        tensors = [t for n, t in plain.state_dict().items() if n.endswith(zero)]
+        assert tensors, f"{family}: no weights named *{zero}"
+        with torch.no_grad():
+            for t in tensors:
+                t.zero_()
     ids = _rand_ids(7, 100, spec.vocab_size)
     err = R.rowwise_rel_err(R.hf_logits(tiny_models.hf(family), ids), R.hf_logits(plain, ids))
-    assert err.max() > 100 * R.LOGITS_REL_TOL, f"{family}: {off} barely changes logits ({err.max():.3g})"
+    assert err.max() > 100 * R.LOGITS_REL_TOL, f"{family}: {off or zero} barely changes logits ({err.max():.3g})"
 
 
 def _check_rows(ours, ref, what):
@@ -144,6 +171,25 @@ def test_family_matches_transformers(core, tiny_models, family):
         note = R.check_greedy_match(o, ref, ref_logits, what=f"{family} prompt {i}")
         if note:
             print(note)
+
+
+def test_phi3_partial_rotary(core, tiny_models):
+    """Phi-3 rotating 12 of 16 features per head (longrope, prompts on the short and the long
+    factors): full prompts against transformers, which visibly differs with the whole head rotated."""
+    import json
+
+    name = "phi3_partial"
+    spec, path, hf = R.TINY_VARIANTS[name], tiny_models.path(name), tiny_models.hf(name)
+    runner = core.ModelRunner(str(path), block_size=BLOCK_SIZE)
+    runner.allocate_kv_cache(16)
+    for n in (100, 40):
+        ids = _rand_ids(500 + n, n, spec.vocab_size)
+        _check_rows(runner.step_logits([("p", ids, 0, list(range(7)))]), R.hf_logits(hf, ids), f"{name} prompt {n}")
+    rope = json.loads((path / "config.json").read_text())["rope_parameters"]
+    full = dict(rope, partial_rotary_factor=1.0, short_factor=[1.0] * 8, long_factor=[1.0] * 8)
+    ids = _rand_ids(7, 100, spec.vocab_size)
+    err = R.rel_err(R.hf_logits(R.load_hf(path, rope_parameters=full), ids), R.hf_logits(hf, ids))
+    assert err > 100 * R.LOGITS_REL_TOL, f"rotating the whole head barely changes logits ({err:.3g})"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

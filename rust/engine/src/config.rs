@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
-use crate::models::{self, Family};
+use crate::models::{self, Family, PartialRotary};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeScaling {
@@ -69,13 +69,23 @@ pub struct ModelConfig {
     /// `no_rope_layer_interval`-th layer has none.
     pub no_rope_layers: Option<Vec<u8>>,
     pub no_rope_layer_interval: Option<usize>,
-    /// MoE: experts (Mixtral `num_local_experts`, Qwen3-MoE `num_experts`).
-    #[serde(alias = "num_local_experts")]
+    /// MoE: experts (Mixtral `num_local_experts`, Qwen3-MoE `num_experts`, GLM-4.5
+    /// `n_routed_experts`).
+    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
     pub num_experts: Option<usize>,
     pub num_experts_per_tok: Option<usize>,
-    /// Qwen3-MoE: renormalise the top-k routing weights.
+    /// Renormalise the top-k routing weights (absent: the family's default).
+    pub norm_topk_prob: Option<bool>,
+    /// GLM-4.5: sigmoid routing within the `topk_group` best of `n_group` expert groups, weights
+    /// times `routed_scaling_factor`; a dense `shared_experts` MLP of `n_shared_experts` experts'
+    /// width beside them; the first `first_k_dense_replace` layers dense; q/k norms by `use_qk_norm`.
+    pub n_group: Option<usize>,
+    pub topk_group: Option<usize>,
+    pub routed_scaling_factor: Option<f32>,
+    pub n_shared_experts: Option<usize>,
+    pub first_k_dense_replace: Option<usize>,
     #[serde(default)]
-    pub norm_topk_prob: bool,
+    pub use_qk_norm: bool,
     pub decoder_sparse_step: Option<usize>,
     #[serde(default)]
     pub mlp_only_layers: Vec<usize>,
@@ -224,8 +234,19 @@ impl ModelConfig {
                 self.num_kv_heads()
             );
         }
-        if self.partial_rotary_factor.is_some_and(|f| f != 1.0) {
-            bail!("partial rotary embeddings (partial_rotary_factor < 1) are not supported");
+        let factor = self.partial_rotary_factor();
+        match family.partial_rotary {
+            _ if factor == 1.0 => {}
+            PartialRotary::Refused => bail!(
+                "partial rotary embeddings (partial_rotary_factor {factor}) are not supported for {}",
+                self.architecture()?
+            ),
+            PartialRotary::Accepted { .. } => {
+                let dim = self.rotary_dim();
+                if !(factor > 0.0 && factor < 1.0) || dim == 0 || dim % 2 != 0 {
+                    bail!("partial_rotary_factor {factor} of head_dim {} gives no even rotary dimension", self.head_dim());
+                }
+            }
         }
         if let Some(rs) = &self.rope_scaling {
             match rs.rope_type.as_deref() {
@@ -247,6 +268,20 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The fraction of each head RoPE rotates (the config's, else the family's default).
+    pub fn partial_rotary_factor(&self) -> f32 {
+        let default = match self.family().map(|f| f.partial_rotary) {
+            Ok(PartialRotary::Accepted { default }) => default,
+            _ => 1.0,
+        };
+        self.partial_rotary_factor.unwrap_or(default)
+    }
+
+    /// Features RoPE rotates, the first of each head (transformers: `int(head_dim * factor)`).
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim() as f64 * self.partial_rotary_factor() as f64) as usize
     }
 
     /// The checkpoint's declared floating-point dtype (config.json `torch_dtype` / `dtype`).
@@ -290,7 +325,7 @@ mod tests {
         assert!(format!("{err:#}").contains("unsupported model architecture"));
         assert!(format!("{err:#}").ends_with(
             "vllm-metal-rs runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, \
-             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM"
+             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM, Glm4MoeForCausalLM"
         ));
     }
 
@@ -353,6 +388,11 @@ mod tests {
         assert!(err.contains("unsupported rope_scaling type \"longrope\""), "{err}");
         let phi3 = LLAMA.replace("LlamaForCausalLM", "Phi3ForCausalLM").replace("\"vocab_size\"", longrope);
         ModelConfig::from_json(&phi3).unwrap();
+        let partial = LLAMA.replace("\"vocab_size\"", "\"partial_rotary_factor\":0.5,\"vocab_size\"");
+        let err = format!("{:#}", ModelConfig::from_json(&partial).unwrap_err());
+        assert!(err.contains("partial rotary embeddings (partial_rotary_factor 0.5) are not supported for LlamaForCausalLM"), "{err}");
+        let c = ModelConfig::from_json(&partial.replace("LlamaForCausalLM", "Phi3ForCausalLM")).unwrap();
+        assert_eq!((c.head_dim(), c.rotary_dim()), (16, 8));
     }
 
     #[test]

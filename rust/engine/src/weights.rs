@@ -132,6 +132,16 @@ impl Weights {
         Ok(if a.dtype() == self.dtype { a } else { a.as_dtype(self.dtype)? })
     }
 
+    /// A floating-point tensor in float32 whatever the compute dtype (routing biases, which
+    /// transformers keeps in float32).
+    pub fn take_f32(&mut self, name: &str) -> Result<Array> {
+        let a = self.take_raw(name)?;
+        if !a.dtype().is_float() {
+            bail!("tensor {name:?} has dtype {:?}, expected floating point", a.dtype());
+        }
+        Ok(a.as_dtype(Dtype::Float32)?)
+    }
+
     pub fn rms_norm(&mut self, prefix: &str, eps: f32) -> Result<RmsNorm> {
         Ok(RmsNorm { weight: self.take(&format!("{prefix}.weight"))?, eps })
     }

@@ -11,6 +11,7 @@ use crate::layers::scalar;
 /// Rotary position embedding applied at explicit per-token positions (tokens of a flattened batch
 /// belong to different requests, so there is no single offset).
 pub struct Rope {
+    /// Features rotated: the first `dims` of each head.
     pub dims: i32,
     pub base: Option<f32>,
     pub scale: f32,
@@ -18,7 +19,7 @@ pub struct Rope {
     pub freqs: Option<Array>,
     /// Longrope: periods for requests longer than the original context.
     pub long: Option<LongRope>,
-    /// Longrope's attention factor (scales cos and sin, i.e. the rotated vector).
+    /// Longrope's attention factor (scales cos and sin, i.e. the rotated features).
     pub mscale: f32,
 }
 
@@ -30,14 +31,16 @@ pub struct LongRope {
 impl Rope {
     /// `rope_scaling` of a config: none/default, linear, llama3, or longrope (`max_pos` is the
     /// config's max_position_embeddings, longrope's default factor is max_pos / original).
+    /// `rotary_dim`: the features rotated, the first of each head (partial rotary embeddings:
+    /// fewer than head_dim; MLX passes the rest through); frequencies are spread over them.
     pub fn from_config(
-        head_dim: usize,
+        rotary_dim: usize,
         theta: f32,
         scaling: Option<&RopeScaling>,
         max_pos: Option<usize>,
         original_max_pos: Option<usize>,
     ) -> Result<Self> {
-        let dims = head_dim as i32;
+        let dims = rotary_dim as i32;
         let plain = |base: Option<f32>, scale: f32, freqs: Option<Array>| Self {
             dims,
             base,
@@ -140,7 +143,15 @@ impl Rope {
             y = ops::select(&is_long, &rope(Some(&long.freqs))?, &y)?;
         }
         if self.mscale != 1.0 {
-            y = y.multiply(scalar(self.mscale, &y)?)?;
+            // The factor scales cos and sin: the rotated features only, not those passed through.
+            let d = shape[2];
+            let scale = if self.dims == d {
+                scalar(self.mscale, &y)?
+            } else {
+                let per: Vec<f32> = (0..d).map(|i| if i < self.dims { self.mscale } else { 1.0 }).collect();
+                Array::from_slice(&per, &[d]).as_dtype(y.dtype())?
+            };
+            y = y.multiply(scale)?;
         }
         Ok(y.reshape(&shape)?)
     }

@@ -3,6 +3,7 @@
 //! (llama.rs) is the base that most families fill with their own attention or MLP.
 
 pub mod gemma;
+pub mod glm4_moe;
 pub mod llama;
 pub mod mistral;
 pub mod mixtral;
@@ -59,7 +60,19 @@ pub struct Family {
     pub layer_windows: fn(&ModelConfig) -> Vec<Option<usize>>,
     /// longrope `rope_scaling` is accepted (the other scalings every family takes).
     pub longrope: bool,
+    /// Whether `partial_rotary_factor` < 1 runs (transformers honours it for this family).
+    pub partial_rotary: PartialRotary,
     pub load: fn(&ModelConfig, &mut Weights) -> Result<Box<dyn CausalLm>>,
+}
+
+/// Partial rotary embeddings: RoPE on the first `head_dim * partial_rotary_factor` features of
+/// each head, the rest passed through.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PartialRotary {
+    /// transformers rotates the whole head for this family: a factor below 1 is refused.
+    Refused,
+    /// Run as transformers does; `default` is the factor of a config that gives none.
+    Accepted { default: f32 },
 }
 
 /// Every family the engine runs, in the order errors list their architectures.
@@ -73,6 +86,7 @@ pub static FAMILIES: &[Family] = &[
     mixtral::MIXTRAL,
     qwen3::QWEN3_MOE,
     smollm3::SMOLLM3,
+    glm4_moe::GLM4_MOE,
 ];
 
 /// The family of a config architecture.

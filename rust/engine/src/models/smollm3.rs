@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 
 use crate::config::ModelConfig;
 use crate::models::llama::{attention, dense_mlp, AttnOptions, Model};
-use crate::models::{expect_activation, Family};
+use crate::models::{expect_activation, Family, PartialRotary};
 use crate::weights::Weights;
 
 pub const SMOLLM3: Family = Family {
@@ -28,6 +28,7 @@ pub const SMOLLM3: Family = Family {
     },
     layer_windows,
     longrope: false,
+    partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };
 
@@ -53,7 +54,7 @@ fn layer_windows(config: &ModelConfig) -> Vec<Option<usize>> {
 }
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let opts = AttnOptions { qkv_bias: config.attention_bias, qk_norm: false };
+    let opts = AttnOptions { qkv_bias: config.attention_bias, o_bias: config.attention_bias, qk_norm: false };
     Model::load_with(
         config,
         w,
