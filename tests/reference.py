@@ -100,6 +100,13 @@ TINY_VARIANTS: dict[str, TinySpec] = {
     ),
     # Sharded safetensors with model.safetensors.index.json.
     "sharded": TinySpec(seed=6, max_shard_size="100KB"),
+    # YaRN with transformers' defaults (beta_fast 32, beta_slow 1, truncated ramp bounds, attention
+    # factor 0.1 ln(factor) + 1); max_position_embeddings / original = factor, as YaRN expects.
+    "yarn": TinySpec(
+        seed=7,
+        max_position_embeddings=512,
+        rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
+    ),
 }
 
 
@@ -209,6 +216,29 @@ FAMILY_VARIANTS: dict[str, TinySpec] = {
         tie_word_embeddings=True,
         extra_config={"no_rope_layer_interval": 2},
     ),
+    # attention sinks (large enough to bite), sliding / full / sliding layers with a window shorter
+    # than the prompts, YaRN (original context 64, factor 8, untruncated ramp), 4 experts with
+    # biases, 2 active (softmax over the router's top-2 logits), a SwiGLU limit small enough to clamp.
+    "gpt_oss": TinySpec(
+        seed=22,
+        architecture="GptOssForCausalLM",
+        max_position_embeddings=512,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 64,
+        },
+        extra_config={
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": _WINDOW,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "swiglu_limit": 0.5,
+        },
+    ),
 }
 TINY_VARIANTS.update(FAMILY_VARIANTS)
 # Phi-3 with partial rotary embeddings (Phi-4-mini's layout): longrope on 12 of 16 features per head.
@@ -285,6 +315,7 @@ MODEL_TYPES = {
     "Phi3ForCausalLM": "phi3",
     "SmolLM3ForCausalLM": "smollm3",
     "Glm4MoeForCausalLM": "glm4_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 
@@ -316,7 +347,8 @@ def _hf_config(spec: TinySpec):
 
 
 def randomize_(model, spec: TinySpec) -> None:
-    """Deterministic random weights, including non-trivial RMSNorm gains and routing biases."""
+    """Deterministic random weights, including non-trivial RMSNorm gains, routing biases and
+    attention sinks."""
     import torch
 
     gen = torch.Generator().manual_seed(spec.seed)
@@ -324,6 +356,8 @@ def randomize_(model, spec: TinySpec) -> None:
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("self_attn.sinks"):
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(spec.init_std * torch.randn(p.shape, generator=gen))
         # Saved buffers that steer the model (GLM-4.5's routing bias, zero at init).
@@ -690,6 +724,10 @@ def write_mlx_quantized(
     quantized (embedding and LM head included), as mlx-lm does. `layer_bits` maps a suffix of a
     layer path (e.g. "mlp.gate") to its own bit width, recorded as a per-layer entry of config.json's
     `quantization`. `stack_experts` writes MoE experts stacked as mlx-lm's `switch_mlp` tensors.
+    gpt-oss's experts (transformers: `gate_up_proj` `[E, hidden, 2 * inter]`, gate and up columns
+    interleaved, `down_proj` `[E, inter, hidden]`, x times them) are written as mlx-lm lays them
+    out, stacked `experts.{gate,up,down}_proj.{weight,bias}` `[E, out, in]`, and quantized as such;
+    the dequantized copy keeps transformers' layout.
     """
     import re
 
@@ -701,13 +739,21 @@ def write_mlx_quantized(
     _copy_side_files(src, outq)
     _copy_side_files(src, outd)
     tensors = load_file(str(src / "model.safetensors"))
+    fused = sorted(n[: -len(".gate_up_proj")] for n in tensors if n.endswith("mlp.experts.gate_up_proj"))
+    for base in fused:
+        gate_up, bias = tensors.pop(f"{base}.gate_up_proj"), tensors.pop(f"{base}.gate_up_proj_bias")
+        for i, proj in enumerate(["gate_proj", "up_proj"]):
+            tensors[f"{base}.{proj}.weight"] = np.ascontiguousarray(gate_up[:, :, i::2].transpose(0, 2, 1))
+            tensors[f"{base}.{proj}.bias"] = np.ascontiguousarray(bias[:, i::2])
+        tensors[f"{base}.down_proj.weight"] = np.ascontiguousarray(tensors.pop(f"{base}.down_proj").transpose(0, 2, 1))
+        tensors[f"{base}.down_proj.bias"] = tensors.pop(f"{base}.down_proj_bias")
     layer_bits = layer_bits or {}
     quant: dict[str, np.ndarray] = {}
     deq: dict[str, np.ndarray] = {}
     qcfg: dict = {"group_size": group_size, "bits": bits}
     for name, w in sorted(tensors.items()):
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
-        if prefix is None or w.ndim != 2 or "norm" in name or w.shape[-1] % group_size:
+        if prefix is None or w.ndim not in (2, 3) or "norm" in name or w.shape[-1] % group_size:
             quant[name] = deq[name] = w
             continue
         b = next((v for k, v in layer_bits.items() if prefix.endswith(k)), bits)
@@ -726,6 +772,16 @@ def write_mlx_quantized(
             groups.setdefault((base, proj, kind), {})[int(e)] = quant.pop(name)
         for (base, proj, kind), per in groups.items():
             quant[f"{base}.switch_mlp.{proj}.{kind}"] = np.stack([per[e] for e in sorted(per)])
+    for base in fused:
+        gate, up = deq.pop(f"{base}.gate_proj.weight"), deq.pop(f"{base}.up_proj.weight")
+        gate_b, up_b = deq.pop(f"{base}.gate_proj.bias"), deq.pop(f"{base}.up_proj.bias")
+        gate_up = np.empty((gate.shape[0], gate.shape[2], 2 * gate.shape[1]), dtype=gate.dtype)
+        gate_up[:, :, 0::2], gate_up[:, :, 1::2] = gate.transpose(0, 2, 1), up.transpose(0, 2, 1)
+        bias = np.empty((gate_b.shape[0], 2 * gate_b.shape[1]), dtype=gate_b.dtype)
+        bias[:, 0::2], bias[:, 1::2] = gate_b, up_b
+        deq[f"{base}.gate_up_proj"], deq[f"{base}.gate_up_proj_bias"] = gate_up, bias
+        deq[f"{base}.down_proj"] = np.ascontiguousarray(deq.pop(f"{base}.down_proj.weight").transpose(0, 2, 1))
+        deq[f"{base}.down_proj_bias"] = deq.pop(f"{base}.down_proj.bias")
     save_file(quant, str(outq / "model.safetensors"))
     save_file(deq, str(outd / "model.safetensors"))
     cfg = json.loads((outq / "config.json").read_text())

@@ -1,6 +1,7 @@
 """Model families beyond Llama against transformers (float32): Qwen2, Qwen3, Mistral with a
 sliding window, Gemma 2 / Gemma 3, Phi-3 with longrope, Mixtral, Qwen3-MoE, SmolLM3 (NoPE
-layers) and GLM-4.5 (grouped sigmoid routing, shared experts, partial rotary).
+layers), GLM-4.5 (grouped sigmoid routing, shared experts, partial rotary) and gpt-oss (attention
+sinks, windows, YaRN, biased clamped-SwiGLU experts).
 
 Each family's tiny checkpoint (reference.FAMILY_VARIANTS) exercises what sets it apart. Per family,
 one engine-level test compares logits of full prompts, of a paged run (chunked prefill, decode,
@@ -35,6 +36,7 @@ QUANTIZED = {
     "qwen3_moe": (32, 4, {"mlp.gate": 8}, True),
     "smollm3": (32, 4, {"mlp.down_proj": 8}, False),
     "glm4_moe": (32, 4, {"mlp.gate": 8, "shared_experts.down_proj": 8}, True),
+    "gpt_oss": (32, 4, {"mlp.router": 8, "experts.down_proj": 8}, False),
 }
 #: Families whose vllm.LLM run uses the quantized directory (and transformers the dequantized one).
 VLLM_QUANTIZED = {"mixtral", "qwen3_moe", "glm4_moe"}
@@ -65,9 +67,9 @@ def _rand_ids(seed: int, n: int, vocab: int) -> list[int]:
 
 #: Config changes that remove a family's peculiarity (a list: each of several). The same weights
 #: with the change must give clearly different transformers logits on the test prompts, or
-#: matching them would prove nothing. `ZERO` names weights (by suffix) set to zero instead.
+#: matching them would prove nothing. `FILL` sets weights (by name suffix) to a value instead.
 #: (Qwen2's biases and Qwen3's q/k norms are weights: a model without them would not load them.)
-ZERO = "zero_weights"
+FILL = "fill_weights"
 PECULIARITY_OFF = {
     "mistral": {"sliding_window": None},
     "gemma2": {"attn_logit_softcapping": None, "final_logit_softcapping": None},
@@ -78,11 +80,18 @@ PECULIARITY_OFF = {
     "smollm3": {"no_rope_layers": [1, 1, 1]},
     "glm4_moe": [
         {"n_group": 1, "topk_group": 1},
-        {ZERO: "e_score_correction_bias"},
+        {FILL: ("e_score_correction_bias", 0.0)},
         {"routed_scaling_factor": 1.0},
         {"norm_topk_prob": False},
         {"rope_parameters": {"rope_type": "default", "rope_theta": R.TINY_VARIANTS["glm4_moe"].rope_theta,
                              "partial_rotary_factor": 1.0}},
+    ],
+    "gpt_oss": [
+        {FILL: ("self_attn.sinks", float("-inf"))},
+        {"sliding_window": 4096},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": R.TINY_VARIANTS["gpt_oss"].rope_theta}},
+        {"swiglu_limit": 1000.0},
+        {"num_experts_per_tok": 1},
     ],
 }
 _OFF_CASES = [
@@ -101,7 +110,7 @@ def test_family_peculiarity_is_visible(tiny_models, family, off):
     spec = R.TINY_VARIANTS[family]
     path = tiny_models.path(family)
     off = dict(off)
-    zero = off.pop(ZERO, None)
+    fill = off.pop(FILL, None)
     if family == "phi3":
         # Long factors apply beyond the original context: prompts of 100 tokens use them.
         import json
@@ -109,15 +118,16 @@ def test_family_peculiarity_is_visible(tiny_models, family, off):
         rope = json.loads((path / "config.json").read_text())["rope_parameters"]
         off = {"rope_parameters": dict(rope, original_max_position_embeddings=4096), **off}
     plain = R.load_hf(path, **off)
-    if zero is not None:
-        tensors = [t for n, t in plain.state_dict().items() if n.endswith(zero)]
-        assert tensors, f"{family}: no weights named *{zero}"
+    if fill is not None:
+        suffix, value = fill
+        tensors = [t for n, t in plain.state_dict().items() if n.endswith(suffix)]
+        assert tensors, f"{family}: no weights named *{suffix}"
         with torch.no_grad():
             for t in tensors:
-                t.zero_()
+                t.fill_(value)
     ids = _rand_ids(7, 100, spec.vocab_size)
     err = R.rowwise_rel_err(R.hf_logits(tiny_models.hf(family), ids), R.hf_logits(plain, ids))
-    assert err.max() > 100 * R.LOGITS_REL_TOL, f"{family}: {off or zero} barely changes logits ({err.max():.3g})"
+    assert err.max() > 100 * R.LOGITS_REL_TOL, f"{family}: {off or fill} barely changes logits ({err.max():.3g})"
 
 
 def _check_rows(ours, ref, what):
@@ -227,7 +237,7 @@ def test_family_mlx_quantized(core, tiny_models, family):
 #: flight, which 20 blocks no longer hold for a 128-token request.
 VLLM_KV_BLOCKS = 24
 #: Layers per KV-cache group (vLLM's plan for the tiny checkpoints).
-_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1}
+_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1, "gpt_oss": 1}
 
 
 @pytest.mark.vllm

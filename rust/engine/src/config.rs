@@ -19,6 +19,14 @@ pub struct RopeScaling {
     pub short_factor: Option<Vec<f32>>,
     pub long_factor: Option<Vec<f32>>,
     pub attention_factor: Option<f32>,
+    /// YaRN: rotations per wavelength bounding the blend of interpolated and original
+    /// frequencies, whether those bounds are rounded outwards (default true), and the DeepSeek
+    /// form of the attention factor.
+    pub beta_fast: Option<f32>,
+    pub beta_slow: Option<f32>,
+    pub truncate: Option<bool>,
+    pub mscale: Option<f32>,
+    pub mscale_all_dim: Option<f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +97,10 @@ pub struct ModelConfig {
     pub decoder_sparse_step: Option<usize>,
     #[serde(default)]
     pub mlp_only_layers: Vec<usize>,
+    /// gpt-oss: the clamped SwiGLU of its experts, `(up + 1) * gate * sigmoid(alpha * gate)` with
+    /// gate <= limit and |up| <= limit.
+    pub swiglu_alpha: Option<f32>,
+    pub swiglu_limit: Option<f32>,
     pub torch_dtype: Option<String>,
     pub dtype: Option<String>,
     /// mlx-community quantized checkpoints (`{"group_size": 64, "bits": 4}`).
@@ -250,11 +262,11 @@ impl ModelConfig {
         }
         if let Some(rs) = &self.rope_scaling {
             match rs.rope_type.as_deref() {
-                None | Some("default") | Some("linear") | Some("llama3") => {}
+                None | Some("default") | Some("linear") | Some("llama3") | Some("yarn") => {}
                 Some("longrope") | Some("su") if family.longrope => {}
                 Some(other) => bail!(
-                    "unsupported rope_scaling type {other:?}: supported are default, linear, llama3 \
-                     (and longrope for Phi-3)"
+                    "unsupported rope_scaling type {other:?}: supported are default, linear, llama3, \
+                     yarn (and longrope for Phi-3)"
                 ),
             }
         }
@@ -325,7 +337,7 @@ mod tests {
         assert!(format!("{err:#}").contains("unsupported model architecture"));
         assert!(format!("{err:#}").ends_with(
             "vllm-metal-rs runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, \
-             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM, Glm4MoeForCausalLM"
+             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM, Glm4MoeForCausalLM, GptOssForCausalLM"
         ));
     }
 

@@ -9,11 +9,11 @@ use crate::kv_cache::PagedKvCache;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
-use crate::paged_attention::paged_attention;
+use crate::paged_attention::{paged_attention, Scores};
 
 /// Self-attention with the options the families differ in: QKV bias (in the linears), per-head
 /// q/k norms (Qwen3, Gemma 3), a sliding window, score soft-capping (Gemma 2), the scale (Gemma),
-/// no positional encoding at all (SmolLM3's NoPE layers).
+/// no positional encoding at all (SmolLM3's NoPE layers), attention sinks (gpt-oss).
 pub struct Attention {
     pub qkv: Qkv,
     pub o_proj: Linear,
@@ -28,6 +28,9 @@ pub struct Attention {
     /// Keys at positions > query position - window only.
     pub sliding_window: Option<usize>,
     pub softcap: Option<f32>,
+    /// `[heads]`: a learned logit per head that joins each softmax's denominator without a value
+    /// (gpt-oss), letting a query attend to nothing.
+    pub sinks: Option<Array>,
 }
 
 impl Attention {
@@ -50,7 +53,8 @@ impl Attention {
         let g = cache.layer_group[layer];
         let slots = batch.slots.get(g).ok_or_else(|| anyhow::anyhow!("batch has no block tables of KV group {g}"))?;
         cache.write(layer, &k, &v, slots)?;
-        let o = paged_attention(&q, cache, layer, batch, self.scale, self.sliding_window, self.softcap)?;
+        let scores = Scores { scale: self.scale, window: self.sliding_window, softcap: self.softcap, sinks: self.sinks.as_ref() };
+        let o = paged_attention(&q, cache, layer, batch, scores)?;
         self.o_proj.forward(&o)
     }
 

@@ -46,10 +46,11 @@ impl Linear {
         Ok(ops::split_at_indices(&self.forward(x)?, at, -1)?)
     }
 
-    /// Expert linears stacked in one `[experts, out, in]` weight: `x` `[T, 1, 1, in]` times the
-    /// experts `idx` `[T, k]` chose, `[T, k, 1, out]`. One gather_mm / gather_qmm for the whole batch.
+    /// Expert linears stacked in one `[experts, out, in]` weight (biases `[experts, out]`): `x`
+    /// `[T, 1, 1, in]` times the experts `idx` `[T, k]` chose, `[T, k, 1, out]`. One gather_mm /
+    /// gather_qmm for the whole batch.
     pub fn forward_experts(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array> {
-        Ok(match &self.quant {
+        let y = match &self.quant {
             None => ops::gather_mm(x, self.weight.swap_axes(-1, -2)?, None, idx, sorted)?,
             Some(q) => ops::gather_qmm(
                 x,
@@ -63,6 +64,10 @@ impl Linear {
                 q.bits,
                 sorted,
             )?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.add(b.take_axis(idx, 0)?.expand_dims(-2)?)?,
+            None => y,
         })
     }
 

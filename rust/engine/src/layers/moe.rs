@@ -8,9 +8,10 @@ use crate::layers::linear::Linear;
 use crate::layers::mlp::{Activation, Mlp};
 use crate::weights::Weights;
 
-/// Mixture of experts (Mixtral, Qwen3-MoE, GLM-4.5): a router picks `top_k` experts per token,
-/// each a gated MLP; experts are stacked `[experts, out, in]` and run with gathered matmuls, no
-/// loop. GLM-4.5 adds a dense MLP every token runs (`shared_experts`).
+/// Mixture of experts (Mixtral, Qwen3-MoE, GLM-4.5, gpt-oss): a router picks `top_k` experts per
+/// token, each a gated MLP; experts are stacked `[experts, out, in]` and run with gathered matmuls,
+/// no loop. GLM-4.5 adds a dense MLP every token runs (`shared_experts`); gpt-oss's router and
+/// experts have biases and its experts their own activation.
 pub struct SparseMoe {
     pub gate: Linear,
     pub gate_proj: Linear,
@@ -18,6 +19,8 @@ pub struct SparseMoe {
     pub down_proj: Linear,
     pub top_k: i32,
     pub routing: Routing,
+    /// The experts' gated activation.
+    pub act: Activation,
     pub shared_experts: Option<Mlp>,
 }
 
@@ -28,6 +31,8 @@ pub enum Routing {
     Softmax { norm_topk_prob: bool },
     /// Sigmoid scores (GLM-4.5).
     Sigmoid(SigmoidRouting),
+    /// The top k logits, softmax over those alone (gpt-oss).
+    TopKSoftmax,
 }
 
 /// GLM-4.5's routing: experts are chosen by sigmoid score plus `e_score_correction_bias`, among
@@ -96,6 +101,10 @@ impl SparseMoe {
                 Ok((idx, w))
             }
             Routing::Sigmoid(r) => r.route(&logits, k),
+            Routing::TopKSoftmax => {
+                let idx = top_k_indices(&logits, k)?;
+                Ok((idx.clone(), ops::softmax_axis(&logits.take_along_axis(&idx, -1)?, -1, None)?))
+            }
         }
     }
 
@@ -120,7 +129,7 @@ impl SparseMoe {
         };
         let g = self.gate_proj.forward_experts(&xe, &idx_run, sorted)?;
         let u = self.up_proj.forward_experts(&xe, &idx_run, sorted)?;
-        let h = Activation::Silu.gated(&g, &u)?;
+        let h = self.act.gated(&g, &u)?;
         let y = self.down_proj.forward_experts(&h, &idx_run, sorted)?; // [N, kk, 1, hidden]
         let y = match order {
             Some(order) => {
@@ -202,6 +211,7 @@ pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, opts: Moe
         down_proj,
         top_k: config.num_experts_per_tok.context("num_experts_per_tok")? as i32,
         routing: opts.routing,
+        act: Activation::Silu,
         shared_experts,
     })
 }
@@ -284,6 +294,7 @@ mod tests {
                     down_proj: linear(randn(&[e, h, inter], 4, 0.2), quantize),
                     top_k: k,
                     routing: Routing::Softmax { norm_topk_prob: norm },
+                    act: Activation::Silu,
                     shared_experts: None,
                 };
                 let x = randn(&[t, h], 5, 1.0);

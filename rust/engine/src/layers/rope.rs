@@ -1,6 +1,6 @@
 //! Rotary position embedding at per-token positions, with the scalings of HF configs: default,
-//! linear, llama3 (Llama 3.1's smooth stretch of long wavelengths) and longrope (Phi-3's
-//! per-frequency factors, switched by request length).
+//! linear, llama3 (Llama 3.1's smooth stretch of long wavelengths), longrope (Phi-3's
+//! per-frequency factors, switched by request length) and yarn (gpt-oss, Qwen's long contexts).
 
 use anyhow::{Context, Result};
 use mlx_rs::{fast, ops, Array};
@@ -121,6 +121,25 @@ impl Rope {
                     .collect();
                 Ok(plain(None, 1.0, Some(Array::from_slice(&periods, &[dims / 2]))))
             }
+            ("yarn", Some(s)) => {
+                let orig = s
+                    .original_max_position_embeddings
+                    .or(original_max_pos)
+                    .context("yarn rope_scaling needs original_max_position_embeddings")? as f64;
+                let factor = match s.factor {
+                    Some(f) => f as f64,
+                    None => max_pos.context("yarn rope_scaling needs factor or max_position_embeddings")? as f64 / orig,
+                };
+                let periods = yarn_periods(dims, theta as f64, factor, orig, s);
+                // The attention factor scales cos and sin.
+                let m = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+                let mscale = match (s.attention_factor, s.mscale, s.mscale_all_dim) {
+                    (Some(a), _, _) => a as f64,
+                    (None, Some(ms), Some(all)) if ms != 0.0 && all != 0.0 => m(factor, ms as f64) / m(factor, all as f64),
+                    _ => m(factor, 1.0),
+                };
+                Ok(Self { mscale: mscale as f32, ..plain(None, 1.0, Some(Array::from_slice(&periods, &[dims / 2]))) })
+            }
             _ => Ok(plain(Some(theta), 1.0, None)),
         }
     }
@@ -155,4 +174,31 @@ impl Rope {
         }
         Ok(y.reshape(&shape)?)
     }
+}
+
+/// YaRN's periods: each frequency blends the original (extrapolated) one and the one interpolated
+/// by `factor`, by a ramp between the dimensions that turn `beta_fast` and `beta_slow` times
+/// over the original context (bounds rounded outwards unless `truncate` is false).
+fn yarn_periods(dims: i32, theta: f64, factor: f64, orig: f64, s: &RopeScaling) -> Vec<f32> {
+    let d = dims as f64;
+    let beta_fast = s.beta_fast.filter(|&b| b != 0.0).unwrap_or(32.0) as f64;
+    let beta_slow = s.beta_slow.filter(|&b| b != 0.0).unwrap_or(1.0) as f64;
+    let dim_of = |rotations: f64| d * (orig / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let (mut low, mut high) = (dim_of(beta_fast), dim_of(beta_slow));
+    if s.truncate.unwrap_or(true) {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (0..dims / 2)
+        .map(|i| {
+            let pos_freq = (theta as f32).powf((2 * i) as f32 / dims as f32);
+            let (extrapolated, interpolated) = (1.0 / pos_freq, 1.0 / (factor as f32 * pos_freq));
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0) as f32;
+            let keep = 1.0 - ramp;
+            1.0 / (interpolated * (1.0 - keep) + extrapolated * keep)
+        })
+        .collect()
 }

@@ -16,6 +16,7 @@ use crate::layers::moe::SparseMoe;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::models::{decoder_linears, expect_activation, full_attention, CausalLm, Family, PartialRotary};
+use crate::paged_attention::AttentionFeatures;
 use crate::weights::Weights;
 
 pub const LLAMA: Family = Family {
@@ -122,6 +123,7 @@ pub fn attention_from(
         rope: Some(rope(config)?),
         sliding_window: config.layer_windows()[layer],
         softcap: None,
+        sinks: None,
     })
 }
 
@@ -230,5 +232,9 @@ impl CausalLm for Model {
             v.extend(l.self_attn.norms());
         }
         v
+    }
+
+    fn attention_features(&self) -> AttentionFeatures {
+        AttentionFeatures { sinks: self.layers.iter().any(|l| l.self_attn.sinks.is_some()) }
     }
 }

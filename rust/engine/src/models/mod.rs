@@ -4,6 +4,7 @@
 
 pub mod gemma;
 pub mod glm4_moe;
+pub mod gpt_oss;
 pub mod llama;
 pub mod mistral;
 pub mod mixtral;
@@ -21,6 +22,7 @@ use crate::kv_cache::PagedKvCache;
 use crate::layers::attention::Attention;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
+use crate::paged_attention::AttentionFeatures;
 use crate::weights::Weights;
 
 pub trait CausalLm: Send {
@@ -30,6 +32,10 @@ pub trait CausalLm: Send {
     fn logits(&self, hidden: &Array) -> Result<Array>;
     fn parameters(&self) -> Vec<&Linear>;
     fn norms(&self) -> Vec<&RmsNorm>;
+    /// What its attention asks of the attention backend.
+    fn attention_features(&self) -> AttentionFeatures {
+        AttentionFeatures::default()
+    }
 }
 
 /// A decoder's linears: the embedding, the LM head unless tied, then each layer's attention and
@@ -87,6 +93,7 @@ pub static FAMILIES: &[Family] = &[
     qwen3::QWEN3_MOE,
     smollm3::SMOLLM3,
     glm4_moe::GLM4_MOE,
+    gpt_oss::GPT_OSS,
 ];
 
 /// The family of a config architecture.
@@ -121,4 +128,14 @@ pub fn full_attention(config: &ModelConfig) -> Vec<Option<usize>> {
 pub fn window_on_every_layer(config: &ModelConfig) -> Vec<Option<usize>> {
     let max_pos = config.max_position_embeddings.unwrap_or(usize::MAX);
     vec![config.sliding_window.filter(|&w| w < max_pos); config.num_hidden_layers]
+}
+
+/// The config's `sliding_window` on the layers `layer_types` marks "sliding_attention".
+pub fn windows_by_layer_types(config: &ModelConfig) -> Vec<Option<usize>> {
+    (0..config.num_hidden_layers)
+        .map(|i| {
+            let sliding = config.layer_types.as_ref().and_then(|t| t.get(i)).is_some_and(|t| t == "sliding_attention");
+            if sliding { config.sliding_window } else { None }
+        })
+        .collect()
 }

@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 
 use crate::config::ModelConfig;
 use crate::models::llama::{attention, dense_mlp, AttnOptions, Model};
-use crate::models::{expect_activation, Family, PartialRotary};
+use crate::models::{expect_activation, windows_by_layer_types, Family, PartialRotary};
 use crate::weights::Weights;
 
 pub const SMOLLM3: Family = Family {
@@ -26,7 +26,9 @@ pub const SMOLLM3: Family = Family {
         ensure!(config.no_rope_layer_interval != Some(0), "no_rope_layer_interval must be at least 1");
         Ok(())
     },
-    layer_windows,
+    // transformers masks the layers `layer_types` marks sliding with `sliding_window` whatever
+    // `use_sliding_window` says; its config marks them only when that is set, and only NoPE layers.
+    layer_windows: windows_by_layer_types,
     longrope: false,
     partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load(config, w)?)),
@@ -39,18 +41,6 @@ pub fn uses_rope(config: &ModelConfig, layer: usize) -> bool {
         Some(l) => l[layer] == 1,
         None => (layer + 1) % config.no_rope_layer_interval.unwrap_or(4) != 0,
     }
-}
-
-/// The window on the layers `layer_types` marks sliding (transformers masks them with
-/// `sliding_window` whatever `use_sliding_window` says; its config marks them only when that is
-/// set, and only on NoPE layers).
-fn layer_windows(config: &ModelConfig) -> Vec<Option<usize>> {
-    (0..config.num_hidden_layers)
-        .map(|i| {
-            let sliding = config.layer_types.as_ref().and_then(|t| t.get(i)).is_some_and(|t| t == "sliding_attention");
-            if sliding { config.sliding_window } else { None }
-        })
-        .collect()
 }
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
