@@ -713,7 +713,7 @@ def write_mlx_quantized(
     *,
     group_size: int,
     bits: int,
-    layer_bits: dict[str, int] | None = None,
+    layer_bits: dict[str, int | str] | None = None,
     stack_experts: bool = False,
 ) -> tuple[Path, Path]:
     """Quantize the float32 checkpoint in `model_dir` with MLX's own quantizer (mx.quantize, affine)
@@ -723,7 +723,8 @@ def write_mlx_quantized(
     Every 2-D `.weight` but the norms whose input dimension is a multiple of `group_size` is
     quantized (embedding and LM head included), as mlx-lm does. `layer_bits` maps a suffix of a
     layer path (e.g. "mlp.gate") to its own bit width, recorded as a per-layer entry of config.json's
-    `quantization`. `stack_experts` writes MoE experts stacked as mlx-lm's `switch_mlp` tensors.
+    `quantization`, or to "mxfp4" (MLX's MXFP4 mode: groups of 32, 4 bits, uint8 scales, no
+    biases; recorded with its mode). `stack_experts` writes MoE experts stacked as mlx-lm's `switch_mlp` tensors.
     gpt-oss's experts (transformers: `gate_up_proj` `[E, hidden, 2 * inter]`, gate and up columns
     interleaved, `down_proj` `[E, inter, hidden]`, x times them) are written as mlx-lm lays them
     out, stacked `experts.{gate,up,down}_proj.{weight,bias}` `[E, out, in]`, and quantized as such;
@@ -757,6 +758,12 @@ def write_mlx_quantized(
             quant[name] = deq[name] = w
             continue
         b = next((v for k, v in layer_bits.items() if prefix.endswith(k)), bits)
+        if b == "mxfp4":
+            qcfg[prefix] = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+            wq, scales = mx.quantize(mx.array(w), group_size=32, bits=4, mode="mxfp4")
+            deq[name] = np.array(mx.dequantize(wq, scales, None, group_size=32, bits=4, mode="mxfp4", dtype=mx.float32))
+            quant[name], quant[f"{prefix}.scales"] = np.array(wq), np.array(scales)
+            continue
         if b != bits:
             qcfg[prefix] = {"group_size": group_size, "bits": b}
         wq, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=b)

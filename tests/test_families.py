@@ -24,7 +24,8 @@ GEN_TOKENS = 12
 
 #: MLX quantization of each family's checkpoint: (group_size, bits, per-layer bits, experts stacked
 #: as mlx-lm's switch_mlp). Both group sizes and bit widths occur; the MoE routers get 8 bits as a
-#: per-layer override, as mlx-lm's converter gives them.
+#: per-layer override, as mlx-lm's converter gives them. gpt-oss's gate and up experts are MXFP4
+#: (MLX's `mxfp4` mode: uint8 power-of-two scales, no biases), the rest affine: both in one directory.
 QUANTIZED = {
     "qwen2": (64, 4, {}, False),
     "qwen3": (32, 8, {}, False),
@@ -36,10 +37,15 @@ QUANTIZED = {
     "qwen3_moe": (32, 4, {"mlp.gate": 8}, True),
     "smollm3": (32, 4, {"mlp.down_proj": 8}, False),
     "glm4_moe": (32, 4, {"mlp.gate": 8, "shared_experts.down_proj": 8}, True),
-    "gpt_oss": (32, 4, {"mlp.router": 8, "experts.down_proj": 8}, False),
+    "gpt_oss": (
+        32,
+        4,
+        {"mlp.router": 8, "experts.down_proj": 8, "experts.gate_proj": "mxfp4", "experts.up_proj": "mxfp4"},
+        False,
+    ),
 }
 #: Families whose vllm.LLM run uses the quantized directory (and transformers the dequantized one).
-VLLM_QUANTIZED = {"mixtral", "qwen3_moe", "glm4_moe"}
+VLLM_QUANTIZED = {"mixtral", "qwen3_moe", "glm4_moe", "gpt_oss"}
 
 _quantized_dirs: dict[str, tuple] = {}
 

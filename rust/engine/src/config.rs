@@ -232,9 +232,11 @@ impl ModelConfig {
                     "unsupported MLX quantization {q}: supported are bits 2-6 or 8 with group_size 32, 64 or 128"
                 );
             }
-            if let Some(mode) = q.get("mode").and_then(|m| m.as_str()) {
-                if mode != "affine" {
-                    bail!("unsupported MLX quantization mode {mode:?}: supported is affine");
+            // Per-layer entries may name their own mode (mlx-lm: MXFP4 experts, affine others).
+            let layers = q.as_object().into_iter().flat_map(|o| o.values()).filter(|v| v.is_object());
+            for mode in std::iter::once(q).chain(layers).filter_map(|v| v.get("mode").and_then(|m| m.as_str())) {
+                if mode != "affine" && mode != "mxfp4" {
+                    bail!("unsupported MLX quantization mode {mode:?}: supported are affine and mxfp4");
                 }
             }
         }
@@ -414,6 +416,11 @@ mod tests {
         ModelConfig::from_json(&both).unwrap();
         let bad = LLAMA.replace("\"vocab_size\"", "\"quantization\":{\"group_size\":64,\"bits\":7},\"vocab_size\"");
         assert!(format!("{:#}", ModelConfig::from_json(&bad).unwrap_err()).contains("bits"));
+        let mxfp4 = r#"{"group_size":64,"bits":8,"model.layers.0.mlp.up_proj":{"group_size":32,"bits":4,"mode":"mxfp4"}}"#;
+        ModelConfig::from_json(&LLAMA.replace("\"vocab_size\"", &format!("\"quantization\":{mxfp4},\"vocab_size\""))).unwrap();
+        let nvfp4 = mxfp4.replace("mxfp4", "nvfp4");
+        let err = format!("{:#}", ModelConfig::from_json(&LLAMA.replace("\"vocab_size\"", &format!("\"quantization\":{nvfp4},\"vocab_size\""))).unwrap_err());
+        assert!(err.contains("unsupported MLX quantization mode \"nvfp4\": supported are affine and mxfp4"), "{err}");
         let fp8 = LLAMA.replace("\"vocab_size\"", "\"quantization_config\":{\"quant_method\":\"fp8\"},\"vocab_size\"");
         assert!(format!("{:#}", ModelConfig::from_json(&fp8).unwrap_err()).contains("\"fp8\""));
     }

@@ -7,6 +7,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use mlx_rs::{ops, Array, Dtype};
 
 use crate::layers::linear::{Linear, Quantization};
+use crate::mlx_ext::quant::QuantMode;
 use crate::layers::norm::RmsNorm;
 
 /// GGUF tensor types MLX's loader turns into arrays we run.
@@ -180,6 +181,8 @@ impl Weights {
                 biases: stack(&|p| p.quant.as_ref().and_then(|q| q.biases.as_ref()))?,
                 group_size: q.group_size,
                 bits: q.bits,
+                mode: q.mode,
+                dtype: q.dtype,
             }),
         };
         Ok(Linear { weight, bias: None, quant })
@@ -203,7 +206,11 @@ impl Weights {
         let weight = self.take_raw(&format!("{prefix}.weight"))?;
         let scales = self.take_raw(&scales_name)?;
         let biases = self.tensors.remove(&format!("{prefix}.biases"));
-        let (group_size, declared_bits) = self.quant_params(prefix);
+        let (declared_group_size, declared_bits) = self.quant_params(prefix);
+        // MXFP4 (mlx-lm's `mxfp4` mode) has uint8 scales (powers of two), no biases and groups of
+        // 32; affine has float scales and the config's group size.
+        let mode = if scales.dtype() == Dtype::Uint8 { QuantMode::Mxfp4 } else { QuantMode::Affine };
+        let group_size = if mode == QuantMode::Mxfp4 { 32 } else { declared_group_size };
         // Packed uint32 columns * 32 bits = input features = scale columns * group size.
         let packed = weight.shape()[weight.ndim() - 1];
         let groups = scales.shape()[scales.ndim() - 1];
@@ -214,15 +221,19 @@ impl Weights {
         if declared_bits.is_some_and(|b| b != bits) {
             bail!("tensor {prefix:?}: config.json says {} bits, the tensor shapes say {bits}", declared_bits.unwrap());
         }
-        // Scales and biases in the compute dtype first: dequantizing in the checkpoint's float16
-        // would round every weight to float16.
-        let scales = scales.as_dtype(self.dtype)?;
+        if mode == QuantMode::Mxfp4 && (bits != 4 || biases.is_some()) {
+            bail!("tensor {prefix:?}: uint8 scales (MXFP4) need 4 bits and no biases, got {bits} bits");
+        }
+        // Affine scales and biases in the compute dtype first: dequantizing in the checkpoint's
+        // float16 would round every weight to float16.
+        let scales = if mode == QuantMode::Affine { scales.as_dtype(self.dtype)? } else { scales };
         let biases = biases.map(|b| b.as_dtype(self.dtype)).transpose()?;
+        let quant = Quantization { scales, biases, group_size, bits, mode, dtype: self.dtype };
         if self.dequantize {
-            let w = ops::dequantize(&weight, &scales, biases.as_ref(), group_size, bits)?;
+            let w = quant.dequantize(&weight, &quant.scales, quant.biases.as_ref())?;
             return Ok(Linear { weight: w, bias, quant: None });
         }
-        Ok(Linear { weight, bias, quant: Some(Quantization { scales, biases, group_size, bits }) })
+        Ok(Linear { weight, bias, quant: Some(quant) })
     }
 
     /// Names not used by the model (reported, not fatal: e.g. rotary caches in old checkpoints).

@@ -220,6 +220,7 @@ pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, opts: Moe
 mod tests {
     use super::*;
     use crate::layers::linear::Quantization;
+    use crate::mlx_ext::quant::QuantMode;
     use mlx_rs::random;
 
     fn randn(shape: &[i32], seed: u64, scale: f32) -> Array {
@@ -278,7 +279,7 @@ mod tests {
             return Linear { weight, bias: None, quant: None };
         }
         let (w, scales, biases) = ops::quantize(&weight, 32, 4).unwrap();
-        Linear { weight: w, bias: None, quant: Some(Quantization { scales, biases: Some(biases), group_size: 32, bits: 4 }) }
+        Linear { weight: w, bias: None, quant: Some(Quantization { scales, biases: Some(biases), group_size: 32, bits: 4, mode: QuantMode::Affine, dtype: Dtype::Float32 }) }
     }
 
     #[test]
