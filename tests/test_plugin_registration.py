@@ -316,6 +316,7 @@ def _fake_config(**changes) -> SimpleNamespace:
     )
     model = SimpleNamespace(
         runner_type="generate",
+        hf_config=SimpleNamespace(architectures=["LlamaForCausalLM"]),
         multimodal_config=None,
         quantization=None,
         enable_prompt_embeds=False,
@@ -347,7 +348,10 @@ def _fake_config(**changes) -> SimpleNamespace:
         ({"parallel_config__data_parallel_size": 2}, "data_parallel_size=2"),
         ({"lora_config": object()}, "LoRA"),
         ({"speculative_config": object()}, "speculative decoding"),
-        ({"model_config__runner_type": "pooling"}, "pooling"),
+        (
+            {"model_config__runner_type": "pooling", "model_config__hf_config": SimpleNamespace(architectures=["GPT2LMHeadModel"])},
+            "pooling is not supported for GPT2LMHeadModel",
+        ),
         ({"model_config__multimodal_config": SimpleNamespace()}, "multimodal"),
         ({"model_config__quantization": "awq"}, "quantization='awq'"),
         ({"cache_config__cache_dtype": "fp8"}, "kv_cache_dtype='fp8'"),

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import http_get, tail, vllm_server
 
 pytestmark = pytest.mark.vllm
 
@@ -23,72 +18,18 @@ STARTUP_TIMEOUT_S = float(os.environ.get("VMR_SERVE_STARTUP_TIMEOUT", "300"))
 KV_CACHE_BYTES = 256 * 1024 * 1024
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _vllm_cmd() -> list[str]:
-    script = Path(sys.executable).parent / "vllm"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-
-
-def _tail(path: Path, n: int = 8000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError as e:
-        return f"<no log: {e}>"
-
-
-def _get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read().decode("utf-8", errors="replace")
-
-
 @pytest.fixture(scope="module")
 def server(default_model_dir, tmp_path_factory):
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
-    cmd = _vllm_cmd() + [
-        "serve", str(default_model_dir),
-        "--host", "127.0.0.1",
-        "--port", str(port),
+    args = [
+        str(default_model_dir),
         "--served-model-name", MODEL_NAME,
         "--max-model-len", "2048",
         "--kv-cache-memory-bytes", str(KV_CACHE_BYTES),
         "--seed", "0",
     ]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    t0 = time.monotonic()
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vllm serve exited with {proc.returncode} during start-up:\n{_tail(log_path)}")
-            if time.monotonic() - t0 > STARTUP_TIMEOUT_S:
-                pytest.fail(f"vllm serve not healthy after {STARTUP_TIMEOUT_S:.0f}s:\n{_tail(log_path)}")
-            try:
-                status, _ = _get(base + "/health", timeout=2)
-                if status == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                pass
-            time.sleep(1.0)
-        print(f"vllm serve healthy after {time.monotonic() - t0:.1f}s")
-        yield {"base": base, "proc": proc, "log": log_path}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        log.close()
+    log_path = tmp_path_factory.mktemp("serve") / "vllm-serve.log"
+    with vllm_server(args, log_path, STARTUP_TIMEOUT_S) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +42,7 @@ def client(server):
 @pytest.fixture
 def check_alive(server):
     yield
-    assert server["proc"].poll() is None, f"vllm serve died:\n{_tail(server['log'])}"
+    assert server["proc"].poll() is None, f"vllm serve died:\n{tail(server['log'])}"
 
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
@@ -307,7 +248,7 @@ def test_structured_regex_and_choice(client, check_alive):
 def test_metrics_endpoint(server, client, check_alive):
     # make sure at least one request has been served before reading the counters
     client.completions.create(model=MODEL_NAME, prompt="Hello", temperature=0.0, max_tokens=4)
-    status, body = _get(server["base"] + "/metrics")
+    status, body = http_get(server["base"] + "/metrics")
     assert status == 200
     lines = [line for line in body.splitlines() if line.startswith("vllm:")]
     assert lines, f"/metrics has no vllm: metrics:\n{body[:2000]}"
@@ -408,7 +349,7 @@ def test_extreme_values_never_take_the_server_down(server, check_alive):
             if status == 400:
                 message = reply.get("error", {}).get("message", "")
                 assert message.strip(), f"{what}: 400 without a reason: {reply}"
-            assert server["proc"].poll() is None, f"{what} took the server down:\n{_tail(server['log'])}"
-            assert _get(base + "/health")[0] == 200, f"{what}: unhealthy afterwards"
+            assert server["proc"].poll() is None, f"{what} took the server down:\n{tail(server['log'])}"
+            assert http_get(base + "/health")[0] == 200, f"{what}: unhealthy afterwards"
             assert _reference_text(base) == reference, f"{what}: the reference answer changed"
     print(f"{sum(s == 200 for s in answers.values())} served, {sum(s == 400 for s in answers.values())} refused")

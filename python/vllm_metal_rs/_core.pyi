@@ -1,5 +1,6 @@
 """Types of `vllm_metal_rs._core`, the engine's PyO3 module (rust/python/src)."""
 
+import os
 from collections.abc import Sequence
 from typing import Any, Literal, TypedDict
 
@@ -48,6 +49,9 @@ class StepOutput:
     @property
     def failed(self) -> dict[str, str]:
         """Requests the step could not serve, with the reason (the engine has forgotten them)."""
+    @property
+    def pooled(self) -> list[npt.NDArray[np.float32] | None]:
+        """Pooling models: per request, its vector (or scores) when its prompt ended."""
 
 class ModelRunner:
     """Weights, the paged KV cache, the request table and the step."""
@@ -87,6 +91,14 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int: ...
     def set_seed(self, seed: int) -> None: ...
     def profile_peak_memory(self, num_tokens: int) -> int: ...
+    def kv_cache_budget(
+        self,
+        memory_fraction: float,
+        max_num_batched_tokens: int,
+        max_model_len: int | None = None,
+    ) -> int:
+        """Bytes vLLM may give to the KV cache; EngineError when one max_model_len sequence
+        would not fit (max_model_len None: vLLM fits the length to the cache)."""
     def allocate_kv_cache(
         self,
         num_blocks: int,
@@ -101,6 +113,23 @@ class ModelRunner:
     def sample_tokens(
         self, grammar: tuple[list[str], npt.NDArray[np.int32]] | None = None
     ) -> StepOutput: ...
+    def set_pooling(
+        self,
+        pooling: Literal["MEAN", "CLS", "LAST"],
+        *,
+        classifier_tokens: Sequence[int] | None = None,
+        two_way: bool = False,
+        activation: Literal["identity", "sigmoid", "softmax"] = "identity",
+        logit_mean: float = 0.0,
+        logit_sigma: float = 1.0,
+    ) -> None:
+        """Make this runner a pooling model's: embeddings, or scores from the logits of
+        classifier_tokens (two_way: [negative, positive], one label)."""
+    @property
+    def pooling_task(self) -> Literal["embed", "classify"] | None:
+        """The pooling task this runner serves; None for generation."""
+    def pool_model(self, scheduler_output: Any) -> StepOutput:
+        """A pooling model's whole step: vectors of the requests whose prompt ends in it."""
     def submit_tokens(
         self, grammar: tuple[list[str], npt.NDArray[np.int32]] | None = None
     ) -> int:
@@ -126,8 +155,83 @@ class ModelRunner:
         pipeline: bool = True,
     ) -> list[list[int]]: ...
 
+class PoolingOutput:
+    """One encoder step: the served requests in step order with their vectors, and the requests
+    that failed with the reason."""
+
+    @property
+    def req_ids(self) -> list[str]: ...
+    @property
+    def vectors(self) -> list[npt.NDArray[np.float32]]: ...
+    @property
+    def failed(self) -> dict[str, str]: ...
+
+class EncoderRunner:
+    """An encoder model (BertModel, ...) and the pooling of its hidden states."""
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        device: Literal["cpu", "gpu"] | None = None,
+        dtype: str | None = None,
+    ) -> None: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def max_positions(self) -> int: ...
+    @property
+    def weights_nbytes(self) -> int: ...
+    @property
+    def device(self) -> Literal["cpu", "gpu"]: ...
+    @property
+    def task(self) -> Literal["embed", "classify"]:
+        """"classify" for a model with a classifier head (cross-encoders), else "embed"."""
+    @property
+    def num_labels(self) -> int | None: ...
+    def configure(
+        self,
+        pooling: Literal["MEAN", "CLS", "LAST"],
+        *,
+        activation: Literal["identity", "sigmoid", "softmax"] = "identity",
+        logit_mean: float = 0.0,
+        logit_sigma: float = 1.0,
+    ) -> None:
+        """vLLM's pooler config: pooling, the classifier's activation and logit affine."""
+    def execute_model(self, scheduler_output: Any) -> PoolingOutput:
+        """vLLM's SchedulerOutput in: every scheduled request embedded whole."""
+    def embed(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        *,
+        pooling: Literal["MEAN", "CLS", "LAST"],
+        normalize: bool,
+        dimensions: Sequence[int | None] | None = None,
+        token_type_ids: Sequence[Sequence[int] | None] | None = None,
+    ) -> list[npt.NDArray[np.float32]]:
+        """One float32 vector per input, in input order: embeddings, or a classifier's scores
+        (normalize: vLLM's use_activation)."""
+    def hidden_states(
+        self,
+        token_ids: Sequence[Sequence[int]],
+        *,
+        token_type_ids: Sequence[Sequence[int] | None] | None = None,
+    ) -> tuple[npt.NDArray[np.float32], list[tuple[int, int]]]:
+        """Last hidden states [T, hidden] of the flattened inputs and each input's (row, length)."""
+
 def init_logging(debug: bool = False) -> None: ...
 def backend_info() -> BackendInfo: ...
+def resolve_device(device: Literal["cpu", "gpu"] | None = None) -> Literal["cpu", "gpu"]:
+    """The device the engine runs on when `device` (or nothing) is asked for."""
+def device_total_memory(device: Literal["cpu", "gpu"] | None = None) -> int: ...
+def decoder_architectures() -> list[str]:
+    """The config architectures of the decoder families the engine runs."""
+def encoder_architectures() -> list[str]:
+    """The config architectures of the encoder families (pooling models) the engine runs."""
+def gguf_architectures() -> list[tuple[str, list[str]]]:
+    """GGUF architecture -> the config architectures of the families that load it."""
+def gguf_to_safetensors(model_dir: str | os.PathLike[str], out_file: str | os.PathLike[str]) -> int:
+    """The GGUF checkpoint of model_dir as float32 safetensors under HF names; tensor count."""
 
 # The sampler alone, for tests against vLLM's sampling code. Rows are dicts of SamplingParams
 # fields plus "prompt", "output" (token lists) and "key" (the draw's PRNG key).

@@ -64,22 +64,18 @@ def block_size() -> int:
 
 
 def mlx_device() -> str:
-    """"gpu" or "cpu": the MLX device the engine runs on."""
-    import mlx.core as mx
-
-    has_gpu = bool(mx.is_available(mx.gpu))
+    """"gpu" or "cpu": the MLX device the engine runs on. The engine decides; this passes it the
+    variable's ask (none: the GPU whenever MLX has one)."""
     raw = _raw(VLLM_MLX_DEVICE)
-    if raw is None:
-        return "gpu" if has_gpu else "cpu"
-    value = raw.lower()
-    if value not in ("gpu", "cpu"):
+    value = None if raw is None else raw.lower()
+    if value not in (None, "gpu", "cpu"):
         raise ValueError(f"{VLLM_MLX_DEVICE} must be 'gpu' or 'cpu', got {raw!r}")
-    if value == "gpu" and not has_gpu:
-        raise ValueError(
-            f"{VLLM_MLX_DEVICE}=gpu but the installed MLX has no GPU backend; "
-            "use cpu or install an MLX build with Metal or CUDA"
-        )
-    return value
+    from vllm_metal_rs import _core
+
+    try:
+        return _core.resolve_device(value)
+    except _core.EngineError as e:
+        raise ValueError(f"{VLLM_MLX_DEVICE}={raw}: {e}") from None
 
 
 def debug() -> bool:

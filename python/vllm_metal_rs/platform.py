@@ -30,24 +30,6 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 envs.register_with_vllm()
 
 
-def device_total_memory(device: str) -> int:
-    """Bytes of memory behind the MLX device: physical RAM for "cpu", the GPU's for "gpu".
-
-    Metal GPUs share RAM with the CPU, so RAM is also the fallback when MLX reports no size.
-    """
-    if device == "gpu":
-        import mlx.core as mx
-
-        info = mx.device_info(mx.gpu)
-        for key in ("memory_size", "total_memory"):
-            value = info.get(key)
-            if isinstance(value, int) and value > 0:
-                return value
-    import psutil
-
-    return int(psutil.virtual_memory().total)
-
-
 def _v2_runner_requested() -> bool:
     raw = os.environ.get(_V2_RUNNER_VAR)
     try:
@@ -149,7 +131,9 @@ class MetalPlatform(Platform):
 
     @classmethod
     def get_device_total_memory(cls, device_id: int = 0) -> int:
-        return device_total_memory(envs.mlx_device())
+        from vllm_metal_rs import _core
+
+        return _core.device_total_memory(envs.mlx_device())
 
     @classmethod
     def get_current_memory_usage(cls, device: Any = None) -> float:
@@ -196,6 +180,11 @@ class MetalPlatform(Platform):
         parallel_config = vllm_config.parallel_config
         if parallel_config.worker_cls == "auto":
             parallel_config.worker_cls = WORKER_CLS
+            mc = vllm_config.model_config
+            if mc is not None and mc.runner_type == "pooling" and _architecture(mc) in _encoders():
+                from vllm_metal_rs.pooling import ENCODER_WORKER_CLS
+
+                parallel_config.worker_cls = ENCODER_WORKER_CLS
 
         # vLLM's scheduler, taught to finish the requests a step could not serve (the engine
         # forgets them and goes on; see scheduler.py).
@@ -291,10 +280,8 @@ class MetalPlatform(Platform):
         mc = vllm_config.model_config
         if mc is None:
             return
-        _reject(
-            mc.runner_type == "pooling",
-            "pooling/embedding models are not supported; only text generation runs here",
-        )
+        if mc.runner_type == "pooling":
+            _check_pooling(vllm_config)
         mm = mc.multimodal_config
         _reject(
             mm is not None and not getattr(mm, "language_model_only", False),
@@ -351,6 +338,60 @@ class MetalPlatform(Platform):
             raise _UnsupportedRequest(
                 "vllm-metal-rs: logit_bias values must be finite numbers", parameter="logit_bias"
             )
+
+
+def _architecture(mc: Any) -> str:
+    archs = list(getattr(getattr(mc, "hf_config", None), "architectures", None) or [])
+    return archs[0] if archs else "?"
+
+
+def _encoders() -> list[str]:
+    from vllm_metal_rs import _core
+
+    return _core.encoder_architectures()
+
+
+def _check_pooling(vllm_config: VllmConfig) -> None:
+    """Pooling runs the engine's encoder families, and its decoder families as embedders (and
+    as rerankers vLLM converts with from_2_way_softmax)."""
+    from vllm_metal_rs import _core
+
+    mc = vllm_config.model_config
+    arch = _architecture(mc)
+    encoders = _encoders()
+    decoders = _core.decoder_architectures()
+    is_encoder = arch in encoders
+    base = arch.replace("ForSequenceClassification", "ForCausalLM")
+    _reject(
+        not is_encoder and arch not in decoders and base not in decoders,
+        f"pooling is not supported for {arch}; the engine pools encoder models"
+        f" ({', '.join(encoders)}) and its decoder families",
+    )
+    pooler = mc.pooler_config
+    task = getattr(pooler, "task", None)
+    _reject(
+        task not in (None, "embed", "classify"),
+        f"pooling task {task!r} is not supported; the engine serves 'embed' (embedding models)"
+        " and 'classify' (classifiers, cross-encoders, rerankers)",
+    )
+    kind = getattr(pooler, "seq_pooling_type", None)
+    _reject(
+        kind not in ("MEAN", "CLS", "LAST"),
+        f"pooling type {kind!r} is not supported; supported are MEAN, CLS, LAST",
+    )
+    sched = vllm_config.scheduler_config
+    cache = vllm_config.cache_config
+    prefix_caching = cache is not None and bool(cache.enable_prefix_caching)
+    # Encoders keep no KV cache and run prompts whole; a decoder pooling the mean or the first
+    # token needs the whole prompt in one step too. vLLM turns these off unless forced on.
+    whole = "encoder models" if is_encoder else f"{kind} pooling"
+    if is_encoder or kind != "LAST":
+        _reject(
+            bool(sched.enable_chunked_prefill),
+            f"chunked prefill is not supported for {whole}: their prompts run whole",
+        )
+        _reject(prefix_caching, f"prefix caching is not supported for {whole}")
+    _reject(bool(sched.async_scheduling), "async scheduling is not supported for pooling models")
 
 
 # SamplingParams' integer fields, as the engine-core request carries them.

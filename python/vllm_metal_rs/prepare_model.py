@@ -1,4 +1,5 @@
-"""Turn a Llama-architecture GGUF file into a model directory that vLLM's front end accepts.
+"""Turn a GGUF file of an architecture the engine loads (llama, qwen2) into a model directory that
+vLLM's front end accepts.
 
     python -m vllm_metal_rs.prepare_model [--gguf PATH] [--out DIR] [--force] [--verify]
 
@@ -146,11 +147,20 @@ def _float32_repr(x: float) -> float:
     return x
 
 
+def engine_gguf_architectures() -> dict[str, list[str]]:
+    """GGUF architecture -> config architectures, as the engine loads them."""
+    from vllm_metal_rs import _core
+
+    return dict(_core.gguf_architectures())
+
+
 def build_config(meta: dict[str, Any], tensors: set[str]) -> dict[str, Any]:
     arch = meta.get("general.architecture")
-    if arch != "llama":
+    families = engine_gguf_architectures()
+    if arch not in families:
         raise PrepareError(
-            f"GGUF architecture {arch!r} is not supported: this tool converts Llama-family GGUFs"
+            f"GGUF architecture {arch!r} is not supported: the engine loads"
+            f" {', '.join(sorted(families))} GGUFs"
         )
 
     def get(key: str, default: Any = None) -> Any:
@@ -200,8 +210,9 @@ def build_config(meta: dict[str, Any], tensors: set[str]) -> dict[str, Any]:
         rope_parameters.update(rope_scaling)
 
     config: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": families[arch][:1],
+        # llama.cpp names these architectures as transformers names their model types.
+        "model_type": arch,
         "hidden_size": hidden,
         "intermediate_size": int(need("feed_forward_length")),
         "num_hidden_layers": int(need("block_count")),
@@ -217,7 +228,8 @@ def build_config(meta: dict[str, Any], tensors: set[str]) -> dict[str, Any]:
         "rope_parameters": rope_parameters,
         "tie_word_embeddings": tied,
         "hidden_act": "silu",
-        "attention_bias": False,
+        # Llama's flag covers the output projection too; Qwen2's q/k/v biases need none.
+        "attention_bias": "blk.0.attn_output.bias" in tensors,
         "mlp_bias": False,
         "bos_token_id": bos,
         "eos_token_id": eos,
@@ -369,7 +381,7 @@ def verify(out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vllm_metal_rs.prepare_model",
-        description="Make a vLLM model directory (config, tokenizer, model.gguf) from a Llama GGUF.",
+        description="Make a vLLM model directory (config, tokenizer, model.gguf) from a GGUF file.",
     )
     parser.add_argument(
         "--gguf",

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.outputs import ModelRunnerOutput
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
 SCHEDULER_CLS = "vllm_metal_rs.scheduler.MetalScheduler"
 ASYNC_SCHEDULER_CLS = "vllm_metal_rs.scheduler.MetalAsyncScheduler"
+
+_EMPTY = torch.empty(0, dtype=torch.float32)
 
 
 @dataclass
@@ -40,11 +43,23 @@ class _FinishesFailedRequests:
     ) -> Any:
         # The engine has logged each failure and its reason.
         failed = getattr(model_runner_output, "failed_requests", None)
+        pooling: set[str] = set()
         if failed:
             # update_from_output finishes the requests of this set with FINISHED_ERROR and an
             # output for each (vLLM's path for requests whose grammar could not be compiled).
-            self.grammar_compile_error_reqs.update(r for r in failed if r in self.requests)
-        return super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
+            known = [r for r in failed if r in self.requests]
+            self.grammar_compile_error_reqs.update(known)
+            pooling = {r for r in known if self.requests[r].pooling_params is not None}
+        outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
+        if pooling:
+            # The front end reads a pooling request's output without a detokenizer: an error
+            # output needs a pooling tensor, which stays empty (vLLM 0.32 carries no error
+            # message for pooling requests).
+            for engine_outputs in outputs.values():
+                for o in engine_outputs.outputs:
+                    if o.request_id in pooling:
+                        o.pooling_output = _EMPTY
+        return outputs
 
 
 class MetalScheduler(_FinishesFailedRequests, Scheduler):

@@ -23,7 +23,6 @@ from vllm.v1.outputs import (
 from vllm.v1.worker.worker_base import CompilationTimes, WorkerBase
 
 from vllm_metal_rs import envs
-from vllm_metal_rs.platform import device_total_memory
 from vllm_metal_rs.scheduler import MetalModelRunnerOutput
 
 if TYPE_CHECKING:
@@ -181,6 +180,10 @@ class MetalWorker(WorkerBase):
         # Draws of requests without their own seed follow the engine seed, as on other platforms.
         r.set_seed(mc.seed or 0)
         r.set_logprobs_mode(str(mc.logprobs_mode))
+        if mc.runner_type == "pooling":
+            from vllm_metal_rs.pooling import configure_decoder_pooling
+
+            configure_decoder_pooling(r, mc)
         logger.info(
             "vllm-metal-rs: loaded %s: %d layers, %d KV heads x %d, %s, weights %.2f GiB",
             path,
@@ -227,62 +230,21 @@ class MetalWorker(WorkerBase):
         return [_KV_CACHE_LAYOUT]
 
     def determine_available_memory(self) -> int:
-        """Bytes vLLM may give to the KV cache.
-
-        kv_cache_memory_bytes, when set, is taken as is. Otherwise the budget is
-        VLLM_METAL_MEMORY_FRACTION of device memory, less the weights and the activation peak of
-        one forward at max_num_batched_tokens.
-        """
-        r = self._runner()
+        """Bytes vLLM may give to the KV cache: kv_cache_memory_bytes when set, else the engine's
+        budget for this configuration."""
         user_bytes = self.cache_config.kv_cache_memory_bytes
         if user_bytes is not None:
             logger.info(
                 "vllm-metal-rs: KV cache %.2f GiB (kv_cache_memory_bytes)", user_bytes / 2**30
             )
             return int(user_bytes)
-
-        fraction = envs.memory_fraction()
-        total = device_total_memory(self.mlx_device or envs.mlx_device())
-        weights = int(r.weights_nbytes)
-        max_tokens = self.scheduler_config.max_num_batched_tokens
-        peak = int(r.profile_peak_memory(max_tokens))
-        budget = int(total * fraction) - weights - peak
-
-        block_size = self.cache_config.block_size
-        per_block = int(r.kv_bytes_per_block())
-        max_model_len = self.model_config.max_model_len
-        # vLLM keeps one block back (the null block) and wants one full-length sequence to fit.
-        # With max_model_len=-1 (auto-fit) vLLM shrinks the length itself; ask for one block.
-        if getattr(self.model_config, "original_max_model_len", None) == -1:
-            needed_blocks = 2
-        else:
-            needed_blocks = -(-max_model_len // block_size) + 1
-        needed = per_block * needed_blocks
-
-        gib = 2**30
-        if budget < needed:
-            raise ValueError(
-                f"vllm-metal-rs: not enough memory for the KV cache: device {total / gib:.2f} GiB"
-                f" x {envs.VLLM_METAL_MEMORY_FRACTION}={fraction} = {total * fraction / gib:.2f}"
-                f" GiB, weights {weights / gib:.2f} GiB, activation peak {peak / gib:.2f} GiB"
-                f" ({max_tokens} tokens), KV budget {budget / gib:.2f} GiB, needed"
-                f" {needed / gib:.3f} GiB for max_model_len={max_model_len}; raise"
-                f" {envs.VLLM_METAL_MEMORY_FRACTION} or lower max_model_len/"
-                "max_num_batched_tokens"
-            )
-        logger.info(
-            "vllm-metal-rs: memory: device %.2f GiB x %.2f, weights %.2f GiB, activation peak "
-            "%.2f GiB (%d tokens), KV cache %.2f GiB (%d blocks of %d tokens)",
-            total / gib,
-            fraction,
-            weights / gib,
-            peak / gib,
-            max_tokens,
-            budget / gib,
-            budget // per_block,
-            block_size,
+        # With max_model_len=-1 (auto-fit) vLLM shrinks the length to the cache itself.
+        auto_fit = getattr(self.model_config, "original_max_model_len", None) == -1
+        return self._runner().kv_cache_budget(
+            envs.memory_fraction(),
+            self.scheduler_config.max_num_batched_tokens,
+            None if auto_fit else self.model_config.max_model_len,
         )
-        return budget
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
         r = self._runner()
@@ -310,12 +272,16 @@ class MetalWorker(WorkerBase):
         return CompilationTimes(language_model=0.0, encoder=0.0)
 
     def get_supported_tasks(self) -> tuple[str, ...]:
-        return ("generate",)
+        return (self._runner().pooling_task or "generate",)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput | None:
+        r = self._runner()
+        if r.pooling_task is not None:
+            # A pooling model's step ends here: vectors instead of tokens.
+            return _model_runner_output(r.pool_model(scheduler_output))
         # The forward is submitted here and runs while the engine core computes the grammar
         # bitmask; the tokens come from sample_tokens (vLLM calls it when this returns None).
-        if not self._runner().execute_model(scheduler_output):
+        if not r.execute_model(scheduler_output):
             # Nothing ran; finished requests have left the engine's state.
             return EMPTY_MODEL_RUNNER_OUTPUT
         return None
@@ -419,6 +385,7 @@ def _model_runner_output(step: _core_types.StepOutput) -> ModelRunnerOutput:
             req_id: LogprobsTensors(*(torch.from_numpy(a) for a in arrays))
             for req_id, arrays in step.prompt_logprobs.items()
         },
+        pooler_output=[None if v is None else torch.from_numpy(v) for v in step.pooled] or None,
         failed_requests=step.failed,
     )
 

@@ -48,7 +48,7 @@ pub struct GroupPages {
 }
 
 /// Requests whose queries attend together in one padded `[R, Q]` x `[R, P * block_size]` call.
-pub struct AttnGroup {
+pub struct QueryGroup {
     pub num_seqs: i32,
     pub max_q: i32,
     /// `[R * Q]`: the flat token feeding each padded query row (padding repeats a real row).
@@ -70,7 +70,7 @@ pub struct StepBatch {
     pub slots: Vec<Array>,
     /// `[T]`: each token's request length at the end of this step's chunk.
     pub seq_ends: Array,
-    pub groups: Vec<AttnGroup>,
+    pub query_groups: Vec<QueryGroup>,
     /// `[T]`: row of each flat token in the concatenated padded group outputs.
     pub out_index: Array,
     /// One group whose padded rows are the flat tokens in order: `q_index` and `out_index` are
@@ -201,7 +201,7 @@ impl StepBatch {
                 pages.push(GroupPages { full, exact, window });
             }
             let seq_lens: Vec<i32> = ends.iter().map(|&e| e as i32).collect();
-            groups.push(AttnGroup {
+            groups.push(QueryGroup {
                 num_seqs: rq,
                 max_q: qi,
                 backend: group_backend,
@@ -219,7 +219,7 @@ impl StepBatch {
             positions: Array::from_slice(&positions, &[t]),
             slots: slots.iter().map(|s| Array::from_slice(s, &[t])).collect(),
             seq_ends: Array::from_slice(&seq_ends, &[t]),
-            groups,
+            query_groups: groups,
             out_index: Array::from_slice(&out_index, &[t]),
             identity,
         })

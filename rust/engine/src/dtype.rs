@@ -29,3 +29,23 @@ pub fn parse_dtype(name: &str) -> Result<Dtype> {
         other => anyhow::bail!("unsupported dtype {other:?}: supported are float32, float16, bfloat16"),
     }
 }
+
+/// The dtype the engine computes in on `device`: float32 on the CPU (MLX's CPU backend has a
+/// fast BLAS matmul for float32 only), else the requested or checkpoint dtype (float16 without).
+pub fn compute_dtype(device: crate::mlx_ext::device::DeviceKind, requested: Option<&str>, checkpoint: Option<&str>) -> Result<Dtype> {
+    use crate::mlx_ext::device::DeviceKind;
+    Ok(match device {
+        DeviceKind::Cpu => {
+            if let Some(d) = requested {
+                if parse_dtype(d)? != Dtype::Float32 {
+                    log::info!("dtype {d} requested; the CPU backend computes in float32");
+                }
+            }
+            Dtype::Float32
+        }
+        DeviceKind::Gpu => match requested.or(checkpoint) {
+            Some(d) => parse_dtype(d)?,
+            None => Dtype::Float16,
+        },
+    })
+}

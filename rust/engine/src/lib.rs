@@ -9,6 +9,7 @@
 pub mod batch;
 pub mod config;
 pub mod dtype;
+pub mod encoder;
 pub mod gguf;
 pub mod kv_cache;
 pub mod layers;

@@ -7,11 +7,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use mlx_rs::{ops, Array, Dtype};
 
 use crate::layers::linear::{Linear, Quantization};
+use crate::layers::norm::{LayerNorm, RmsNorm};
 use crate::mlx_ext::quant::QuantMode;
-use crate::layers::norm::RmsNorm;
-
-/// GGUF tensor types MLX's loader turns into arrays we run.
-pub const GGUF_SUPPORTED: &str = "Q4_0, Q4_1, Q8_0, F16, F32";
 
 #[derive(Debug, Clone)]
 pub enum WeightSource {
@@ -73,6 +70,24 @@ impl WeightSource {
     }
 }
 
+/// Whether a linear layer carries a `.bias` tensor (configs say it with flags such as
+/// `attention_bias`, which convert with `.into()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bias {
+    Absent,
+    Present,
+}
+
+impl From<bool> for Bias {
+    fn from(present: bool) -> Self {
+        if present {
+            Self::Present
+        } else {
+            Self::Absent
+        }
+    }
+}
+
 /// Tensors by HF name, taken out as the model is built so leftovers can be reported.
 pub struct Weights {
     tensors: HashMap<String, Array>,
@@ -96,22 +111,36 @@ pub struct WeightOptions {
 
 impl Weights {
     pub fn load(source: &WeightSource, config: &crate::config::ModelConfig, opts: WeightOptions) -> Result<Self> {
-        let tensors = match source {
-            WeightSource::Safetensors(files) => {
-                let mut all = HashMap::new();
-                for f in files {
-                    let part = Array::load_safetensors(f).map_err(|e| {
-                        anyhow!("cannot load safetensors file {}: {e} (missing, truncated or corrupt?)", f.display())
-                    })?;
-                    all.extend(part);
-                }
-                all
-            }
-            WeightSource::Gguf(path) => load_gguf(path, config)?,
-        };
         // mlx-lm writes its quantization under both keys; config validation refused any other.
         let quantization = config.quantization.clone().or_else(|| config.quantization_config.clone());
+        match source {
+            WeightSource::Safetensors(files) => Self::load_safetensors(files, quantization, opts),
+            WeightSource::Gguf(path) => {
+                let tensors = crate::gguf::load_hf(path, config)?;
+                Ok(Self { tensors, dtype: opts.dtype, dequantize: opts.dequantize, quantization })
+            }
+        }
+    }
+
+    /// Safetensors files, with config.json's MLX `quantization` (if any).
+    pub fn load_safetensors(files: &[PathBuf], quantization: Option<serde_json::Value>, opts: WeightOptions) -> Result<Self> {
+        let mut tensors = HashMap::new();
+        for f in files {
+            let part = Array::load_safetensors(f).map_err(|e| {
+                anyhow!("cannot load safetensors file {}: {e} (missing, truncated or corrupt?)", f.display())
+            })?;
+            tensors.extend(part);
+        }
         Ok(Self { tensors, dtype: opts.dtype, dequantize: opts.dequantize, quantization })
+    }
+
+    /// Checkpoints saved from the bare decoder (`Qwen3Model`: embedding models such as
+    /// Qwen3-Embedding) name their tensors without the causal LM's `model.` prefix.
+    pub fn prefix_bare_decoder(&mut self) {
+        if !self.contains("model.embed_tokens.weight") && self.contains("embed_tokens.weight") {
+            let tensors = std::mem::take(&mut self.tensors);
+            self.tensors = tensors.into_iter().map(|(k, v)| (format!("model.{k}"), v)).collect();
+        }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -143,6 +172,10 @@ impl Weights {
         Ok(a.as_dtype(Dtype::Float32)?)
     }
 
+    pub fn layer_norm(&mut self, prefix: &str, eps: f32) -> Result<LayerNorm> {
+        Ok(LayerNorm { weight: self.take(&format!("{prefix}.weight"))?, bias: self.take(&format!("{prefix}.bias"))?, eps })
+    }
+
     pub fn rms_norm(&mut self, prefix: &str, eps: f32) -> Result<RmsNorm> {
         Ok(RmsNorm { weight: self.take(&format!("{prefix}.weight"))?, eps })
     }
@@ -158,14 +191,14 @@ impl Weights {
     /// `{prefix}.{e}.{name}` (HF).
     pub fn experts(&mut self, prefix: &str, n: usize, name: &str, stacked: &str) -> Result<Linear> {
         if self.contains(&format!("{stacked}.weight")) {
-            let l = self.linear(stacked, false)?;
+            let l = self.linear(stacked, Bias::Absent)?;
             if l.weight.ndim() != 3 || l.weight.shape()[0] as usize != n {
                 bail!("{stacked}.weight has shape {:?}, expected {n} stacked experts", l.weight.shape());
             }
             return Ok(l);
         }
         let parts: Vec<Linear> =
-            (0..n).map(|e| self.linear(&format!("{prefix}.{e}.{name}"), false)).collect::<Result<_>>()?;
+            (0..n).map(|e| self.linear(&format!("{prefix}.{e}.{name}"), Bias::Absent)).collect::<Result<_>>()?;
         let stack = |f: &dyn Fn(&Linear) -> Option<&Array>| -> Result<Option<Array>> {
             let arrays: Vec<&Array> = parts.iter().filter_map(|p| f(p)).collect();
             if arrays.is_empty() {
@@ -196,9 +229,12 @@ impl Weights {
         (get(layer, "group_size").or(get(q, "group_size")).unwrap_or(64), get(layer, "bits").or(get(q, "bits")))
     }
 
-    /// A linear layer `prefix.weight` (+ `.scales`/`.biases` when quantized, + `.bias` when `bias`).
-    pub fn linear(&mut self, prefix: &str, bias: bool) -> Result<Linear> {
-        let bias = if bias { Some(self.take(&format!("{prefix}.bias"))?) } else { None };
+    /// A linear layer `prefix.weight` (+ `.scales`/`.biases` when quantized, + `.bias` when present).
+    pub fn linear(&mut self, prefix: &str, bias: Bias) -> Result<Linear> {
+        let bias = match bias {
+            Bias::Present => Some(self.take(&format!("{prefix}.bias"))?),
+            Bias::Absent => None,
+        };
         let scales_name = format!("{prefix}.scales");
         if !self.contains(&scales_name) {
             return Ok(Linear { weight: self.take(&format!("{prefix}.weight"))?, bias, quant: None });
@@ -236,6 +272,24 @@ impl Weights {
         Ok(Linear { weight, bias, quant: Some(quant) })
     }
 
+    /// Every tensor in the compute dtype under its HF name, packed weights dequantized: the
+    /// checkpoint as a dense one (for other engines to load the same weights).
+    pub fn into_dense(mut self) -> Result<Vec<(String, Array)>> {
+        self.dequantize = true;
+        let quantized: Vec<String> =
+            self.tensors.keys().filter_map(|n| n.strip_suffix(".scales")).map(str::to_string).collect();
+        let mut out = Vec::with_capacity(self.tensors.len());
+        for prefix in quantized {
+            out.push((format!("{prefix}.weight"), self.linear(&prefix, Bias::Absent)?.weight));
+        }
+        for name in self.leftover() {
+            let a = self.take(&name)?;
+            out.push((name, a));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
     /// Names not used by the model (reported, not fatal: e.g. rotary caches in old checkpoints).
     pub fn leftover(&self) -> Vec<String> {
         let mut v: Vec<String> = self.tensors.keys().cloned().collect();
@@ -244,153 +298,4 @@ impl Weights {
     }
 }
 
-/// llama.cpp tensor names -> Hugging Face names.
-fn gguf_to_hf(name: &str) -> Option<String> {
-    // Quantized tensors come as `<base>.weight`, `<base>.scales`, `<base>.biases`.
-    let (base, suffix) = name.rsplit_once('.')?;
-    let hf = match base {
-        "token_embd" => "model.embed_tokens".to_string(),
-        "output_norm" => "model.norm".to_string(),
-        "output" => "lm_head".to_string(),
-        _ => {
-            let (layer, part) = base.strip_prefix("blk.")?.split_once('.')?;
-            let part = match part {
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "attn_norm" => "input_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                _ => return None,
-            };
-            format!("model.layers.{layer}.{part}")
-        }
-    };
-    Some(format!("{hf}.{suffix}"))
-}
-
-/// Row order that undoes llama.cpp's Q/K permutation. llama.cpp stores each head's rows with the two
-/// rotary halves interleaved (for "traditional" RoPE); HF Llama keeps them as two halves.
-fn unpermute_rows(num_heads: usize, rows: usize) -> Vec<i32> {
-    let head_dim = rows / num_heads;
-    let half = head_dim / 2;
-    let mut order = Vec::with_capacity(rows);
-    for h in 0..num_heads {
-        for j in 0..2 {
-            for i in 0..half {
-                // HF row (h, j, i) is stored at GGUF row (h, i, j).
-                order.push((h * head_dim + i * 2 + j) as i32);
-            }
-        }
-    }
-    order
-}
-
-/// The GGUF architectures the families load, each with its config architectures:
-/// "llama (LlamaForCausalLM, MistralForCausalLM) and qwen2 (Qwen2ForCausalLM)".
-fn gguf_support() -> String {
-    let mut by_gguf: Vec<(&str, Vec<&str>)> = Vec::new();
-    for f in crate::models::FAMILIES {
-        let Some(g) = f.gguf_architecture else { continue };
-        match by_gguf.iter_mut().find(|(name, _)| *name == g) {
-            Some((_, archs)) => archs.extend(f.architectures),
-            None => by_gguf.push((g, f.architectures.to_vec())),
-        }
-    }
-    let mut parts: Vec<String> = by_gguf.iter().map(|(g, archs)| format!("{g} ({})", archs.join(", "))).collect();
-    let last = parts.pop().unwrap_or_default();
-    if parts.is_empty() { last } else { format!("{} and {last}", parts.join(", ")) }
-}
-
-fn load_gguf(path: &Path, config: &crate::config::ModelConfig) -> Result<HashMap<String, Array>> {
-    crate::gguf::check_supported(path)?;
-    let hf_arch = config.architecture()?;
-    let found = crate::gguf::architecture(path)?.unwrap_or_else(|| "unknown".into());
-    match config.family()?.gguf_architecture {
-        Some(expected) if expected == found => {}
-        Some(expected) => bail!(
-            "GGUF {} has architecture {found:?} but config.json says {hf_arch} (GGUF {expected:?})",
-            path.display()
-        ),
-        None => bail!("GGUF weights are supported for {}, not {hf_arch} (GGUF {found:?})", gguf_support()),
-    }
-    // llama.cpp permutes Q/K rows for its interleaved RoPE only in llama-architecture files.
-    let permute = found == "llama";
-    let (num_heads, num_kv_heads) = (config.num_attention_heads, config.num_kv_heads());
-    let file = mlx_rs::io::GgufFile::load(path).map_err(|e| {
-        anyhow!(
-            "cannot load GGUF {}: {e} (supported tensor types: {GGUF_SUPPORTED})",
-            path.display()
-        )
-    })?;
-    let arrays = file
-        .arrays()
-        .map_err(|e| anyhow!("reading tensors of GGUF {}: {e}", path.display()))?;
-    let mut out = HashMap::new();
-    for (name, array) in arrays {
-        let Some(hf) = gguf_to_hf(&name) else {
-            log::debug!("GGUF tensor {name} is not used");
-            continue;
-        };
-        let heads = if !permute {
-            None
-        } else if hf.contains("self_attn.q_proj.") {
-            Some(num_heads)
-        } else if hf.contains("self_attn.k_proj.") {
-            Some(num_kv_heads)
-        } else {
-            None
-        };
-        // weight, scales and biases of a quantized tensor are all permuted by row: exact, no requantization.
-        let array = match heads {
-            Some(h) => {
-                let rows = array.shape()[0] as usize;
-                let order = Array::from_slice(&unpermute_rows(h, rows), &[rows as i32]);
-                array.take_axis(&order, 0)?
-            }
-            None => array,
-        };
-        out.insert(hf, array);
-    }
-    Ok(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gguf_support_names_each_gguf_architecture_with_its_families() {
-        assert_eq!(gguf_support(), "llama (LlamaForCausalLM, MistralForCausalLM) and qwen2 (Qwen2ForCausalLM)");
-    }
-
-    #[test]
-    fn gguf_names_map_to_hf() {
-        assert_eq!(gguf_to_hf("blk.3.attn_q.scales").unwrap(), "model.layers.3.self_attn.q_proj.scales");
-        assert_eq!(gguf_to_hf("token_embd.weight").unwrap(), "model.embed_tokens.weight");
-        assert_eq!(gguf_to_hf("token_embd.scales").unwrap(), "model.embed_tokens.scales");
-        assert_eq!(gguf_to_hf("output.biases").unwrap(), "lm_head.biases");
-        assert!(gguf_to_hf("rope_freqs.weight").is_none());
-    }
-
-    #[test]
-    fn unpermute_inverts_llama_cpp_permutation() {
-        // llama.cpp: w.reshape(heads, 2, half, ...).swapaxes(1, 2): GGUF row (h, i, j) = HF row (h, j, i).
-        let (heads, head_dim) = (3, 8);
-        let half = head_dim / 2;
-        let mut gguf_rows = vec![0; heads * head_dim]; // gguf position -> hf row
-        for h in 0..heads {
-            for i in 0..half {
-                for j in 0..2 {
-                    gguf_rows[h * head_dim + i * 2 + j] = h * head_dim + j * half + i;
-                }
-            }
-        }
-        let order = unpermute_rows(heads, heads * head_dim);
-        let recovered: Vec<usize> = order.iter().map(|&g| gguf_rows[g as usize]).collect();
-        assert_eq!(recovered, (0..heads * head_dim).collect::<Vec<_>>());
-    }
-}
+// GGUF names, row order and supported types: crate::gguf.

@@ -4,6 +4,7 @@
 //! fields are read here, in Rust (`vllm.rs`), and the step runs without touching Python again.
 //! `python/vllm_metal_rs/_core.pyi` types everything this module exports.
 
+mod encoder;
 mod logging;
 mod runner;
 mod testing;
@@ -13,6 +14,8 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+
+use engine::mlx_ext::device::DeviceKind;
 
 create_exception!(_core, EngineError, PyRuntimeError, "An error of the vllm-metal-rs engine.");
 
@@ -35,13 +38,65 @@ fn backend_info(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     Ok(d)
 }
 
+fn parse_device(device: Option<&str>) -> PyResult<Option<DeviceKind>> {
+    device.map(str::parse::<DeviceKind>).transpose().map_err(engine_err)
+}
+
+/// "gpu" or "cpu": the device the engine runs on when `device` (or nothing) is asked for.
+#[pyfunction]
+#[pyo3(signature = (device=None))]
+fn resolve_device(device: Option<&str>) -> PyResult<&'static str> {
+    Ok(engine::mlx_ext::device::resolve(parse_device(device)?).map_err(engine_err)?.name())
+}
+
+/// Bytes of memory behind the device the engine runs on for `device`.
+#[pyfunction]
+#[pyo3(signature = (device=None))]
+fn device_total_memory(device: Option<&str>) -> PyResult<usize> {
+    let kind = engine::mlx_ext::device::resolve(parse_device(device)?).map_err(engine_err)?;
+    Ok(engine::mlx_ext::device::total_memory(kind))
+}
+
+/// GGUF architecture (llama.cpp's name) -> the config architectures of the families loading it.
+#[pyfunction]
+fn gguf_architectures() -> Vec<(&'static str, Vec<&'static str>)> {
+    engine::gguf::architectures()
+}
+
+/// The GGUF checkpoint of `model_dir` (config.json + one .gguf) as float32 safetensors under HF
+/// names at `out_file`; returns the number of tensors.
+#[pyfunction]
+fn gguf_to_safetensors(py: Python<'_>, model_dir: std::path::PathBuf, out_file: std::path::PathBuf) -> PyResult<usize> {
+    py.detach(|| engine::gguf::export_float32(&model_dir, &out_file)).map_err(engine_err)
+}
+
+/// The config architectures of the decoder families the engine runs.
+#[pyfunction]
+fn decoder_architectures() -> Vec<&'static str> {
+    engine::models::architectures().collect()
+}
+
+/// The config architectures of the encoder families (pooling models) the engine runs.
+#[pyfunction]
+fn encoder_architectures() -> Vec<&'static str> {
+    engine::encoder::architectures().collect()
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add_class::<runner::PyModelRunner>()?;
     m.add_class::<runner::PyStepOutput>()?;
+    m.add_class::<encoder::PyEncoderRunner>()?;
+    m.add_class::<encoder::PyPoolingOutput>()?;
     m.add_function(wrap_pyfunction!(logging::init_logging, m)?)?;
     m.add_function(wrap_pyfunction!(backend_info, m)?)?;
+    m.add_function(wrap_pyfunction!(resolve_device, m)?)?;
+    m.add_function(wrap_pyfunction!(device_total_memory, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf_architectures, m)?)?;
+    m.add_function(wrap_pyfunction!(encoder_architectures, m)?)?;
+    m.add_function(wrap_pyfunction!(decoder_architectures, m)?)?;
+    m.add_function(wrap_pyfunction!(gguf_to_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(testing::process_logits, m)?)?;
     m.add_function(wrap_pyfunction!(testing::filter_logits, m)?)?;
     m.add_function(wrap_pyfunction!(testing::sample_tokens, m)?)?;

@@ -5,7 +5,8 @@ use std::sync::Mutex;
 
 use engine::batch::SeqChunk;
 use engine::mlx_ext::device::DeviceKind;
-use engine::runner::{self, GrammarBitmask, Logprobs, RunnerOptions, StepId, StepOutput};
+use engine::encoder::head::ClassifyOptions;
+use engine::runner::{self, DecoderHead, DecoderPooling, GrammarBitmask, Logprobs, RunnerOptions, StepId, StepOutput};
 use engine::sampler::SamplingParams;
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::prelude::*;
@@ -32,7 +33,8 @@ fn grammar_words(grammar: Option<(Vec<String>, numpy::PyReadonlyArray2<'_, i32>)
     })
 }
 
-/// One step's output, as vLLM's `ModelRunnerOutput` needs it. `logprobs` is None or
+/// One step's output, as vLLM's `ModelRunnerOutput` needs it. `pooled` (pooling models): per
+/// request, its float32 vector or scores when its prompt ended in this step, else None. `logprobs` is None or
 /// `(token_ids, logprobs, ranks)` numpy arrays with one row per request; `prompt_logprobs` maps
 /// the requests whose prefill ended to the same triple for the whole prompt; `failed` maps the
 /// requests the step could not serve to the reason (the engine has forgotten them).
@@ -44,6 +46,7 @@ pub struct PyStepOutput {
     logprobs: Option<Py<PyAny>>,
     prompt_logprobs: Py<PyDict>,
     failed: Py<PyDict>,
+    pooled: Vec<Option<Py<PyArray1<f32>>>>,
 }
 
 fn step_output_to_py(py: Python<'_>, out: StepOutput) -> PyResult<PyStepOutput> {
@@ -63,6 +66,7 @@ fn step_output_to_py(py: Python<'_>, out: StepOutput) -> PyResult<PyStepOutput> 
         logprobs,
         prompt_logprobs: prompt.unbind(),
         failed: failed.unbind(),
+        pooled: out.pooled.into_iter().map(|v| v.map(|v| PyArray1::from_vec(py, v).unbind())).collect(),
     })
 }
 
@@ -114,10 +118,7 @@ impl PyModelRunner {
             kv_cache_dtype: r.dtype_name(),
             weights_nbytes: r.weights_nbytes,
             max_position_embeddings: r.config.max_position_embeddings,
-            device: match r.device {
-                DeviceKind::Cpu => "cpu",
-                DeviceKind::Gpu => "gpu",
-            },
+            device: r.device.name(),
             inner: Mutex::new(r),
         })
     }
@@ -178,6 +179,20 @@ impl PyModelRunner {
 
     fn profile_peak_memory(&self, py: Python<'_>, num_tokens: usize) -> PyResult<usize> {
         py.detach(|| self.lock().profile_peak_memory(num_tokens)).map_err(engine_err)
+    }
+
+    /// Bytes vLLM may give to the KV cache (see the engine's `kv_cache_budget`); max_model_len
+    /// None when vLLM fits the length to the cache.
+    #[pyo3(signature = (memory_fraction, max_num_batched_tokens, max_model_len=None))]
+    fn kv_cache_budget(
+        &self,
+        py: Python<'_>,
+        memory_fraction: f64,
+        max_num_batched_tokens: usize,
+        max_model_len: Option<usize>,
+    ) -> PyResult<usize> {
+        let req = runner::KvBudgetRequest { memory_fraction, max_num_batched_tokens, max_model_len };
+        py.detach(|| self.lock().kv_cache_budget(req)).map_err(engine_err)
     }
 
     /// `layer_group` / `layer_storage`: vLLM's KV-cache plan (each layer's group and shared
@@ -242,6 +257,52 @@ impl PyModelRunner {
         let runs = !step.num_scheduled_tokens.is_empty();
         py.detach(|| self.lock().forward_step(&step)).map_err(engine_err)?;
         Ok(runs)
+    }
+
+    /// A pooling model's step: request state updated, forward, and the pooled vectors (or scores)
+    /// of the requests whose prompt ends in this step.
+    fn pool_model(&self, py: Python<'_>, scheduler_output: &Bound<'_, PyAny>) -> PyResult<PyStepOutput> {
+        let step = scheduler_step(scheduler_output)?;
+        let out = py
+            .detach(|| {
+                let mut r = self.lock();
+                r.forward_step(&step)?;
+                r.pool_step()
+            })
+            .map_err(engine_err)?;
+        step_output_to_py(py, out)
+    }
+
+    /// Make this runner a pooling model's: `pooling` MEAN, CLS or LAST; `classifier_tokens`:
+    /// None for embeddings, else the token ids whose logits are the classifier's (with
+    /// `two_way`: [negative, positive], one label, as vLLM's from_2_way_softmax); `activation`,
+    /// `logit_mean`, `logit_sigma`: how the classifier's logits become scores.
+    #[pyo3(signature = (pooling, *, classifier_tokens = None, two_way = false, activation = "identity", logit_mean = 0.0, logit_sigma = 1.0))]
+    fn set_pooling(
+        &self,
+        pooling: &str,
+        classifier_tokens: Option<Vec<i32>>,
+        two_way: bool,
+        activation: &str,
+        logit_mean: f32,
+        logit_sigma: f32,
+    ) -> PyResult<()> {
+        let head = match classifier_tokens {
+            None => DecoderHead::Embed,
+            Some(tokens) => DecoderHead::TokenLogits { tokens, two_way },
+        };
+        let p = DecoderPooling {
+            kind: pooling.parse().map_err(engine_err)?,
+            head,
+            classify: ClassifyOptions { logit_mean, logit_sigma, activation: activation.parse().map_err(engine_err)? },
+        };
+        self.lock().set_pooling(Some(p)).map_err(engine_err)
+    }
+
+    /// The pooling task this runner serves ("embed", "classify"), None for generation.
+    #[getter]
+    fn pooling_task(&self) -> Option<&'static str> {
+        self.lock().pooling().map(|p| p.task())
     }
 
     /// The second half, waiting for the tokens. `grammar`: None, or `(req_ids, bitmask)` with the

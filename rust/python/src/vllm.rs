@@ -1,6 +1,9 @@
-//! Reading vLLM's objects: `SchedulerOutput` and `SamplingParams`, once per step, into the
-//! engine's `SchedulerStep`. Values are brought into the engine's ranges here, once.
+//! Reading vLLM's objects: `SchedulerOutput`, `SamplingParams` and `PoolingParams`, once per
+//! step, into the engine's `SchedulerStep` (or an encoder's requests). Values are brought into
+//! the engine's ranges here, once.
 
+use engine::encoder::pooling::{PoolOptions, PoolingParams};
+use engine::encoder::runner::EncoderRequest;
 use engine::runner::{CachedRequest, NewRequest, SchedulerStep};
 use engine::sampler::SamplingParams;
 use pyo3::exceptions::PyValueError;
@@ -158,11 +161,19 @@ fn new_request(r: &Bound<'_, PyAny>, req_id: &str) -> PyResult<NewRequest> {
     if prompt.is_none() {
         return Err(PyValueError::new_err("prompt embeddings are not supported, send token ids"));
     }
+    // A pooling model's requests carry pooling parameters instead of sampling ones.
+    let pooling = r.getattr("pooling_params")?;
+    let (sampling, pooling) = if pooling.is_none() {
+        (sampling_of(&r.getattr("sampling_params")?)?, None)
+    } else {
+        (SamplingParams::default(), Some(pooling_params_of(&pooling)?))
+    };
     Ok(NewRequest {
         prompt_token_ids: token_ids(&prompt, "prompt_token_ids")?,
         block_ids: block_ids_of(&r.getattr("block_ids")?)?,
         num_computed_tokens: r.getattr("num_computed_tokens")?.extract()?,
-        sampling: sampling_of(&r.getattr("sampling_params")?)?,
+        sampling,
+        pooling,
         req_id: req_id.to_string(),
     })
 }
@@ -227,3 +238,70 @@ pub fn scheduler_step(so: &Bound<'_, PyAny>) -> PyResult<SchedulerStep> {
     Ok(step)
 }
 
+
+/// The pooling requests of a step for an encoder model: (requests, rejected with the reason).
+/// Encoder prompts run whole in one step (vLLM turns chunked prefill off for them).
+pub fn encoder_step(so: &Bound<'_, PyAny>) -> PyResult<(Vec<EncoderRequest>, Vec<(String, String)>)> {
+    let num_sched = so.getattr("num_scheduled_tokens")?;
+    let num_sched = num_sched.cast::<PyDict>()?;
+    let mut requests = Vec::new();
+    let mut rejected = Vec::new();
+    for r in so.getattr("scheduled_new_reqs")?.cast::<PyList>()?.iter() {
+        let req_id: String = r.getattr("req_id")?.extract()?;
+        let scheduled: usize = num_sched.get_item(&req_id)?.map(|n| n.extract()).transpose()?.unwrap_or(0);
+        match encoder_request(&r, &req_id, scheduled) {
+            Ok(req) => requests.push(req),
+            Err(e) => rejected.push((req_id, format!("request cannot be served: {e}"))),
+        }
+    }
+    let cached: Vec<String> = so.getattr("scheduled_cached_reqs")?.getattr("req_ids")?.extract()?;
+    for req_id in cached {
+        rejected.push((req_id, "an encoder request must run whole in one step".to_string()));
+    }
+    Ok((requests, rejected))
+}
+
+fn encoder_request(r: &Bound<'_, PyAny>, req_id: &str, scheduled: usize) -> PyResult<EncoderRequest> {
+    let prompt = r.getattr("prompt_token_ids")?;
+    if prompt.is_none() {
+        return Err(PyValueError::new_err("prompt embeddings are not supported, send token ids"));
+    }
+    let tokens = token_ids(&prompt, "prompt_token_ids")?;
+    if scheduled != tokens.len() {
+        return Err(PyValueError::new_err(format!(
+            "{scheduled} of {} prompt tokens scheduled; encoder prompts run whole (chunked prefill must be off)",
+            tokens.len()
+        )));
+    }
+    let params = r.getattr("pooling_params")?;
+    if params.is_none() {
+        return Err(PyValueError::new_err("the request has no pooling parameters"));
+    }
+    let PoolingParams { task, options } = pooling_params_of(&params)?;
+    // Cross-encoder pairs: token type 1 from this index on (vLLM's compressed form).
+    let extra = field(&params, "extra_kwargs")?;
+    let first_type_one = match &extra {
+        Some(e) => match e.cast::<PyDict>()?.get_item("compressed_token_type_ids")? {
+            Some(k) => Some(int_in(&k, "compressed_token_type_ids", 0, tokens.len() as i64)? as usize),
+            None => None,
+        },
+        None => None,
+    };
+    let token_types = first_type_one.map(|k| (0..tokens.len()).map(|i| i32::from(i >= k)).collect());
+    Ok(EncoderRequest {
+        req_id: req_id.to_string(),
+        tokens,
+        token_types,
+        task,
+        options,
+    })
+}
+
+/// vLLM's PoolingParams: the task, use_activation and dimensions (`verify` filled them from the
+/// pooler config; None means the default).
+fn pooling_params_of(params: &Bound<'_, PyAny>) -> PyResult<PoolingParams> {
+    let task: Option<String> = field(params, "task")?.map(|t| t.extract()).transpose()?;
+    let use_activation: bool = field_or(params, "use_activation", true)?;
+    let dimensions = int_field(params, "dimensions", 0, i64::from(i32::MAX))?.map(|d| d as usize);
+    Ok(PoolingParams { task, options: PoolOptions { dimensions, use_activation } })
+}

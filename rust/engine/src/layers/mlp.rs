@@ -15,6 +15,8 @@ pub enum Activation {
     /// gpt-oss's experts: `(up + 1) * gate * sigmoid(alpha * gate)` with the gate clamped to at
     /// most `limit` and up to [-limit, limit].
     ClampedSwiglu { alpha: f32, limit: f32 },
+    /// GELU, exact (erf; BERT's `gelu`).
+    Gelu,
 }
 
 impl Activation {
@@ -22,7 +24,8 @@ impl Activation {
         match name {
             "silu" => Ok(Self::Silu),
             "gelu_pytorch_tanh" => Ok(Self::GeluTanh),
-            other => anyhow::bail!("unsupported activation {other:?}: supported are silu, gelu_pytorch_tanh"),
+            "gelu" => Ok(Self::Gelu),
+            other => anyhow::bail!("unsupported activation {other:?}: supported are silu, gelu_pytorch_tanh, gelu"),
         }
     }
 
@@ -43,8 +46,14 @@ impl Activation {
                 };
                 return fused(f, &[gate.clone(), up.clone(), s(alpha)?, s(limit)?]);
             }
+            Self::Gelu => |a| Activation::Gelu.apply(&a[0])?.multiply(&a[1]),
         };
         fused(f, &[gate.clone(), up.clone()])
+    }
+
+    /// `act(x)`.
+    pub fn forward(self, x: &Array) -> Result<Array> {
+        Ok(self.apply(x)?)
     }
 
     fn apply(self, x: &Array) -> std::result::Result<Array, Exception> {
@@ -58,6 +67,12 @@ impl Activation {
                 let inner = x.add(x.multiply(x)?.multiply(x)?.multiply(s(0.044715)?)?)?;
                 let t = ops::tanh(&inner.multiply(s(c)?)?)?;
                 x.multiply(s(0.5)?)?.multiply(t.add(s(1.0)?)?)?
+            }
+            Self::Gelu => {
+                // 0.5 x (1 + erf(x / sqrt(2)))
+                let s = |v: f32| Array::from_f32(v).as_dtype(x.dtype());
+                let e = ops::erf(&x.multiply(s(std::f32::consts::FRAC_1_SQRT_2)?)?)?;
+                x.multiply(s(0.5)?)?.multiply(e.add(s(1.0)?)?)?
             }
         })
     }

@@ -6,7 +6,7 @@ use mlx_rs::{ops, Array, Dtype};
 use crate::config::ModelConfig;
 use crate::layers::linear::Linear;
 use crate::layers::mlp::{Activation, Mlp};
-use crate::weights::Weights;
+use crate::weights::{Bias, Weights};
 
 /// Mixture of experts (Mixtral, Qwen3-MoE, GLM-4.5, gpt-oss): a router picks `top_k` experts per
 /// token, each a gated MLP; experts are stacked `[experts, out, in]` and run with gathered matmuls,
@@ -145,6 +145,14 @@ impl SparseMoe {
         }
     }
 
+    /// The routing's own weight beyond the router (GLM-4.5's `e_score_correction_bias`).
+    pub fn routing_bias(&self) -> Option<&Array> {
+        match &self.routing {
+            Routing::Sigmoid(r) => Some(&r.e_score_correction_bias),
+            _ => None,
+        }
+    }
+
     pub fn linears(&self) -> Vec<&Linear> {
         let mut v = vec![&self.gate, &self.gate_proj, &self.up_proj, &self.down_proj];
         if let Some(shared) = &self.shared_experts {
@@ -196,16 +204,16 @@ pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, opts: Moe
     let shared_experts = if opts.shared_experts {
         let p = format!("{prefix}.shared_experts");
         Some(Mlp::new(
-            w.linear(&format!("{p}.gate_proj"), false)?,
-            w.linear(&format!("{p}.up_proj"), false)?,
-            w.linear(&format!("{p}.down_proj"), false)?,
+            w.linear(&format!("{p}.gate_proj"), Bias::Absent)?,
+            w.linear(&format!("{p}.up_proj"), Bias::Absent)?,
+            w.linear(&format!("{p}.down_proj"), Bias::Absent)?,
             Activation::Silu,
         )?)
     } else {
         None
     };
     Ok(SparseMoe {
-        gate: w.linear(&format!("{prefix}.gate"), false)?,
+        gate: w.linear(&format!("{prefix}.gate"), Bias::Absent)?,
         gate_proj,
         up_proj,
         down_proj,

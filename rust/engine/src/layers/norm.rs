@@ -14,3 +14,16 @@ impl RmsNorm {
         Ok(fast::rms_norm(x, Some(&self.weight), self.eps)?)
     }
 }
+
+/// LayerNorm with gain and bias (encoders).
+pub struct LayerNorm {
+    pub weight: Array,
+    pub bias: Array,
+    pub eps: f32,
+}
+
+impl LayerNorm {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
+        Ok(fast::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+    }
+}

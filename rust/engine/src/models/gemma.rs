@@ -18,9 +18,9 @@ use crate::layers::mlp::{Activation, Mlp};
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::layers::{scalar, softcap};
-use crate::models::llama::{attention, embeddings, AttnOptions};
-use crate::models::{decoder_linears, expect_activation, CausalLm, Family, PartialRotary};
-use crate::weights::Weights;
+use crate::models::llama::{attention, embeddings, AttnOptions, HeadTying};
+use crate::models::{decoder_weights, expect_activation, CausalLm, Family, PartialRotary};
+use crate::weights::{Bias, Weights};
 
 pub const GEMMA: Family = Family {
     architectures: &["Gemma2ForCausalLM", "Gemma3ForCausalLM"],
@@ -90,7 +90,7 @@ impl Model {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let opts = AttnOptions { qkv_bias: config.attention_bias, o_bias: config.attention_bias, qk_norm: false };
+            let opts = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: false };
             let mut self_attn = attention(config, w, &p, i, opts)?;
             if gemma3 {
                 self_attn.q_norm = Some(w.rms_norm_plus_one(&format!("{p}.self_attn.q_norm"), eps)?);
@@ -105,9 +105,9 @@ impl Model {
             layers.push(Block {
                 self_attn,
                 mlp: Mlp::new(
-                    w.linear(&format!("{p}.mlp.gate_proj"), false)?,
-                    w.linear(&format!("{p}.mlp.up_proj"), false)?,
-                    w.linear(&format!("{p}.mlp.down_proj"), false)?,
+                    w.linear(&format!("{p}.mlp.gate_proj"), Bias::Absent)?,
+                    w.linear(&format!("{p}.mlp.up_proj"), Bias::Absent)?,
+                    w.linear(&format!("{p}.mlp.down_proj"), Bias::Absent)?,
                     Activation::from_name(config.activation())?,
                 )?,
                 input_layernorm: norm(w, "input_layernorm")?,
@@ -116,7 +116,7 @@ impl Model {
                 post_feedforward_layernorm: norm(w, "post_feedforward_layernorm")?,
             });
         }
-        let (embed_tokens, lm_head) = embeddings(config, w, true)?;
+        let (embed_tokens, lm_head) = embeddings(config, w, HeadTying::Always)?;
         Ok(Self {
             embed_tokens,
             layers,
@@ -139,6 +139,10 @@ impl CausalLm for Model {
         Ok(h)
     }
 
+    fn final_norm(&self, hidden: &Array) -> Result<Array> {
+        self.norm.forward(hidden)
+    }
+
     fn logits(&self, hidden: &Array) -> Result<Array> {
         let x = self.norm.forward(hidden)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
@@ -149,22 +153,16 @@ impl CausalLm for Model {
         }
     }
 
-    fn parameters(&self) -> Vec<&Linear> {
-        let layers = self.layers.iter().map(|l| (&l.self_attn, l.mlp.linears()));
-        decoder_linears(&self.embed_tokens, self.lm_head.as_ref(), layers)
-    }
-
-    fn norms(&self) -> Vec<&RmsNorm> {
-        let mut v = vec![&self.norm];
-        for l in &self.layers {
-            v.extend([
+    fn weights(&self) -> Vec<&Array> {
+        let layers = self.layers.iter().map(|l| {
+            let norms = vec![
                 &l.input_layernorm,
                 &l.post_attention_layernorm,
                 &l.pre_feedforward_layernorm,
                 &l.post_feedforward_layernorm,
-            ]);
-            v.extend(l.self_attn.norms());
-        }
-        v
+            ];
+            (&l.self_attn, l.mlp.linears(), norms)
+        });
+        decoder_weights(&self.embed_tokens, self.lm_head.as_ref(), &self.norm, layers)
     }
 }

@@ -11,7 +11,7 @@ use crate::config::ModelConfig;
 use crate::layers::moe::{check_expert_counts, check_expert_groups, sparse_moe, MoeOptions, Routing, SigmoidRouting};
 use crate::models::llama::{attention, dense_mlp, AttnOptions, FeedForward, Model};
 use crate::models::{expect_activation, full_attention, Family, PartialRotary};
-use crate::weights::Weights;
+use crate::weights::{Bias, Weights};
 
 pub const GLM4_MOE: Family = Family {
     architectures: &["Glm4MoeForCausalLM"],
@@ -31,7 +31,7 @@ pub const GLM4_MOE: Family = Family {
 };
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let attn = AttnOptions { qkv_bias: config.attention_bias, o_bias: false, qk_norm: config.use_qk_norm };
+    let attn = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: Bias::Absent, qk_norm: config.use_qk_norm };
     let dense_layers = config.first_k_dense_replace.unwrap_or(1);
     Model::load_with(
         config,

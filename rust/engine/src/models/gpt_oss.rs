@@ -20,7 +20,7 @@ use crate::layers::mlp::Activation;
 use crate::layers::moe::{check_expert_counts, Routing, SparseMoe};
 use crate::models::llama::{attention, AttnOptions, FeedForward, Model};
 use crate::models::{windows_by_layer_types, Family, PartialRotary};
-use crate::weights::Weights;
+use crate::weights::{Bias, Weights};
 
 pub const GPT_OSS: Family = Family {
     architectures: &["GptOssForCausalLM"],
@@ -34,7 +34,7 @@ pub const GPT_OSS: Family = Family {
 };
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let opts = AttnOptions { qkv_bias: config.attention_bias, o_bias: config.attention_bias, qk_norm: false };
+    let opts = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: false };
     let act = Activation::ClampedSwiglu {
         alpha: config.swiglu_alpha.unwrap_or(1.702),
         limit: config.swiglu_limit.unwrap_or(7.0),
@@ -74,9 +74,9 @@ fn experts(config: &ModelConfig, w: &mut Weights, prefix: &str, act: Activation)
         [pick(0)?, pick(1)?, down]
     } else {
         [
-            w.linear(&format!("{p}.gate_proj"), true)?,
-            w.linear(&format!("{p}.up_proj"), true)?,
-            w.linear(&format!("{p}.down_proj"), true)?,
+            w.linear(&format!("{p}.gate_proj"), Bias::Present)?,
+            w.linear(&format!("{p}.up_proj"), Bias::Present)?,
+            w.linear(&format!("{p}.down_proj"), Bias::Present)?,
         ]
     };
     for l in [&gate_proj, &up_proj, &down_proj] {
@@ -84,7 +84,7 @@ fn experts(config: &ModelConfig, w: &mut Weights, prefix: &str, act: Activation)
     }
     mlx_rs::transforms::eval([&gate_proj, &up_proj, &down_proj].into_iter().flat_map(|l| l.arrays()))?;
     Ok(SparseMoe {
-        gate: w.linear(&format!("{prefix}.router"), true)?,
+        gate: w.linear(&format!("{prefix}.router"), Bias::Present)?,
         gate_proj,
         up_proj,
         down_proj,

@@ -15,9 +15,9 @@ use crate::layers::mlp::{Activation, Mlp};
 use crate::layers::moe::SparseMoe;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
-use crate::models::{decoder_linears, expect_activation, full_attention, CausalLm, Family, PartialRotary};
+use crate::models::{decoder_weights, expect_activation, full_attention, CausalLm, Family, PartialRotary};
 use crate::paged_attention::AttentionFeatures;
-use crate::weights::Weights;
+use crate::weights::{Bias, Weights};
 
 pub const LLAMA: Family = Family {
     architectures: &["LlamaForCausalLM"],
@@ -77,9 +77,9 @@ pub struct Model {
 #[derive(Debug, Clone, Copy)]
 pub struct AttnOptions {
     /// q, k and v have biases.
-    pub qkv_bias: bool,
+    pub qkv_bias: Bias,
     /// o has a bias (most families: with `attention_bias`, as q/k/v).
-    pub o_bias: bool,
+    pub o_bias: Bias,
     /// Per-head RMSNorm of queries and keys before RoPE (`q_norm`, `k_norm`).
     pub qk_norm: bool,
 }
@@ -141,7 +141,7 @@ pub fn rope(config: &ModelConfig) -> Result<Rope> {
 /// The gated MLP at `{prefix}.mlp`.
 pub fn dense_mlp(config: &ModelConfig, w: &mut Weights, prefix: &str) -> Result<FeedForward> {
     let p = format!("{prefix}.mlp");
-    let b = config.mlp_bias;
+    let b = Bias::from(config.mlp_bias);
     Ok(FeedForward::Dense(Mlp::new(
         w.linear(&format!("{p}.gate_proj"), b)?,
         w.linear(&format!("{p}.up_proj"), b)?,
@@ -155,7 +155,10 @@ impl Model {
         Self::load_with(
             config,
             w,
-            |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias, o_bias: config.attention_bias, qk_norm: false }),
+            |w, p, i| {
+                let opts = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: false };
+                attention(config, w, p, i, opts)
+            },
             |w, p, _| dense_mlp(config, w, p),
         )
     }
@@ -179,17 +182,30 @@ impl Model {
                 post_attention_layernorm: w.rms_norm(&format!("{p}.post_attention_layernorm"), eps)?,
             });
         }
-        let (embed_tokens, lm_head) = embeddings(config, w, config.tie_word_embeddings)?;
+        let (embed_tokens, lm_head) = embeddings(config, w, HeadTying::AsConfigSays)?;
         let norm = w.rms_norm("model.norm", eps)?;
         Ok(Self { embed_tokens, layers, norm, lm_head })
     }
 }
 
-/// The embedding, and the LM head unless it is tied to it (`tied`: the config says so).
-pub fn embeddings(config: &ModelConfig, w: &mut Weights, tied: bool) -> Result<(Linear, Option<Linear>)> {
-    let embed_tokens = w.linear("model.embed_tokens", false)?;
+/// When the LM head may be the embedding (a checkpoint without `lm_head.weight`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadTying {
+    /// When config.json's `tie_word_embeddings` says so.
+    AsConfigSays,
+    /// Always (families whose LM head is the embedding by definition).
+    Always,
+}
+
+/// The embedding, and the LM head unless it is tied to it.
+pub fn embeddings(config: &ModelConfig, w: &mut Weights, tying: HeadTying) -> Result<(Linear, Option<Linear>)> {
+    let tied = match tying {
+        HeadTying::AsConfigSays => config.tie_word_embeddings,
+        HeadTying::Always => true,
+    };
+    let embed_tokens = w.linear("model.embed_tokens", Bias::Absent)?;
     let lm_head = if w.contains("lm_head.weight") {
-        Some(w.linear("lm_head", false)?)
+        Some(w.linear("lm_head", Bias::Absent)?)
     } else if tied {
         None
     } else {
@@ -214,23 +230,26 @@ impl CausalLm for Model {
         Ok(h)
     }
 
+    fn final_norm(&self, hidden: &Array) -> Result<Array> {
+        self.norm.forward(hidden)
+    }
+
     fn logits(&self, hidden: &Array) -> Result<Array> {
         let x = self.norm.forward(hidden)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         Ok(head.forward(&x)?.as_dtype(mlx_rs::Dtype::Float32)?)
     }
 
-    fn parameters(&self) -> Vec<&Linear> {
-        let layers = self.layers.iter().map(|l| (&l.self_attn, l.mlp.linears()));
-        decoder_linears(&self.embed_tokens, self.lm_head.as_ref(), layers)
-    }
-
-    fn norms(&self) -> Vec<&RmsNorm> {
-        let mut v = vec![&self.norm];
-        for l in &self.layers {
-            v.extend([&l.input_layernorm, &l.post_attention_layernorm]);
-            v.extend(l.self_attn.norms());
-        }
+    fn weights(&self) -> Vec<&Array> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| (&l.self_attn, l.mlp.linears(), vec![&l.input_layernorm, &l.post_attention_layernorm]));
+        let mut v = decoder_weights(&self.embed_tokens, self.lm_head.as_ref(), &self.norm, layers);
+        v.extend(self.layers.iter().filter_map(|l| match &l.mlp {
+            FeedForward::Sparse(m) => m.routing_bias(),
+            FeedForward::Dense(_) => None,
+        }));
         v
     }
 

@@ -29,7 +29,10 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
     Model::load_with(
         config,
         w,
-        |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias, o_bias: config.attention_bias, qk_norm: false }),
+        |w, p, i| {
+            let opts = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: false };
+            attention(config, w, p, i, opts)
+        },
         |w, p, _| -> Result<FeedForward> {
             let opts = MoeOptions {
                 expert_names: ["w1", "w3", "w2"],

@@ -2,6 +2,7 @@
 //! windows and its loader, with plain structs named after its HF checkpoint. The Llama decoder
 //! (llama.rs) is the base that most families fill with their own attention or MLP.
 
+pub mod bert;
 pub mod gemma;
 pub mod glm4_moe;
 pub mod gpt_oss;
@@ -12,6 +13,7 @@ pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
 pub mod smollm3;
+pub mod xlm_roberta;
 
 use anyhow::{bail, Result};
 use mlx_rs::Array;
@@ -30,27 +32,38 @@ pub trait CausalLm: Send {
     fn forward(&self, batch: &StepBatch, cache: &mut PagedKvCache) -> Result<Array>;
     /// float32 logits of some rows of `forward`'s output.
     fn logits(&self, hidden: &Array) -> Result<Array>;
-    fn parameters(&self) -> Vec<&Linear>;
-    fn norms(&self) -> Vec<&RmsNorm>;
+    /// The final norm of some rows of `forward`'s output (the hidden states pooling models use).
+    fn final_norm(&self, hidden: &Array) -> Result<Array>;
+    /// Every weight array (materialised at load; their bytes are the weights' memory).
+    fn weights(&self) -> Vec<&Array>;
     /// What its attention asks of the attention backend.
     fn attention_features(&self) -> AttentionFeatures {
         AttentionFeatures::default()
     }
 }
 
-/// A decoder's linears: the embedding, the LM head unless tied, then each layer's attention and
-/// MLP linears (the layers given as `(attention, mlp linears)`).
-pub fn decoder_linears<'a>(
+/// A decoder's weight arrays: the embedding, the LM head unless tied, the final norm, then each
+/// layer's attention (with its q/k norms and sinks), MLP linears and layer norms.
+pub fn decoder_weights<'a>(
     embed_tokens: &'a Linear,
     lm_head: Option<&'a Linear>,
-    layers: impl IntoIterator<Item = (&'a Attention, Vec<&'a Linear>)>,
-) -> Vec<&'a Linear> {
-    let mut v = vec![embed_tokens];
-    v.extend(lm_head);
-    for (attn, mlp) in layers {
-        v.extend(attn.linears());
-        v.extend(mlp);
+    norm: &'a RmsNorm,
+    layers: impl IntoIterator<Item = (&'a Attention, Vec<&'a Linear>, Vec<&'a RmsNorm>)>,
+) -> Vec<&'a Array> {
+    let mut linears = vec![embed_tokens];
+    linears.extend(lm_head);
+    let mut norms = vec![norm];
+    let mut sinks = Vec::new();
+    for (attn, mlp, layer_norms) in layers {
+        linears.extend(attn.linears());
+        linears.extend(mlp);
+        norms.extend(attn.norms());
+        norms.extend(layer_norms);
+        sinks.extend(attn.sinks.as_ref());
     }
+    let mut v: Vec<&Array> = linears.into_iter().flat_map(Linear::arrays).collect();
+    v.extend(norms.into_iter().map(|n| &n.weight));
+    v.extend(sinks);
     v
 }
 

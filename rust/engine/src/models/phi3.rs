@@ -11,7 +11,7 @@ use crate::layers::attention::Qkv;
 use crate::layers::mlp::{Activation, Mlp};
 use crate::models::llama::{attention_from, FeedForward, Model};
 use crate::models::{expect_activation, window_on_every_layer, Family, PartialRotary};
-use crate::weights::Weights;
+use crate::weights::{Bias, Weights};
 
 pub const PHI3: Family = Family {
     architectures: &["Phi3ForCausalLM"],
@@ -32,15 +32,15 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
         config,
         w,
         |w, p, i| {
-            let qkv = w.linear(&format!("{p}.self_attn.qkv_proj"), false)?;
+            let qkv = w.linear(&format!("{p}.self_attn.qkv_proj"), Bias::Absent)?;
             ensure!(qkv.out_features() == q + 2 * kv, "{p}.self_attn.qkv_proj has {} rows, expected {}", qkv.out_features(), q + 2 * kv);
-            let o_proj = w.linear(&format!("{p}.self_attn.o_proj"), false)?;
+            let o_proj = w.linear(&format!("{p}.self_attn.o_proj"), Bias::Absent)?;
             attention_from(config, i, Qkv::Stacked { linear: qkv, q, kv }, o_proj, None, None)
         },
         |w, p, _| {
-            let gate_up = w.linear(&format!("{p}.mlp.gate_up_proj"), false)?;
+            let gate_up = w.linear(&format!("{p}.mlp.gate_up_proj"), Bias::Absent)?;
             ensure!(gate_up.out_features() == 2 * inter, "{p}.mlp.gate_up_proj has {} rows, expected {}", gate_up.out_features(), 2 * inter);
-            let down_proj = w.linear(&format!("{p}.mlp.down_proj"), false)?;
+            let down_proj = w.linear(&format!("{p}.mlp.down_proj"), Bias::Absent)?;
             Ok(FeedForward::Dense(Mlp::stacked(gate_up, down_proj, Activation::from_name(config.activation())?)))
         },
     )

@@ -37,12 +37,12 @@ pub const QWEN3_MOE: Family = Family {
 };
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let attn = AttnOptions { qkv_bias: config.attention_bias, o_bias: config.attention_bias, qk_norm: true };
+    let attn = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: true };
     Model::load_with(config, w, |w, p, i| attention(config, w, p, i, attn), |w, p, _| dense_mlp(config, w, p))
 }
 
 pub fn load_moe(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let attn = AttnOptions { qkv_bias: config.attention_bias, o_bias: config.attention_bias, qk_norm: true };
+    let attn = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: true };
     let step = config.decoder_sparse_step.unwrap_or(1).max(1);
     Model::load_with(
         config,

@@ -44,7 +44,7 @@ pub fn uses_rope(config: &ModelConfig, layer: usize) -> bool {
 }
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let opts = AttnOptions { qkv_bias: config.attention_bias, o_bias: config.attention_bias, qk_norm: false };
+    let opts = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: false };
     Model::load_with(
         config,
         w,

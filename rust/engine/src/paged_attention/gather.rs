@@ -7,7 +7,7 @@
 use anyhow::Result;
 use mlx_rs::{fast, fast::ScaledDotProductAttentionMask, ops, Array, Dtype};
 
-use crate::batch::{AttnGroup, GroupPages};
+use crate::batch::{QueryGroup, GroupPages};
 use crate::kv_cache::PagedKvCache;
 use crate::layers::softcap;
 
@@ -18,7 +18,7 @@ pub(super) fn attend(
     qg: &Array,
     cache: &PagedKvCache,
     layer: usize,
-    g: &AttnGroup,
+    g: &QueryGroup,
     group: &GroupPages,
     scale: f32,
     window: Option<usize>,

@@ -74,8 +74,8 @@ pub fn paged_attention(q: &Array, cache: &PagedKvCache, layer: usize, batch: &St
     let Scores { scale, window, softcap: cap, sinks } = scores;
     let (heads, head_dim) = (q.shape()[1], q.shape()[2]);
     let kv_group = cache.layer_group[layer];
-    let mut outs = Vec::with_capacity(batch.groups.len());
-    for g in &batch.groups {
+    let mut outs = Vec::with_capacity(batch.query_groups.len());
+    for g in &batch.query_groups {
         let pages = g.pages.get(kv_group).ok_or_else(|| anyhow::anyhow!("batch has no block tables of KV group {kv_group}"))?;
         let qg = if batch.identity { q.clone() } else { q.take_axis(&g.q_index, 0)? };
         let o = match g.backend {

@@ -45,6 +45,7 @@ impl ModelRunner {
                 block_ids: vec![(next_block..next_block + need).collect()],
                 num_computed_tokens: 0,
                 sampling: sampling.clone(),
+                pooling: None,
             });
             if max_tokens > 0 {
                 step.num_scheduled_tokens.push((ids[i].clone(), p.len()));

@@ -9,8 +9,10 @@
 
 mod generate;
 mod logprobs;
+mod memory;
 mod pipeline;
 mod plan;
+mod pooling;
 mod requests;
 mod sampling;
 mod schedule;
@@ -26,12 +28,14 @@ use mlx_rs::{
 };
 
 pub use logprobs::Logprobs;
+pub use memory::KvBudgetRequest;
 pub use pipeline::{StepId, StepTiming};
+pub use pooling::{DecoderHead, DecoderPooling};
 pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
 
 use crate::batch::{SeqChunk, StepBatch};
 use crate::config::ModelConfig;
-use crate::dtype::{dtype_name, parse_dtype};
+use crate::dtype::{compute_dtype, dtype_name};
 use crate::kv_cache::PagedKvCache;
 use crate::mlx_ext::device::{self, DeviceKind};
 use crate::models::{self, CausalLm};
@@ -67,6 +71,8 @@ pub struct StepOutput {
     /// Requests of the step that failed (no token), with the reason; the engine has forgotten
     /// them and serves the others.
     pub failed: Vec<(String, String)>,
+    /// Pooling models: per request of `req_ids`, its vector (or scores) when its prompt ended.
+    pub pooled: Vec<Option<Vec<f32>>>,
 }
 
 /// Where a step can fail: building and submitting the forward, choosing the tokens, or on the
@@ -112,6 +118,8 @@ pub struct ModelRunner {
     timings: VecDeque<StepTiming>,
     /// A failure to raise once at this stage of the next step (tests of fault isolation).
     fault: Option<FaultStage>,
+    /// A pooling model's output (None: generation).
+    pooling: Option<DecoderPooling>,
 }
 
 impl ModelRunner {
@@ -122,22 +130,9 @@ impl ModelRunner {
         let config_dir = if model_path.is_file() { model_path.parent().unwrap_or(Path::new(".")) } else { model_path };
         let config = ModelConfig::from_file(&config_dir.join("config.json"))?;
         let source = WeightSource::locate(model_path)?;
-        let dtype = match device {
-            // MLX's CPU backend has fast (BLAS) matmul for float32 only.
-            DeviceKind::Cpu => {
-                if let Some(d) = &opts.dtype {
-                    if parse_dtype(d)? != Dtype::Float32 {
-                        log::info!("dtype {d} requested; the CPU backend computes in float32");
-                    }
-                }
-                Dtype::Float32
-            }
-            DeviceKind::Gpu => match opts.dtype.as_deref().or(config.checkpoint_dtype()) {
-                Some(d) => parse_dtype(d)?,
-                None => Dtype::Float16,
-            },
-        };
+        let dtype = compute_dtype(device, opts.dtype.as_deref(), config.checkpoint_dtype())?;
         let mut weights = Weights::load(&source, &config, WeightOptions { dtype, dequantize: device == DeviceKind::Cpu })?;
+        weights.prefix_bare_decoder();
         let model = models::load(&config, &mut weights)
             .with_context(|| format!("building the model from {}", model_path.display()))?;
         let leftover = weights.leftover();
@@ -145,12 +140,9 @@ impl ModelRunner {
             log::warn!("{} checkpoint tensors unused, e.g. {}", leftover.len(), leftover[0]);
         }
         drop(weights);
-        let linears = model.parameters();
-        let mut arrays: Vec<&Array> = linears.iter().flat_map(|l| l.arrays()).collect();
-        arrays.extend(model.norms().iter().map(|n| &n.weight));
+        let arrays = model.weights();
         eval(arrays.iter().copied()).context("materialising weights")?;
-        let weights_nbytes = linears.iter().map(|l| l.nbytes()).sum::<usize>()
-            + model.norms().iter().map(|n| n.weight.nbytes()).sum::<usize>();
+        let weights_nbytes = arrays.iter().map(|a| a.nbytes()).sum::<usize>();
         log::info!(
             "loaded {} from {} ({}) on {:?}: {} layers, {} in {}, {:.1} MiB, {:.2}s",
             config.architectures.first().map(String::as_str).unwrap_or("?"),
@@ -158,7 +150,7 @@ impl ModelRunner {
             match &source { WeightSource::Gguf(_) => "gguf", WeightSource::Safetensors(_) => "safetensors" },
             device,
             config.num_hidden_layers,
-            if linears.iter().any(|l| l.quant.is_some()) { "quantized" } else { "dense" },
+            if arrays.iter().any(|a| a.dtype() == Dtype::Uint32) { "quantized" } else { "dense" },
             dtype_name(dtype),
             weights_nbytes as f64 / (1 << 20) as f64,
             start.elapsed().as_secs_f64()
@@ -179,6 +171,7 @@ impl ModelRunner {
             pipeline: Pipeline::default(),
             timings: VecDeque::new(),
             fault: None,
+            pooling: None,
         })
     }
 
@@ -194,16 +187,6 @@ impl ModelRunner {
 
     pub fn num_layers(&self) -> usize {
         self.config.num_hidden_layers
-    }
-
-    pub fn kv_bytes_per_block(&self) -> usize {
-        PagedKvCache::bytes_per_block(
-            self.num_layers(),
-            self.block_size,
-            self.config.num_kv_heads(),
-            self.config.head_dim(),
-            self.dtype,
-        )
     }
 
     /// Seed for draws of requests without their own seed.
@@ -273,33 +256,6 @@ impl ModelRunner {
         self.cache.as_ref().map_or(0, |c| c.num_blocks)
     }
 
-    /// Bytes MLX allocates beyond the weights for one forward of `num_tokens` tokens (one request).
-    pub fn profile_peak_memory(&mut self, num_tokens: usize) -> Result<usize> {
-        ensure!(num_tokens > 0, "profile needs at least one token");
-        let saved = self.cache.take();
-        mlx_rs::memory::clear_cache()?;
-        mlx_rs::memory::reset_peak_memory()?;
-        let base = mlx_rs::memory::active_memory()?;
-        let blocks = num_tokens.div_ceil(self.block_size);
-        let result = (|| -> Result<usize> {
-            self.allocate_kv_cache(blocks)?;
-            let tokens = vec![0i32; num_tokens];
-            let block_ids: Vec<i32> = (0..blocks as i32).collect();
-            let block_ids = [block_ids];
-            let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
-            let batch = self.build_batch(&[chunk])?;
-            let cache = self.cache.as_mut().unwrap();
-            let hidden = self.model.forward(&batch, cache)?;
-            let last = hidden.take_axis(&Array::from_slice(&[num_tokens as i32 - 1], &[1]), 0)?;
-            let logits = self.model.logits(&last)?;
-            eval([&logits].into_iter().chain(cache.arrays()))?;
-            Ok(mlx_rs::memory::peak_memory()?.saturating_sub(base))
-        })();
-        self.cache = saved;
-        mlx_rs::memory::clear_cache()?;
-        result
-    }
-
     /// What the request table checks requests against.
     fn limits(&self) -> Limits {
         Limits { vocab_size: self.config.vocab_size, kv: self.cache.as_ref().map(|c| (c.num_groups(), c.num_blocks)) }
@@ -345,13 +301,16 @@ impl ModelRunner {
         let model = self.model.as_ref();
         let cache = allocated(&mut self.cache)?;
         let hidden = model.forward(&batch, cache)?;
+        let pooled = self.submit_pooled(&plan, &hidden)?;
         let logits = match plan.last_tokens.len() {
+            _ if self.pooling.is_some() => None,
             0 => None,
             n => Some(model.logits(&hidden.take_axis(&Array::from_slice(&plan.last_tokens, &[n as i32]), 0)?)?),
         };
+        let cache = allocated(&mut self.cache)?;
         let prompt_chunks = logprobs::prompt_chunks(model, &hidden, &plan.prompt_rows, &self.table, self.logprobs_mode)?;
         let t1 = Instant::now();
-        async_eval(cache.arrays().chain(logits.iter())).context("submitting the step")?;
+        async_eval(cache.arrays().chain(logits.iter()).chain(pooled.iter())).context("submitting the step")?;
         let timing = StepTiming {
             num_tokens: plan.num_tokens,
             num_seqs: plan.running.len(),
@@ -364,7 +323,7 @@ impl ModelRunner {
             let (id, n) = &plan.scheduled[i];
             self.table.get_mut(id).expect("planned requests are in the table").num_computed += n;
         }
-        Ok(PendingStep { plan, logits, prompt_chunks, timing, failed: Vec::new() })
+        Ok(PendingStep { plan, logits, pooled, prompt_chunks, timing, failed: Vec::new() })
     }
 
     /// The second half of a step, waiting for it: [`Self::sample_submit`] then [`Self::collect`].

@@ -45,6 +45,9 @@ pub struct PendingStep {
     pub plan: StepPlan,
     /// float32 logits `[sample_rows, V]`.
     pub logits: Option<Array>,
+    /// Pooling models: the pooled float32 rows `[sample_rows, hidden]` (or the classifier's
+    /// logits `[sample_rows, labels]`) instead of logits.
+    pub pooled: Option<Array>,
     pub prompt_chunks: Vec<PromptChunk>,
     pub timing: StepTiming,
     pub failed: Failures,
@@ -53,7 +56,7 @@ pub struct PendingStep {
 impl PendingStep {
     /// A step that runs nothing (its requests failed, or it had none).
     pub fn nothing(plan: StepPlan, failed: Failures) -> Self {
-        Self { plan, logits: None, prompt_chunks: Vec::new(), timing: StepTiming::default(), failed }
+        Self { plan, logits: None, pooled: None, prompt_chunks: Vec::new(), timing: StepTiming::default(), failed }
     }
 }
 

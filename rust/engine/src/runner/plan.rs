@@ -131,6 +131,7 @@ mod tests {
             block_ids: vec![blocks.to_vec()],
             num_computed_tokens: computed,
             sampling: SamplingParams::default(),
+            pooling: None,
         }
     }
 

@@ -12,6 +12,7 @@ use anyhow::{anyhow, bail, ensure, Result};
 use super::logprobs::Logprobs;
 use super::pipeline::StepId;
 use super::schedule::{CachedRequest, NewRequest, SchedulerStep};
+use crate::encoder::pooling::PoolingParams;
 use crate::sampler::{SamplingParams, TokenCounts};
 
 /// The value of a token that is still on the device (sampled by a step in flight): a request's
@@ -35,6 +36,8 @@ pub struct RequestState {
     /// Tokens whose K/V are in the cache (or are being written by a submitted step).
     pub num_computed: usize,
     pub sampling: SamplingParams,
+    /// Pooling requests: what they ask instead of tokens.
+    pub pooling: Option<PoolingParams>,
     /// Prompt logprobs gathered so far, while the prompt is being prefilled.
     pub prompt_logprobs: Option<Logprobs>,
     /// Distinct tokens for the penalties, counted as the request grows.
@@ -171,6 +174,7 @@ impl RequestTable {
                     block_ids: r.block_ids.clone(),
                     num_computed: r.num_computed_tokens,
                     sampling: r.sampling.clone(),
+                    pooling: r.pooling.clone(),
                     prompt_logprobs,
                     counts: TokenCounts::default(),
                     deferred: Vec::new(),

@@ -1,6 +1,7 @@
 //! What the engine reads from vLLM's scheduler once per step: the vLLM-shaped contract of the
 //! runner (the PyO3 crate fills these from `SchedulerOutput`; `generate` fills them itself).
 
+use crate::encoder::pooling::PoolingParams;
 use crate::sampler::SamplingParams;
 
 /// A request the scheduler sends for the first time (or again after it was dropped).
@@ -13,6 +14,8 @@ pub struct NewRequest {
     /// > 0 when a prefix of the prompt is already cached.
     pub num_computed_tokens: usize,
     pub sampling: SamplingParams,
+    /// A pooling request (of a pooling model): what it asks instead of tokens.
+    pub pooling: Option<PoolingParams>,
 }
 
 /// A request the runner already knows.
