@@ -209,6 +209,31 @@ def test_phi3_partial_rotary(core, tiny_models):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_family_half_precision_checkpoint(core, tiny_models, family):
+    """The checkpoint saved in bfloat16 (float16 for one family in three), against transformers
+    running the rounded weights in float32 (the CPU backend computes in float32)."""
+    import torch
+
+    spec = R.TINY_VARIANTS[family]
+    dtype = torch.float16 if FAMILIES.index(family) % 3 == 2 else torch.bfloat16
+    src = tiny_models.path(family)
+    out = tiny_models.root / "half" / f"{family}-{str(dtype).removeprefix('torch.')}"
+    if not (out / "config.json").is_file():
+        R.load_hf(src).to(dtype).save_pretrained(out)
+        for f in src.iterdir():
+            if f.name.startswith(("tokenizer", "generation_config", "special_tokens")):
+                (out / f.name).write_bytes(f.read_bytes())
+    runner = core.ModelRunner(str(out), block_size=BLOCK_SIZE)
+    runner.allocate_kv_cache(8)
+    ids = _rand_ids(600 + spec.seed, 60, spec.vocab_size)
+    ours = runner.step_logits([("h", ids, 0, [5, 2, 7, 0])])
+    ref = R.hf_logits(R.load_hf(out), ids)
+    _check_rows(ours, ref, f"{family} {dtype} checkpoint")
+    # The rounding is visible: the float32 weights give clearly different logits.
+    assert R.rel_err(R.hf_logits(tiny_models.hf(family), ids), ref) > 10 * R.LOGITS_REL_TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_mlx_quantized(core, tiny_models, family):
     """An mlx-community-style directory (weight/scales/biases, config.json "quantization") against
     transformers running MLX's dequantization of the same weights."""
