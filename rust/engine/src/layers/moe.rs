@@ -88,7 +88,12 @@ impl SigmoidRouting {
 impl SparseMoe {
     /// The experts of each token `[T, k]` and their weights `[T, k]` (float32).
     fn route(&self, x: &Array) -> Result<(Array, Array)> {
-        let logits = self.gate.forward(x)?.as_dtype(Dtype::Float32)?;
+        // A dense router runs in its weight's dtype (GLM-4.5's is float32, as in transformers).
+        let x = match &self.gate.quant {
+            None if self.gate.weight.dtype() != x.dtype() => x.as_dtype(self.gate.weight.dtype())?,
+            _ => x.clone(),
+        };
+        let logits = self.gate.forward(&x)?.as_dtype(Dtype::Float32)?;
         let k = self.top_k;
         match &self.routing {
             Routing::Softmax { norm_topk_prob } => {

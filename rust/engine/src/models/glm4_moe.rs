@@ -6,6 +6,7 @@
 //! Block: pre-norm; attention with partial RoPE; gated SiLU MLP, or routed experts + shared experts.
 
 use anyhow::{ensure, Result};
+use mlx_rs::Dtype;
 
 use crate::config::ModelConfig;
 use crate::layers::moe::{check_expert_counts, check_expert_groups, sparse_moe, MoeOptions, Routing, SigmoidRouting};
@@ -50,7 +51,13 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
                 routed_scaling_factor: config.routed_scaling_factor.unwrap_or(1.0),
             });
             let opts = MoeOptions { expert_names: ["gate_proj", "up_proj", "down_proj"], routing, shared_experts: true };
-            Ok(FeedForward::Sparse(sparse_moe(config, w, &prefix, opts)?))
+            let mut moe = sparse_moe(config, w, &prefix, opts)?;
+            // transformers routes in float32 whatever the model's dtype: near-ties between sigmoid
+            // scores pick the same experts.
+            if moe.gate.quant.is_none() {
+                moe.gate.weight = moe.gate.weight.as_dtype(Dtype::Float32)?;
+            }
+            Ok(FeedForward::Sparse(moe))
         },
     )
 }
