@@ -100,6 +100,13 @@ TINY_VARIANTS: dict[str, TinySpec] = {
     ),
     # Sharded safetensors with model.safetensors.index.json.
     "sharded": TinySpec(seed=6, max_shard_size="100KB"),
+    # YaRN with transformers' defaults (beta_fast 32, beta_slow 1, truncated ramp bounds, attention
+    # factor 0.1 ln(factor) + 1); max_position_embeddings / original = factor, as YaRN expects.
+    "yarn": TinySpec(
+        seed=7,
+        max_position_embeddings=512,
+        rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 64},
+    ),
 }
 
 
@@ -180,8 +187,77 @@ FAMILY_VARIANTS: dict[str, TinySpec] = {
             "mlp_only_layers": [1],
         },
     ),
+    # 8 experts in 4 groups of 2, the best 2 groups kept, 3 experts active, chosen with a routing
+    # bias and weighed by sigmoid score (renormalised, scaled 2.5), a shared expert; layer 0 dense;
+    # RoPE on half of each head (head_dim 24: 12 rotated); q/k norms; q/k/v biases (none on o).
+    "glm4_moe": TinySpec(
+        seed=20,
+        architecture="Glm4MoeForCausalLM",
+        extra_config={
+            "head_dim": 24,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 3,
+            "n_group": 4,
+            "topk_group": 2,
+            "moe_intermediate_size": 32,
+            "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5,
+            "norm_topk_prob": True,
+            "first_k_dense_replace": 1,
+            "use_qk_norm": True,
+            "attention_bias": True,
+            "partial_rotary_factor": 0.5,
+        },
+    ),
+    # layer 1 of 3 without positional encoding (NoPE: every 2nd layer), tied embeddings.
+    "smollm3": TinySpec(
+        seed=19,
+        architecture="SmolLM3ForCausalLM",
+        tie_word_embeddings=True,
+        extra_config={"no_rope_layer_interval": 2},
+    ),
+    # attention sinks (large enough to bite), sliding / full / sliding layers with a window shorter
+    # than the prompts, YaRN (original context 64, factor 8, untruncated ramp), 4 experts with
+    # biases, 2 active (softmax over the router's top-2 logits), a SwiGLU limit small enough to clamp.
+    "gpt_oss": TinySpec(
+        seed=22,
+        architecture="GptOssForCausalLM",
+        max_position_embeddings=512,
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 64,
+        },
+        extra_config={
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": _WINDOW,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "swiglu_limit": 0.5,
+        },
+    ),
 }
 TINY_VARIANTS.update(FAMILY_VARIANTS)
+# Phi-3 with partial rotary embeddings (Phi-4-mini's layout): longrope on 12 of 16 features per head.
+TINY_VARIANTS["phi3_partial"] = TinySpec(
+    seed=21,
+    architecture="Phi3ForCausalLM",
+    max_position_embeddings=256,
+    extra_config={
+        "original_max_position_embeddings": 64,
+        "rope_parameters": {
+            "rope_type": "longrope",
+            "rope_theta": 10000.0,
+            "partial_rotary_factor": 0.75,
+            "short_factor": [1.0 + 0.1 * i for i in range(6)],
+            "long_factor": [1.0 + 0.9 * i for i in range(6)],
+            "original_max_position_embeddings": 64,
+        },
+    },
+)
 
 
 def chat_template() -> str:
@@ -237,6 +313,9 @@ MODEL_TYPES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3_text",
     "Phi3ForCausalLM": "phi3",
+    "SmolLM3ForCausalLM": "smollm3",
+    "Glm4MoeForCausalLM": "glm4_moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 
@@ -268,7 +347,8 @@ def _hf_config(spec: TinySpec):
 
 
 def randomize_(model, spec: TinySpec) -> None:
-    """Deterministic random weights, including non-trivial RMSNorm gains."""
+    """Deterministic random weights, including non-trivial RMSNorm gains, routing biases and
+    attention sinks."""
     import torch
 
     gen = torch.Generator().manual_seed(spec.seed)
@@ -276,8 +356,14 @@ def randomize_(model, spec: TinySpec) -> None:
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("self_attn.sinks"):
+                p.copy_(1.0 + torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(spec.init_std * torch.randn(p.shape, generator=gen))
+        # Saved buffers that steer the model (GLM-4.5's routing bias, zero at init).
+        for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.2 * torch.randn(b.shape, generator=gen))
 
 
 def make_tiny_model(out_dir: str | os.PathLike, spec: TinySpec) -> Path:
@@ -627,7 +713,7 @@ def write_mlx_quantized(
     *,
     group_size: int,
     bits: int,
-    layer_bits: dict[str, int] | None = None,
+    layer_bits: dict[str, int | str] | None = None,
     stack_experts: bool = False,
 ) -> tuple[Path, Path]:
     """Quantize the float32 checkpoint in `model_dir` with MLX's own quantizer (mx.quantize, affine)
@@ -637,7 +723,12 @@ def write_mlx_quantized(
     Every 2-D `.weight` but the norms whose input dimension is a multiple of `group_size` is
     quantized (embedding and LM head included), as mlx-lm does. `layer_bits` maps a suffix of a
     layer path (e.g. "mlp.gate") to its own bit width, recorded as a per-layer entry of config.json's
-    `quantization`. `stack_experts` writes MoE experts stacked as mlx-lm's `switch_mlp` tensors.
+    `quantization`, or to "mxfp4" (MLX's MXFP4 mode: groups of 32, 4 bits, uint8 scales, no
+    biases; recorded with its mode). `stack_experts` writes MoE experts stacked as mlx-lm's `switch_mlp` tensors.
+    gpt-oss's experts (transformers: `gate_up_proj` `[E, hidden, 2 * inter]`, gate and up columns
+    interleaved, `down_proj` `[E, inter, hidden]`, x times them) are written as mlx-lm lays them
+    out, stacked `experts.{gate,up,down}_proj.{weight,bias}` `[E, out, in]`, and quantized as such;
+    the dequantized copy keeps transformers' layout.
     """
     import re
 
@@ -649,16 +740,30 @@ def write_mlx_quantized(
     _copy_side_files(src, outq)
     _copy_side_files(src, outd)
     tensors = load_file(str(src / "model.safetensors"))
+    fused = sorted(n[: -len(".gate_up_proj")] for n in tensors if n.endswith("mlp.experts.gate_up_proj"))
+    for base in fused:
+        gate_up, bias = tensors.pop(f"{base}.gate_up_proj"), tensors.pop(f"{base}.gate_up_proj_bias")
+        for i, proj in enumerate(["gate_proj", "up_proj"]):
+            tensors[f"{base}.{proj}.weight"] = np.ascontiguousarray(gate_up[:, :, i::2].transpose(0, 2, 1))
+            tensors[f"{base}.{proj}.bias"] = np.ascontiguousarray(bias[:, i::2])
+        tensors[f"{base}.down_proj.weight"] = np.ascontiguousarray(tensors.pop(f"{base}.down_proj").transpose(0, 2, 1))
+        tensors[f"{base}.down_proj.bias"] = tensors.pop(f"{base}.down_proj_bias")
     layer_bits = layer_bits or {}
     quant: dict[str, np.ndarray] = {}
     deq: dict[str, np.ndarray] = {}
     qcfg: dict = {"group_size": group_size, "bits": bits}
     for name, w in sorted(tensors.items()):
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
-        if prefix is None or w.ndim != 2 or "norm" in name or w.shape[-1] % group_size:
+        if prefix is None or w.ndim not in (2, 3) or "norm" in name or w.shape[-1] % group_size:
             quant[name] = deq[name] = w
             continue
         b = next((v for k, v in layer_bits.items() if prefix.endswith(k)), bits)
+        if b == "mxfp4":
+            qcfg[prefix] = {"group_size": 32, "bits": 4, "mode": "mxfp4"}
+            wq, scales = mx.quantize(mx.array(w), group_size=32, bits=4, mode="mxfp4")
+            deq[name] = np.array(mx.dequantize(wq, scales, None, group_size=32, bits=4, mode="mxfp4", dtype=mx.float32))
+            quant[name], quant[f"{prefix}.scales"] = np.array(wq), np.array(scales)
+            continue
         if b != bits:
             qcfg[prefix] = {"group_size": group_size, "bits": b}
         wq, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=b)
@@ -674,6 +779,16 @@ def write_mlx_quantized(
             groups.setdefault((base, proj, kind), {})[int(e)] = quant.pop(name)
         for (base, proj, kind), per in groups.items():
             quant[f"{base}.switch_mlp.{proj}.{kind}"] = np.stack([per[e] for e in sorted(per)])
+    for base in fused:
+        gate, up = deq.pop(f"{base}.gate_proj.weight"), deq.pop(f"{base}.up_proj.weight")
+        gate_b, up_b = deq.pop(f"{base}.gate_proj.bias"), deq.pop(f"{base}.up_proj.bias")
+        gate_up = np.empty((gate.shape[0], gate.shape[2], 2 * gate.shape[1]), dtype=gate.dtype)
+        gate_up[:, :, 0::2], gate_up[:, :, 1::2] = gate.transpose(0, 2, 1), up.transpose(0, 2, 1)
+        bias = np.empty((gate_b.shape[0], 2 * gate_b.shape[1]), dtype=gate_b.dtype)
+        bias[:, 0::2], bias[:, 1::2] = gate_b, up_b
+        deq[f"{base}.gate_up_proj"], deq[f"{base}.gate_up_proj_bias"] = gate_up, bias
+        deq[f"{base}.down_proj"] = np.ascontiguousarray(deq.pop(f"{base}.down_proj.weight").transpose(0, 2, 1))
+        deq[f"{base}.down_proj_bias"] = deq.pop(f"{base}.down_proj.bias")
     save_file(quant, str(outq / "model.safetensors"))
     save_file(deq, str(outd / "model.safetensors"))
     cfg = json.loads((outq / "config.json").read_text())

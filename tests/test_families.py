@@ -1,5 +1,7 @@
 """Model families beyond Llama against transformers (float32): Qwen2, Qwen3, Mistral with a
-sliding window, Gemma 2 / Gemma 3, Phi-3 with longrope, Mixtral and Qwen3-MoE.
+sliding window, Gemma 2 / Gemma 3, Phi-3 with longrope, Mixtral, Qwen3-MoE, SmolLM3 (NoPE
+layers), GLM-4.5 (grouped sigmoid routing, shared experts, partial rotary) and gpt-oss (attention
+sinks, windows, YaRN, biased clamped-SwiGLU experts).
 
 Each family's tiny checkpoint (reference.FAMILY_VARIANTS) exercises what sets it apart. Per family,
 one engine-level test compares logits of full prompts, of a paged run (chunked prefill, decode,
@@ -22,7 +24,8 @@ GEN_TOKENS = 12
 
 #: MLX quantization of each family's checkpoint: (group_size, bits, per-layer bits, experts stacked
 #: as mlx-lm's switch_mlp). Both group sizes and bit widths occur; the MoE routers get 8 bits as a
-#: per-layer override, as mlx-lm's converter gives them.
+#: per-layer override, as mlx-lm's converter gives them. gpt-oss's gate and up experts are MXFP4
+#: (MLX's `mxfp4` mode: uint8 power-of-two scales, no biases), the rest affine: both in one directory.
 QUANTIZED = {
     "qwen2": (64, 4, {}, False),
     "qwen3": (32, 8, {}, False),
@@ -32,9 +35,17 @@ QUANTIZED = {
     "phi3": (32, 4, {}, False),
     "mixtral": (64, 4, {"block_sparse_moe.gate": 8}, False),
     "qwen3_moe": (32, 4, {"mlp.gate": 8}, True),
+    "smollm3": (32, 4, {"mlp.down_proj": 8}, False),
+    "glm4_moe": (32, 4, {"mlp.gate": 8, "shared_experts.down_proj": 8}, True),
+    "gpt_oss": (
+        32,
+        4,
+        {"mlp.router": 8, "experts.down_proj": 8, "experts.gate_proj": "mxfp4", "experts.up_proj": "mxfp4"},
+        False,
+    ),
 }
 #: Families whose vllm.LLM run uses the quantized directory (and transformers the dequantized one).
-VLLM_QUANTIZED = {"mixtral", "qwen3_moe"}
+VLLM_QUANTIZED = {"mixtral", "qwen3_moe", "glm4_moe", "gpt_oss"}
 
 _quantized_dirs: dict[str, tuple] = {}
 
@@ -60,9 +71,11 @@ def _rand_ids(seed: int, n: int, vocab: int) -> list[int]:
     return np.random.default_rng(seed).integers(R.NUM_SPECIAL, vocab, size=n).tolist()
 
 
-#: Config changes that remove a family's peculiarity. The same weights with the change must give
-#: clearly different transformers logits on the test prompts, or matching them would prove nothing.
+#: Config changes that remove a family's peculiarity (a list: each of several). The same weights
+#: with the change must give clearly different transformers logits on the test prompts, or
+#: matching them would prove nothing. `FILL` sets weights (by name suffix) to a value instead.
 #: (Qwen2's biases and Qwen3's q/k norms are weights: a model without them would not load them.)
+FILL = "fill_weights"
 PECULIARITY_OFF = {
     "mistral": {"sliding_window": None},
     "gemma2": {"attn_logit_softcapping": None, "final_logit_softcapping": None},
@@ -70,14 +83,40 @@ PECULIARITY_OFF = {
     "phi3": {"original_max_position_embeddings": 4096},
     "mixtral": {"num_experts_per_tok": 1},
     "qwen3_moe": {"num_experts_per_tok": 1},
+    "smollm3": {"no_rope_layers": [1, 1, 1]},
+    "glm4_moe": [
+        {"n_group": 1, "topk_group": 1},
+        {FILL: ("e_score_correction_bias", 0.0)},
+        {"routed_scaling_factor": 1.0},
+        {"norm_topk_prob": False},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": R.TINY_VARIANTS["glm4_moe"].rope_theta,
+                             "partial_rotary_factor": 1.0}},
+    ],
+    "gpt_oss": [
+        {FILL: ("self_attn.sinks", float("-inf"))},
+        {"sliding_window": 4096},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": R.TINY_VARIANTS["gpt_oss"].rope_theta}},
+        {"swiglu_limit": 1000.0},
+        {"num_experts_per_tok": 1},
+    ],
 }
+_OFF_CASES = [
+    (family, off)
+    for family, offs in PECULIARITY_OFF.items()
+    for off in (offs if isinstance(offs, list) else [offs])
+]
 
 
-@pytest.mark.parametrize("family", list(PECULIARITY_OFF))
-def test_family_peculiarity_is_visible(tiny_models, family):
+@pytest.mark.parametrize(
+    "family,off", _OFF_CASES, ids=[f"{f}-{'-'.join(map(str, off))}" for f, off in _OFF_CASES]
+)
+def test_family_peculiarity_is_visible(tiny_models, family, off):
+    import torch
+
     spec = R.TINY_VARIANTS[family]
     path = tiny_models.path(family)
-    off = PECULIARITY_OFF[family]
+    off = dict(off)
+    fill = off.pop(FILL, None)
     if family == "phi3":
         # Long factors apply beyond the original context: prompts of 100 tokens use them.
         import json
@@ -85,9 +124,16 @@ def test_family_peculiarity_is_visible(tiny_models, family):
         rope = json.loads((path / "config.json").read_text())["rope_parameters"]
         off = {"rope_parameters": dict(rope, original_max_position_embeddings=4096), **off}
     plain = R.load_hf(path, **off)
+    if fill is not None:
+        suffix, value = fill
+        tensors = [t for n, t in plain.state_dict().items() if n.endswith(suffix)]
+        assert tensors, f"{family}: no weights named *{suffix}"
+        with torch.no_grad():
+            for t in tensors:
+                t.fill_(value)
     ids = _rand_ids(7, 100, spec.vocab_size)
     err = R.rowwise_rel_err(R.hf_logits(tiny_models.hf(family), ids), R.hf_logits(plain, ids))
-    assert err.max() > 100 * R.LOGITS_REL_TOL, f"{family}: {off} barely changes logits ({err.max():.3g})"
+    assert err.max() > 100 * R.LOGITS_REL_TOL, f"{family}: {off or fill} barely changes logits ({err.max():.3g})"
 
 
 def _check_rows(ours, ref, what):
@@ -143,6 +189,50 @@ def test_family_matches_transformers(core, tiny_models, family):
             print(note)
 
 
+def test_phi3_partial_rotary(core, tiny_models):
+    """Phi-3 rotating 12 of 16 features per head (longrope, prompts on the short and the long
+    factors): full prompts against transformers, which visibly differs with the whole head rotated."""
+    import json
+
+    name = "phi3_partial"
+    spec, path, hf = R.TINY_VARIANTS[name], tiny_models.path(name), tiny_models.hf(name)
+    runner = core.ModelRunner(str(path), block_size=BLOCK_SIZE)
+    runner.allocate_kv_cache(16)
+    for n in (100, 40):
+        ids = _rand_ids(500 + n, n, spec.vocab_size)
+        _check_rows(runner.step_logits([("p", ids, 0, list(range(7)))]), R.hf_logits(hf, ids), f"{name} prompt {n}")
+    rope = json.loads((path / "config.json").read_text())["rope_parameters"]
+    full = dict(rope, partial_rotary_factor=1.0, short_factor=[1.0] * 8, long_factor=[1.0] * 8)
+    ids = _rand_ids(7, 100, spec.vocab_size)
+    err = R.rel_err(R.hf_logits(R.load_hf(path, rope_parameters=full), ids), R.hf_logits(hf, ids))
+    assert err > 100 * R.LOGITS_REL_TOL, f"rotating the whole head barely changes logits ({err:.3g})"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_half_precision_checkpoint(core, tiny_models, family):
+    """The checkpoint saved in bfloat16 (float16 for one family in three), against transformers
+    running the rounded weights in float32 (the CPU backend computes in float32)."""
+    import torch
+
+    spec = R.TINY_VARIANTS[family]
+    dtype = torch.float16 if FAMILIES.index(family) % 3 == 2 else torch.bfloat16
+    src = tiny_models.path(family)
+    out = tiny_models.root / "half" / f"{family}-{str(dtype).removeprefix('torch.')}"
+    if not (out / "config.json").is_file():
+        R.load_hf(src).to(dtype).save_pretrained(out)
+        for f in src.iterdir():
+            if f.name.startswith(("tokenizer", "generation_config", "special_tokens")):
+                (out / f.name).write_bytes(f.read_bytes())
+    runner = core.ModelRunner(str(out), block_size=BLOCK_SIZE)
+    runner.allocate_kv_cache(8)
+    ids = _rand_ids(600 + spec.seed, 60, spec.vocab_size)
+    ours = runner.step_logits([("h", ids, 0, [5, 2, 7, 0])])
+    ref = R.hf_logits(R.load_hf(out), ids)
+    _check_rows(ours, ref, f"{family} {dtype} checkpoint")
+    # The rounding is visible: the float32 weights give clearly different logits.
+    assert R.rel_err(R.hf_logits(tiny_models.hf(family), ids), ref) > 10 * R.LOGITS_REL_TOL
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_mlx_quantized(core, tiny_models, family):
     """An mlx-community-style directory (weight/scales/biases, config.json "quantization") against
@@ -178,7 +268,7 @@ def test_family_mlx_quantized(core, tiny_models, family):
 #: flight, which 20 blocks no longer hold for a 128-token request.
 VLLM_KV_BLOCKS = 24
 #: Layers per KV-cache group (vLLM's plan for the tiny checkpoints).
-_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1}
+_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1, "gpt_oss": 1}
 
 
 @pytest.mark.vllm

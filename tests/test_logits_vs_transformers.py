@@ -18,7 +18,7 @@ import reference as R
 BLOCK_SIZE = 16
 FULL_PROMPT_LEN = 100  # crosses several blocks and llama3's original_max_position_embeddings (64)
 
-VARIANTS = ["gqa_untied", "tied", "mha", "llama3", "llama3_legacy", "linear", "linear_legacy", "sharded"]
+VARIANTS = ["gqa_untied", "tied", "mha", "llama3", "llama3_legacy", "linear", "linear_legacy", "sharded", "yarn"]
 
 
 def _rand_ids(seed: int, n: int, vocab: int) -> list[int]:
@@ -67,7 +67,7 @@ def test_fixture_variants_are_what_they_claim(tiny_models):
     assert "rope_scaling" not in modern and modern["rope_parameters"]["rope_type"] == "llama3"
 
 
-@pytest.mark.parametrize("variant", ["llama3", "linear"])
+@pytest.mark.parametrize("variant", ["llama3", "linear", "yarn"])
 def test_rope_scaling_is_visible_at_tolerance(tiny_models, variant):
     """Scaled vs unscaled rope (same weights) must differ by far more than the tolerance, or the
     scaling tests below would prove nothing."""

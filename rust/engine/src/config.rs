@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
-use crate::models::{self, Family};
+use crate::models::{self, Family, PartialRotary};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeScaling {
@@ -19,6 +19,14 @@ pub struct RopeScaling {
     pub short_factor: Option<Vec<f32>>,
     pub long_factor: Option<Vec<f32>>,
     pub attention_factor: Option<f32>,
+    /// YaRN: rotations per wavelength bounding the blend of interpolated and original
+    /// frequencies, whether those bounds are rounded outwards (default true), and the DeepSeek
+    /// form of the attention factor.
+    pub beta_fast: Option<f32>,
+    pub beta_slow: Option<f32>,
+    pub truncate: Option<bool>,
+    pub mscale: Option<f32>,
+    pub mscale_all_dim: Option<f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,16 +73,34 @@ pub struct ModelConfig {
     /// Phi-3: context length the short rope factors were trained for.
     pub original_max_position_embeddings: Option<usize>,
     pub partial_rotary_factor: Option<f32>,
-    /// MoE: experts (Mixtral `num_local_experts`, Qwen3-MoE `num_experts`).
-    #[serde(alias = "num_local_experts")]
+    /// SmolLM3: per layer 1 (RoPE) or 0 (no positional encoding); absent, every
+    /// `no_rope_layer_interval`-th layer has none.
+    pub no_rope_layers: Option<Vec<u8>>,
+    pub no_rope_layer_interval: Option<usize>,
+    /// MoE: experts (Mixtral `num_local_experts`, Qwen3-MoE `num_experts`, GLM-4.5
+    /// `n_routed_experts`).
+    #[serde(alias = "num_local_experts", alias = "n_routed_experts")]
     pub num_experts: Option<usize>,
     pub num_experts_per_tok: Option<usize>,
-    /// Qwen3-MoE: renormalise the top-k routing weights.
+    /// Renormalise the top-k routing weights (absent: the family's default).
+    pub norm_topk_prob: Option<bool>,
+    /// GLM-4.5: sigmoid routing within the `topk_group` best of `n_group` expert groups, weights
+    /// times `routed_scaling_factor`; a dense `shared_experts` MLP of `n_shared_experts` experts'
+    /// width beside them; the first `first_k_dense_replace` layers dense; q/k norms by `use_qk_norm`.
+    pub n_group: Option<usize>,
+    pub topk_group: Option<usize>,
+    pub routed_scaling_factor: Option<f32>,
+    pub n_shared_experts: Option<usize>,
+    pub first_k_dense_replace: Option<usize>,
     #[serde(default)]
-    pub norm_topk_prob: bool,
+    pub use_qk_norm: bool,
     pub decoder_sparse_step: Option<usize>,
     #[serde(default)]
     pub mlp_only_layers: Vec<usize>,
+    /// gpt-oss: the clamped SwiGLU of its experts, `(up + 1) * gate * sigmoid(alpha * gate)` with
+    /// gate <= limit and |up| <= limit.
+    pub swiglu_alpha: Option<f32>,
+    pub swiglu_limit: Option<f32>,
     pub torch_dtype: Option<String>,
     pub dtype: Option<String>,
     /// mlx-community quantized checkpoints (`{"group_size": 64, "bits": 4}`).
@@ -206,9 +232,11 @@ impl ModelConfig {
                     "unsupported MLX quantization {q}: supported are bits 2-6 or 8 with group_size 32, 64 or 128"
                 );
             }
-            if let Some(mode) = q.get("mode").and_then(|m| m.as_str()) {
-                if mode != "affine" {
-                    bail!("unsupported MLX quantization mode {mode:?}: supported is affine");
+            // Per-layer entries may name their own mode (mlx-lm: MXFP4 experts, affine others).
+            let layers = q.as_object().into_iter().flat_map(|o| o.values()).filter(|v| v.is_object());
+            for mode in std::iter::once(q).chain(layers).filter_map(|v| v.get("mode").and_then(|m| m.as_str())) {
+                if mode != "affine" && mode != "mxfp4" {
+                    bail!("unsupported MLX quantization mode {mode:?}: supported are affine and mxfp4");
                 }
             }
         }
@@ -220,16 +248,27 @@ impl ModelConfig {
                 self.num_kv_heads()
             );
         }
-        if self.partial_rotary_factor.is_some_and(|f| f != 1.0) {
-            bail!("partial rotary embeddings (partial_rotary_factor < 1) are not supported");
+        let factor = self.partial_rotary_factor();
+        match family.partial_rotary {
+            _ if factor == 1.0 => {}
+            PartialRotary::Refused => bail!(
+                "partial rotary embeddings (partial_rotary_factor {factor}) are not supported for {}",
+                self.architecture()?
+            ),
+            PartialRotary::Accepted { .. } => {
+                let dim = self.rotary_dim();
+                if !(factor > 0.0 && factor < 1.0) || dim == 0 || dim % 2 != 0 {
+                    bail!("partial_rotary_factor {factor} of head_dim {} gives no even rotary dimension", self.head_dim());
+                }
+            }
         }
         if let Some(rs) = &self.rope_scaling {
             match rs.rope_type.as_deref() {
-                None | Some("default") | Some("linear") | Some("llama3") => {}
+                None | Some("default") | Some("linear") | Some("llama3") | Some("yarn") => {}
                 Some("longrope") | Some("su") if family.longrope => {}
                 Some(other) => bail!(
-                    "unsupported rope_scaling type {other:?}: supported are default, linear, llama3 \
-                     (and longrope for Phi-3)"
+                    "unsupported rope_scaling type {other:?}: supported are default, linear, llama3, \
+                     yarn (and longrope for Phi-3)"
                 ),
             }
         }
@@ -243,6 +282,20 @@ impl ModelConfig {
     pub fn head_dim(&self) -> usize {
         self.head_dim
             .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// The fraction of each head RoPE rotates (the config's, else the family's default).
+    pub fn partial_rotary_factor(&self) -> f32 {
+        let default = match self.family().map(|f| f.partial_rotary) {
+            Ok(PartialRotary::Accepted { default }) => default,
+            _ => 1.0,
+        };
+        self.partial_rotary_factor.unwrap_or(default)
+    }
+
+    /// Features RoPE rotates, the first of each head (transformers: `int(head_dim * factor)`).
+    pub fn rotary_dim(&self) -> usize {
+        (self.head_dim() as f64 * self.partial_rotary_factor() as f64) as usize
     }
 
     /// The checkpoint's declared floating-point dtype (config.json `torch_dtype` / `dtype`).
@@ -286,7 +339,7 @@ mod tests {
         assert!(format!("{err:#}").contains("unsupported model architecture"));
         assert!(format!("{err:#}").ends_with(
             "vllm-metal-rs runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, \
-             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM"
+             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM, Glm4MoeForCausalLM, GptOssForCausalLM"
         ));
     }
 
@@ -349,6 +402,11 @@ mod tests {
         assert!(err.contains("unsupported rope_scaling type \"longrope\""), "{err}");
         let phi3 = LLAMA.replace("LlamaForCausalLM", "Phi3ForCausalLM").replace("\"vocab_size\"", longrope);
         ModelConfig::from_json(&phi3).unwrap();
+        let partial = LLAMA.replace("\"vocab_size\"", "\"partial_rotary_factor\":0.5,\"vocab_size\"");
+        let err = format!("{:#}", ModelConfig::from_json(&partial).unwrap_err());
+        assert!(err.contains("partial rotary embeddings (partial_rotary_factor 0.5) are not supported for LlamaForCausalLM"), "{err}");
+        let c = ModelConfig::from_json(&partial.replace("LlamaForCausalLM", "Phi3ForCausalLM")).unwrap();
+        assert_eq!((c.head_dim(), c.rotary_dim()), (16, 8));
     }
 
     #[test]
@@ -358,6 +416,11 @@ mod tests {
         ModelConfig::from_json(&both).unwrap();
         let bad = LLAMA.replace("\"vocab_size\"", "\"quantization\":{\"group_size\":64,\"bits\":7},\"vocab_size\"");
         assert!(format!("{:#}", ModelConfig::from_json(&bad).unwrap_err()).contains("bits"));
+        let mxfp4 = r#"{"group_size":64,"bits":8,"model.layers.0.mlp.up_proj":{"group_size":32,"bits":4,"mode":"mxfp4"}}"#;
+        ModelConfig::from_json(&LLAMA.replace("\"vocab_size\"", &format!("\"quantization\":{mxfp4},\"vocab_size\""))).unwrap();
+        let nvfp4 = mxfp4.replace("mxfp4", "nvfp4");
+        let err = format!("{:#}", ModelConfig::from_json(&LLAMA.replace("\"vocab_size\"", &format!("\"quantization\":{nvfp4},\"vocab_size\""))).unwrap_err());
+        assert!(err.contains("unsupported MLX quantization mode \"nvfp4\": supported are affine and mxfp4"), "{err}");
         let fp8 = LLAMA.replace("\"vocab_size\"", "\"quantization_config\":{\"quant_method\":\"fp8\"},\"vocab_size\"");
         assert!(format!("{:#}", ModelConfig::from_json(&fp8).unwrap_err()).contains("\"fp8\""));
     }

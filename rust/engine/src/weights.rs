@@ -8,6 +8,7 @@ use mlx_rs::{ops, Array, Dtype};
 
 use crate::layers::linear::{Linear, Quantization};
 use crate::layers::norm::{LayerNorm, RmsNorm};
+use crate::mlx_ext::quant::QuantMode;
 
 #[derive(Debug, Clone)]
 pub enum WeightSource {
@@ -161,6 +162,16 @@ impl Weights {
         Ok(if a.dtype() == self.dtype { a } else { a.as_dtype(self.dtype)? })
     }
 
+    /// A floating-point tensor in float32 whatever the compute dtype (routing biases, which
+    /// transformers keeps in float32).
+    pub fn take_f32(&mut self, name: &str) -> Result<Array> {
+        let a = self.take_raw(name)?;
+        if !a.dtype().is_float() {
+            bail!("tensor {name:?} has dtype {:?}, expected floating point", a.dtype());
+        }
+        Ok(a.as_dtype(Dtype::Float32)?)
+    }
+
     pub fn layer_norm(&mut self, prefix: &str, eps: f32) -> Result<LayerNorm> {
         Ok(LayerNorm { weight: self.take(&format!("{prefix}.weight"))?, bias: self.take(&format!("{prefix}.bias"))?, eps })
     }
@@ -203,6 +214,8 @@ impl Weights {
                 biases: stack(&|p| p.quant.as_ref().and_then(|q| q.biases.as_ref()))?,
                 group_size: q.group_size,
                 bits: q.bits,
+                mode: q.mode,
+                dtype: q.dtype,
             }),
         };
         Ok(Linear { weight, bias: None, quant })
@@ -229,7 +242,11 @@ impl Weights {
         let weight = self.take_raw(&format!("{prefix}.weight"))?;
         let scales = self.take_raw(&scales_name)?;
         let biases = self.tensors.remove(&format!("{prefix}.biases"));
-        let (group_size, declared_bits) = self.quant_params(prefix);
+        let (declared_group_size, declared_bits) = self.quant_params(prefix);
+        // MXFP4 (mlx-lm's `mxfp4` mode) has uint8 scales (powers of two), no biases and groups of
+        // 32; affine has float scales and the config's group size.
+        let mode = if scales.dtype() == Dtype::Uint8 { QuantMode::Mxfp4 } else { QuantMode::Affine };
+        let group_size = if mode == QuantMode::Mxfp4 { 32 } else { declared_group_size };
         // Packed uint32 columns * 32 bits = input features = scale columns * group size.
         let packed = weight.shape()[weight.ndim() - 1];
         let groups = scales.shape()[scales.ndim() - 1];
@@ -240,15 +257,19 @@ impl Weights {
         if declared_bits.is_some_and(|b| b != bits) {
             bail!("tensor {prefix:?}: config.json says {} bits, the tensor shapes say {bits}", declared_bits.unwrap());
         }
-        // Scales and biases in the compute dtype first: dequantizing in the checkpoint's float16
-        // would round every weight to float16.
-        let scales = scales.as_dtype(self.dtype)?;
+        if mode == QuantMode::Mxfp4 && (bits != 4 || biases.is_some()) {
+            bail!("tensor {prefix:?}: uint8 scales (MXFP4) need 4 bits and no biases, got {bits} bits");
+        }
+        // Affine scales and biases in the compute dtype first: dequantizing in the checkpoint's
+        // float16 would round every weight to float16.
+        let scales = if mode == QuantMode::Affine { scales.as_dtype(self.dtype)? } else { scales };
         let biases = biases.map(|b| b.as_dtype(self.dtype)).transpose()?;
+        let quant = Quantization { scales, biases, group_size, bits, mode, dtype: self.dtype };
         if self.dequantize {
-            let w = ops::dequantize(&weight, &scales, biases.as_ref(), group_size, bits)?;
+            let w = quant.dequantize(&weight, &quant.scales, quant.biases.as_ref())?;
             return Ok(Linear { weight: w, bias, quant: None });
         }
-        Ok(Linear { weight, bias, quant: Some(Quantization { scales, biases, group_size, bits }) })
+        Ok(Linear { weight, bias, quant: Some(quant) })
     }
 
     /// Every tensor in the compute dtype under its HF name, packed weights dequantized: the

@@ -9,10 +9,11 @@ use crate::kv_cache::PagedKvCache;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
-use crate::paged_attention::paged_attention;
+use crate::paged_attention::{paged_attention, Scores};
 
 /// Self-attention with the options the families differ in: QKV bias (in the linears), per-head
-/// q/k norms (Qwen3, Gemma 3), a sliding window, score soft-capping (Gemma 2), the scale (Gemma).
+/// q/k norms (Qwen3, Gemma 3), a sliding window, score soft-capping (Gemma 2), the scale (Gemma),
+/// no positional encoding at all (SmolLM3's NoPE layers), attention sinks (gpt-oss).
 pub struct Attention {
     pub qkv: Qkv,
     pub o_proj: Linear,
@@ -22,10 +23,14 @@ pub struct Attention {
     pub num_kv_heads: i32,
     pub head_dim: i32,
     pub scale: f32,
-    pub rope: Rope,
+    /// None: the layer has no positional encoding (NoPE); queries and keys are used as projected.
+    pub rope: Option<Rope>,
     /// Keys at positions > query position - window only.
     pub sliding_window: Option<usize>,
     pub softcap: Option<f32>,
+    /// `[heads]`: a learned logit per head that joins each softmax's denominator without a value
+    /// (gpt-oss), letting a query attend to nothing.
+    pub sinks: Option<Array>,
 }
 
 impl Attention {
@@ -41,12 +46,15 @@ impl Attention {
         if let Some(n) = &self.k_norm {
             k = n.forward(&k)?;
         }
-        let q = self.rope.forward(&q, &batch.positions, &batch.seq_ends)?;
-        let k = self.rope.forward(&k, &batch.positions, &batch.seq_ends)?;
+        if let Some(rope) = &self.rope {
+            q = rope.forward(&q, &batch.positions, &batch.seq_ends)?;
+            k = rope.forward(&k, &batch.positions, &batch.seq_ends)?;
+        }
         let g = cache.layer_group[layer];
         let slots = batch.slots.get(g).ok_or_else(|| anyhow::anyhow!("batch has no block tables of KV group {g}"))?;
         cache.write(layer, &k, &v, slots)?;
-        let o = paged_attention(&q, cache, layer, batch, self.scale, self.sliding_window, self.softcap)?;
+        let scores = Scores { scale: self.scale, window: self.sliding_window, softcap: self.softcap, sinks: self.sinks.as_ref() };
+        let o = paged_attention(&q, cache, layer, batch, scores)?;
         self.o_proj.forward(&o)
     }
 

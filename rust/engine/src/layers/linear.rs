@@ -2,15 +2,31 @@
 //! linears stacked `[experts, out, in]` for gathered matmuls, and embedding rows.
 
 use anyhow::{Context, Result};
-use mlx_rs::{ops, Array};
+use mlx_rs::{ops, Array, Dtype};
 
-/// MLX affine quantization of a weight matrix (`weight` packed into uint32 along the input dimension).
+use crate::mlx_ext::quant::{self, QuantMode};
+
+/// MLX quantization of a weight matrix (`weight` packed into uint32 along the input dimension):
+/// affine (float scales and biases) or MXFP4 (uint8 power-of-two scales, no biases).
 #[derive(Clone)]
 pub struct Quantization {
     pub scales: Array,
     pub biases: Option<Array>,
     pub group_size: i32,
     pub bits: i32,
+    pub mode: QuantMode,
+    /// The compute dtype the weight dequantizes to (affine scales and biases are in it already).
+    pub dtype: Dtype,
+}
+
+impl Quantization {
+    /// The weight of packed `w` with these scales and biases (or those of some rows of it).
+    pub fn dequantize(&self, w: &Array, scales: &Array, biases: Option<&Array>) -> Result<Array> {
+        Ok(match self.mode {
+            QuantMode::Affine => ops::dequantize(w, scales, biases, self.group_size, self.bits)?.as_dtype(self.dtype)?,
+            mode => quant::dequantize(w, scales, biases, self.group_size, self.bits, mode, self.dtype)?,
+        })
+    }
 }
 
 /// `y = x W^T (+ b)`; W is `[out, in]` dense, or packed with [`Quantization`].
@@ -25,6 +41,9 @@ impl Linear {
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let y = match &self.quant {
             None => x.matmul(self.weight.t())?,
+            Some(q) if q.mode != QuantMode::Affine => {
+                quant::quantized_matmul(x, &self.weight, &q.scales, q.biases.as_ref(), q.group_size, q.bits, q.mode)?
+            }
             Some(q) => ops::quantized_matmul(
                 x,
                 &self.weight,
@@ -46,11 +65,15 @@ impl Linear {
         Ok(ops::split_at_indices(&self.forward(x)?, at, -1)?)
     }
 
-    /// Expert linears stacked in one `[experts, out, in]` weight: `x` `[T, 1, 1, in]` times the
-    /// experts `idx` `[T, k]` chose, `[T, k, 1, out]`. One gather_mm / gather_qmm for the whole batch.
+    /// Expert linears stacked in one `[experts, out, in]` weight (biases `[experts, out]`): `x`
+    /// `[T, 1, 1, in]` times the experts `idx` `[T, k]` chose, `[T, k, 1, out]`. One gather_mm /
+    /// gather_qmm for the whole batch.
     pub fn forward_experts(&self, x: &Array, idx: &Array, sorted: bool) -> Result<Array> {
-        Ok(match &self.quant {
+        let y = match &self.quant {
             None => ops::gather_mm(x, self.weight.swap_axes(-1, -2)?, None, idx, sorted)?,
+            Some(q) if q.mode != QuantMode::Affine => {
+                quant::gather_qmm(x, &self.weight, &q.scales, q.biases.as_ref(), idx, q.group_size, q.bits, q.mode, sorted)?
+            }
             Some(q) => ops::gather_qmm(
                 x,
                 &self.weight,
@@ -63,6 +86,10 @@ impl Linear {
                 q.bits,
                 sorted,
             )?,
+        };
+        Ok(match &self.bias {
+            Some(b) => y.add(b.take_axis(idx, 0)?.expand_dims(-2)?)?,
+            None => y,
         })
     }
 
@@ -77,7 +104,9 @@ impl Linear {
                 && l.bias.is_some() == first.bias.is_some()
                 && match (&l.quant, &first.quant) {
                     (None, None) => true,
-                    (Some(p), Some(q)) => p.group_size == q.group_size && p.bits == q.bits && p.biases.is_some() == q.biases.is_some(),
+                    (Some(p), Some(q)) => {
+                        p.group_size == q.group_size && p.bits == q.bits && p.mode == q.mode && p.biases.is_some() == q.biases.is_some()
+                    }
                     _ => false,
                 }
         });
@@ -101,6 +130,8 @@ impl Linear {
                     biases: cat(&|l| l.quant.as_ref().and_then(|q| q.biases.clone()))?,
                     group_size: q.group_size,
                     bits: q.bits,
+                    mode: q.mode,
+                    dtype: q.dtype,
                 }),
             },
         };
@@ -116,8 +147,7 @@ impl Linear {
                 let w = self.weight.take_axis(ids, 0)?;
                 let s = q.scales.take_axis(ids, 0)?;
                 let b = q.biases.as_ref().map(|b| b.take_axis(ids, 0)).transpose()?;
-                Ok(ops::dequantize(&w, &s, b.as_ref(), q.group_size, q.bits)?
-                    .as_dtype(q.scales.dtype())?)
+                q.dequantize(&w, &s, b.as_ref())
             }
         }
     }

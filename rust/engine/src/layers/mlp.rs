@@ -12,6 +12,9 @@ pub enum Activation {
     Silu,
     /// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`).
     GeluTanh,
+    /// gpt-oss's experts: `(up + 1) * gate * sigmoid(alpha * gate)` with the gate clamped to at
+    /// most `limit` and up to [-limit, limit].
+    ClampedSwiglu { alpha: f32, limit: f32 },
     /// GELU, exact (erf; BERT's `gelu`).
     Gelu,
 }
@@ -31,6 +34,18 @@ impl Activation {
         let f: ArrayFn = match self {
             Self::Silu => |a| Activation::Silu.apply(&a[0])?.multiply(&a[1]),
             Self::GeluTanh => |a| Activation::GeluTanh.apply(&a[0])?.multiply(&a[1]),
+            Self::ClampedSwiglu { alpha, limit } => {
+                // alpha and limit travel as arguments: one compiled function for any values.
+                let s = |v: f32| Array::from_f32(v).as_dtype(gate.dtype());
+                let f: ArrayFn = |a| {
+                    let (alpha, limit) = (&a[2], &a[3]);
+                    let g = ops::minimum(&a[0], limit)?;
+                    let u = ops::maximum(ops::minimum(&a[1], limit)?, limit.negative()?)?;
+                    let glu = g.multiply(ops::sigmoid(g.multiply(alpha)?)?)?;
+                    u.add(Array::from_f32(1.0).as_dtype(u.dtype())?)?.multiply(glu)
+                };
+                return fused(f, &[gate.clone(), up.clone(), s(alpha)?, s(limit)?]);
+            }
             Self::Gelu => |a| Activation::Gelu.apply(&a[0])?.multiply(&a[1]),
         };
         fused(f, &[gate.clone(), up.clone()])
@@ -43,6 +58,7 @@ impl Activation {
 
     fn apply(self, x: &Array) -> std::result::Result<Array, Exception> {
         Ok(match self {
+            Self::ClampedSwiglu { .. } => unreachable!("gated only"),
             Self::Silu => x.multiply(ops::sigmoid(x)?)?,
             Self::GeluTanh => {
                 // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))

@@ -1,39 +1,123 @@
 //! Mixture-of-experts MLP: a router and stacked expert linears run with gathered matmuls.
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use mlx_rs::{ops, Array, Dtype};
 
 use crate::config::ModelConfig;
 use crate::layers::linear::Linear;
-use crate::layers::mlp::Activation;
+use crate::layers::mlp::{Activation, Mlp};
 use crate::weights::{Bias, Weights};
 
-/// Mixture of experts (Mixtral, Qwen3-MoE): a router picks `top_k` experts per token, each a gated
-/// MLP; experts are stacked `[experts, out, in]` and run with gathered matmuls, no loop.
+/// Mixture of experts (Mixtral, Qwen3-MoE, GLM-4.5, gpt-oss): a router picks `top_k` experts per
+/// token, each a gated MLP; experts are stacked `[experts, out, in]` and run with gathered matmuls,
+/// no loop. GLM-4.5 adds a dense MLP every token runs (`shared_experts`); gpt-oss's router and
+/// experts have biases and its experts their own activation.
 pub struct SparseMoe {
     pub gate: Linear,
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
     pub top_k: i32,
-    /// Renormalise the top-k probabilities to sum to one (Mixtral always; Qwen3-MoE by config).
+    pub routing: Routing,
+    /// The experts' gated activation.
+    pub act: Activation,
+    pub shared_experts: Option<Mlp>,
+}
+
+/// How the router's logits choose and weigh the experts.
+pub enum Routing {
+    /// Softmax over all experts, the top k, renormalised to sum to one with `norm_topk_prob`
+    /// (Mixtral always; Qwen3-MoE by config).
+    Softmax { norm_topk_prob: bool },
+    /// Sigmoid scores (GLM-4.5).
+    Sigmoid(SigmoidRouting),
+    /// The top k logits, softmax over those alone (gpt-oss).
+    TopKSoftmax,
+}
+
+/// GLM-4.5's routing: experts are chosen by sigmoid score plus `e_score_correction_bias`, among
+/// the `topk_group` of `n_group` equal groups whose two best such scores sum highest; they are
+/// weighed by their sigmoid score alone (renormalised with `norm_topk_prob`), times
+/// `routed_scaling_factor`.
+pub struct SigmoidRouting {
+    /// `[experts]`, float32.
+    pub e_score_correction_bias: Array,
+    pub n_group: i32,
+    pub topk_group: i32,
     pub norm_topk_prob: bool,
+    pub routed_scaling_factor: f32,
+}
+
+/// Indices `[T, k]` of the k largest entries along the last axis (in no particular order).
+fn top_k_indices(x: &Array, k: i32) -> Result<Array> {
+    let n = x.shape()[x.ndim() - 1];
+    let last_k = Array::from_iter(n - k..n, &[k]);
+    Ok(ops::argpartition_axis(x, n - k, -1)?.take_axis(&last_k, -1)?)
+}
+
+impl SigmoidRouting {
+    /// `logits` `[T, E]` float32: the chosen experts `[T, k]` and their float32 weights.
+    fn route(&self, logits: &Array, k: i32) -> Result<(Array, Array)> {
+        let (t, e) = (logits.shape()[0], logits.shape()[1]);
+        let scores = ops::sigmoid(logits)?;
+        let mut choice = scores.add(&self.e_score_correction_bias)?;
+        if self.n_group > 1 {
+            let (g, per) = (self.n_group, e / self.n_group);
+            let grouped = choice.reshape(&[t, g, per])?;
+            // A group's score: the sum of its two best experts.
+            let best2 = Array::from_iter(per - 2..per, &[2]);
+            let group_scores = ops::sort_axis(&grouped, -1)?.take_axis(&best2, -1)?.sum_axis(-1, false)?;
+            // Exactly topk_group groups: those ranked last topk_group in ascending order.
+            let rank = ops::argsort_axis(&ops::argsort_axis(&group_scores, -1)?, -1)?;
+            let keep = rank.ge(Array::from_int(g - self.topk_group))?.reshape(&[t, g, 1])?;
+            let masked = ops::select(&keep, &grouped, Array::from_f32(f32::NEG_INFINITY))?;
+            choice = masked.reshape(&[t, e])?;
+        }
+        let idx = top_k_indices(&choice, k)?;
+        let mut w = scores.take_along_axis(&idx, -1)?;
+        if self.norm_topk_prob {
+            w = w.divide(w.sum_axis(-1, true)?.add(Array::from_f32(1e-20))?)?;
+        }
+        if self.routed_scaling_factor != 1.0 {
+            w = w.multiply(Array::from_f32(self.routed_scaling_factor))?;
+        }
+        Ok((idx, w))
+    }
 }
 
 impl SparseMoe {
+    /// The experts of each token `[T, k]` and their weights `[T, k]` (float32).
+    fn route(&self, x: &Array) -> Result<(Array, Array)> {
+        // A dense router runs in its weight's dtype (GLM-4.5's is float32, as in transformers).
+        let x = match &self.gate.quant {
+            None if self.gate.weight.dtype() != x.dtype() => x.as_dtype(self.gate.weight.dtype())?,
+            _ => x.clone(),
+        };
+        let logits = self.gate.forward(&x)?.as_dtype(Dtype::Float32)?;
+        let k = self.top_k;
+        match &self.routing {
+            Routing::Softmax { norm_topk_prob } => {
+                let probs = ops::softmax_axis(&logits, -1, None)?;
+                let idx = top_k_indices(&probs, k)?;
+                let mut w = probs.take_along_axis(&idx, -1)?;
+                if *norm_topk_prob {
+                    w = w.divide(w.sum_axis(-1, true)?)?;
+                }
+                Ok((idx, w))
+            }
+            Routing::Sigmoid(r) => r.route(&logits, k),
+            Routing::TopKSoftmax => {
+                let idx = top_k_indices(&logits, k)?;
+                Ok((idx.clone(), ops::softmax_axis(&logits.take_along_axis(&idx, -1)?, -1, None)?))
+            }
+        }
+    }
+
     pub fn forward(&self, x: &Array) -> Result<Array> {
         let t = x.shape()[0];
         let hidden = x.shape()[1];
         let k = self.top_k;
-        let probs = ops::softmax_axis(&self.gate.forward(x)?.as_dtype(Dtype::Float32)?, -1, None)?;
-        // Top-k experts per token: the last k of an ascending partition (order within k is irrelevant).
-        let e = probs.shape()[1];
-        let last_k = Array::from_iter(e - k..e, &[k]);
-        let idx = ops::argpartition_axis(&probs, e - k, -1)?.take_axis(&last_k, -1)?;
-        let mut w = probs.take_along_axis(&idx, -1)?;
-        if self.norm_topk_prob {
-            w = w.divide(w.sum_axis(-1, true)?)?;
-        }
+        let (idx, w) = self.route(x)?;
         let w = w.as_dtype(x.dtype())?;
         let xe = x.reshape(&[t, 1, 1, hidden])?;
         // Sorting the (token, expert) pairs by expert lets gather_mm read each expert once; worth
@@ -50,7 +134,7 @@ impl SparseMoe {
         };
         let g = self.gate_proj.forward_experts(&xe, &idx_run, sorted)?;
         let u = self.up_proj.forward_experts(&xe, &idx_run, sorted)?;
-        let h = Activation::Silu.gated(&g, &u)?;
+        let h = self.act.gated(&g, &u)?;
         let y = self.down_proj.forward_experts(&h, &idx_run, sorted)?; // [N, kk, 1, hidden]
         let y = match order {
             Some(order) => {
@@ -59,11 +143,27 @@ impl SparseMoe {
             }
             None => y.reshape(&[t, k, hidden])?,
         };
-        Ok(y.multiply(w.expand_dims(-1)?)?.sum_axis(1, false)?)
+        let y = y.multiply(w.expand_dims(-1)?)?.sum_axis(1, false)?;
+        match &self.shared_experts {
+            Some(shared) => Ok(y.add(shared.forward(x)?)?),
+            None => Ok(y),
+        }
     }
 
-    pub fn linears(&self) -> [&Linear; 4] {
-        [&self.gate, &self.gate_proj, &self.up_proj, &self.down_proj]
+    /// The routing's own weight beyond the router (GLM-4.5's `e_score_correction_bias`).
+    pub fn routing_bias(&self) -> Option<&Array> {
+        match &self.routing {
+            Routing::Sigmoid(r) => Some(&r.e_score_correction_bias),
+            _ => None,
+        }
+    }
+
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.gate, &self.gate_proj, &self.up_proj, &self.down_proj];
+        if let Some(shared) = &self.shared_experts {
+            v.extend(shared.linears());
+        }
+        v
     }
 }
 
@@ -76,13 +176,24 @@ pub fn check_expert_counts(config: &ModelConfig) -> Result<()> {
     Ok(())
 }
 
-/// How a family's checkpoint names its experts and weighs them.
-#[derive(Debug, Clone, Copy)]
+/// The config's expert groups (GLM-4.5): `n_group` equal groups of at least two experts (a group
+/// scores by its two best), `topk_group` of them kept, holding at least `num_experts_per_tok`.
+pub fn check_expert_groups(config: &ModelConfig) -> Result<()> {
+    let (e, k) = (config.num_experts.unwrap_or(0), config.num_experts_per_tok.unwrap_or(0));
+    let (g, kg) = (config.n_group.unwrap_or(1), config.topk_group.unwrap_or(1));
+    ensure!(g >= 1 && kg >= 1 && kg <= g, "topk_group {kg} must be between 1 and n_group {g}");
+    ensure!(e % g == 0 && e / g >= 2, "{e} experts do not split into {g} groups of two or more");
+    ensure!(kg * (e / g) >= k, "{kg} groups of {} experts cannot hold num_experts_per_tok {k}", e / g);
+    Ok(())
+}
+
+/// How a family's checkpoint names its experts and routes to them.
 pub struct MoeOptions {
     /// HF names of the expert projections `[gate, up, down]` under `{prefix}.experts.{e}`.
     pub expert_names: [&'static str; 3],
-    /// Renormalise the top-k routing weights to sum to one.
-    pub norm_topk_prob: bool,
+    pub routing: Routing,
+    /// `{prefix}.shared_experts.{gate,up,down}_proj`, a gated SiLU MLP every token runs.
+    pub shared_experts: bool,
 }
 
 /// A mixture-of-experts MLP at `prefix`: router `{prefix}.gate`, experts stacked from
@@ -95,13 +206,26 @@ pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, opts: Moe
     let gate_proj = experts(gate, "gate_proj")?;
     let up_proj = experts(up, "up_proj")?;
     let down_proj = experts(down, "down_proj")?;
+    let shared_experts = if opts.shared_experts {
+        let p = format!("{prefix}.shared_experts");
+        Some(Mlp::new(
+            w.linear(&format!("{p}.gate_proj"), Bias::Absent)?,
+            w.linear(&format!("{p}.up_proj"), Bias::Absent)?,
+            w.linear(&format!("{p}.down_proj"), Bias::Absent)?,
+            Activation::Silu,
+        )?)
+    } else {
+        None
+    };
     Ok(SparseMoe {
         gate: w.linear(&format!("{prefix}.gate"), Bias::Absent)?,
         gate_proj,
         up_proj,
         down_proj,
         top_k: config.num_experts_per_tok.context("num_experts_per_tok")? as i32,
-        norm_topk_prob: opts.norm_topk_prob,
+        routing: opts.routing,
+        act: Activation::Silu,
+        shared_experts,
     })
 }
 
@@ -109,6 +233,7 @@ pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, opts: Moe
 mod tests {
     use super::*;
     use crate::layers::linear::Quantization;
+    use crate::mlx_ext::quant::QuantMode;
     use mlx_rs::random;
 
     fn randn(shape: &[i32], seed: u64, scale: f32) -> Array {
@@ -146,7 +271,8 @@ mod tests {
             let mut order: Vec<usize> = (0..e).collect();
             order.sort_by(|a, b| probs[*b].partial_cmp(&probs[*a]).unwrap());
             let top = &order[..moe.top_k as usize];
-            let norm: f32 = if moe.norm_topk_prob { top.iter().map(|&i| probs[i]).sum() } else { 1.0 };
+            let Routing::Softmax { norm_topk_prob } = moe.routing else { unreachable!() };
+            let norm: f32 = if norm_topk_prob { top.iter().map(|&i| probs[i]).sum() } else { 1.0 };
             for &ex_i in top {
                 let wsz = inter * h;
                 let a = matvec(&gp[ex_i * wsz..(ex_i + 1) * wsz], xt, inter);
@@ -166,7 +292,7 @@ mod tests {
             return Linear { weight, bias: None, quant: None };
         }
         let (w, scales, biases) = ops::quantize(&weight, 32, 4).unwrap();
-        Linear { weight: w, bias: None, quant: Some(Quantization { scales, biases: Some(biases), group_size: 32, bits: 4 }) }
+        Linear { weight: w, bias: None, quant: Some(Quantization { scales, biases: Some(biases), group_size: 32, bits: 4, mode: QuantMode::Affine, dtype: Dtype::Float32 }) }
     }
 
     #[test]
@@ -181,7 +307,9 @@ mod tests {
                     up_proj: linear(randn(&[e, inter, h], 3, 0.2), quantize),
                     down_proj: linear(randn(&[e, h, inter], 4, 0.2), quantize),
                     top_k: k,
-                    norm_topk_prob: norm,
+                    routing: Routing::Softmax { norm_topk_prob: norm },
+                    act: Activation::Silu,
+                    shared_experts: None,
                 };
                 let x = randn(&[t, h], 5, 1.0);
                 let ours = host(&moe.forward(&x).unwrap());

@@ -1,6 +1,6 @@
 //! Rotary position embedding at per-token positions, with the scalings of HF configs: default,
-//! linear, llama3 (Llama 3.1's smooth stretch of long wavelengths) and longrope (Phi-3's
-//! per-frequency factors, switched by request length).
+//! linear, llama3 (Llama 3.1's smooth stretch of long wavelengths), longrope (Phi-3's
+//! per-frequency factors, switched by request length) and yarn (gpt-oss, Qwen's long contexts).
 
 use anyhow::{Context, Result};
 use mlx_rs::{fast, ops, Array};
@@ -11,6 +11,7 @@ use crate::layers::scalar;
 /// Rotary position embedding applied at explicit per-token positions (tokens of a flattened batch
 /// belong to different requests, so there is no single offset).
 pub struct Rope {
+    /// Features rotated: the first `dims` of each head.
     pub dims: i32,
     pub base: Option<f32>,
     pub scale: f32,
@@ -18,7 +19,7 @@ pub struct Rope {
     pub freqs: Option<Array>,
     /// Longrope: periods for requests longer than the original context.
     pub long: Option<LongRope>,
-    /// Longrope's attention factor (scales cos and sin, i.e. the rotated vector).
+    /// Longrope's attention factor (scales cos and sin, i.e. the rotated features).
     pub mscale: f32,
 }
 
@@ -30,14 +31,16 @@ pub struct LongRope {
 impl Rope {
     /// `rope_scaling` of a config: none/default, linear, llama3, or longrope (`max_pos` is the
     /// config's max_position_embeddings, longrope's default factor is max_pos / original).
+    /// `rotary_dim`: the features rotated, the first of each head (partial rotary embeddings:
+    /// fewer than head_dim; MLX passes the rest through); frequencies are spread over them.
     pub fn from_config(
-        head_dim: usize,
+        rotary_dim: usize,
         theta: f32,
         scaling: Option<&RopeScaling>,
         max_pos: Option<usize>,
         original_max_pos: Option<usize>,
     ) -> Result<Self> {
-        let dims = head_dim as i32;
+        let dims = rotary_dim as i32;
         let plain = |base: Option<f32>, scale: f32, freqs: Option<Array>| Self {
             dims,
             base,
@@ -118,6 +121,25 @@ impl Rope {
                     .collect();
                 Ok(plain(None, 1.0, Some(Array::from_slice(&periods, &[dims / 2]))))
             }
+            ("yarn", Some(s)) => {
+                let orig = s
+                    .original_max_position_embeddings
+                    .or(original_max_pos)
+                    .context("yarn rope_scaling needs original_max_position_embeddings")? as f64;
+                let factor = match s.factor {
+                    Some(f) => f as f64,
+                    None => max_pos.context("yarn rope_scaling needs factor or max_position_embeddings")? as f64 / orig,
+                };
+                let periods = yarn_periods(dims, theta as f64, factor, orig, s);
+                // The attention factor scales cos and sin.
+                let m = |scale: f64, m: f64| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+                let mscale = match (s.attention_factor, s.mscale, s.mscale_all_dim) {
+                    (Some(a), _, _) => a as f64,
+                    (None, Some(ms), Some(all)) if ms != 0.0 && all != 0.0 => m(factor, ms as f64) / m(factor, all as f64),
+                    _ => m(factor, 1.0),
+                };
+                Ok(Self { mscale: mscale as f32, ..plain(None, 1.0, Some(Array::from_slice(&periods, &[dims / 2]))) })
+            }
             _ => Ok(plain(Some(theta), 1.0, None)),
         }
     }
@@ -140,8 +162,43 @@ impl Rope {
             y = ops::select(&is_long, &rope(Some(&long.freqs))?, &y)?;
         }
         if self.mscale != 1.0 {
-            y = y.multiply(scalar(self.mscale, &y)?)?;
+            // The factor scales cos and sin: the rotated features only, not those passed through.
+            let d = shape[2];
+            let scale = if self.dims == d {
+                scalar(self.mscale, &y)?
+            } else {
+                let per: Vec<f32> = (0..d).map(|i| if i < self.dims { self.mscale } else { 1.0 }).collect();
+                Array::from_slice(&per, &[d]).as_dtype(y.dtype())?
+            };
+            y = y.multiply(scale)?;
         }
         Ok(y.reshape(&shape)?)
     }
+}
+
+/// YaRN's periods: each frequency blends the original (extrapolated) one and the one interpolated
+/// by `factor`, by a ramp between the dimensions that turn `beta_fast` and `beta_slow` times
+/// over the original context (bounds rounded outwards unless `truncate` is false).
+fn yarn_periods(dims: i32, theta: f64, factor: f64, orig: f64, s: &RopeScaling) -> Vec<f32> {
+    let d = dims as f64;
+    let beta_fast = s.beta_fast.filter(|&b| b != 0.0).unwrap_or(32.0) as f64;
+    let beta_slow = s.beta_slow.filter(|&b| b != 0.0).unwrap_or(1.0) as f64;
+    let dim_of = |rotations: f64| d * (orig / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let (mut low, mut high) = (dim_of(beta_fast), dim_of(beta_slow));
+    if s.truncate.unwrap_or(true) {
+        (low, high) = (low.floor(), high.ceil());
+    }
+    let (low, mut high) = (low.max(0.0), high.min(d - 1.0));
+    if low == high {
+        high += 0.001;
+    }
+    (0..dims / 2)
+        .map(|i| {
+            let pos_freq = (theta as f32).powf((2 * i) as f32 / dims as f32);
+            let (extrapolated, interpolated) = (1.0 / pos_freq, 1.0 / (factor as f32 * pos_freq));
+            let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0) as f32;
+            let keep = 1.0 - ramp;
+            1.0 / (interpolated * (1.0 - keep) + extrapolated * keep)
+        })
+        .collect()
 }

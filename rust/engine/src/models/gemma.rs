@@ -19,7 +19,7 @@ use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::layers::{scalar, softcap};
 use crate::models::llama::{attention, embeddings, AttnOptions, HeadTying};
-use crate::models::{decoder_weights, expect_activation, CausalLm, Family};
+use crate::models::{decoder_weights, expect_activation, CausalLm, Family, PartialRotary};
 use crate::weights::{Bias, Weights};
 
 pub const GEMMA: Family = Family {
@@ -28,6 +28,7 @@ pub const GEMMA: Family = Family {
     validate: |config| expect_activation(config, "gelu_pytorch_tanh"),
     layer_windows,
     longrope: false,
+    partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(Model::load(config, w)?)),
 };
 
@@ -89,14 +90,14 @@ impl Model {
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let opts = AttnOptions { qkv_bias: config.attention_bias.into(), qk_norm: false };
+            let opts = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: false };
             let mut self_attn = attention(config, w, &p, i, opts)?;
             if gemma3 {
                 self_attn.q_norm = Some(w.rms_norm_plus_one(&format!("{p}.self_attn.q_norm"), eps)?);
                 self_attn.k_norm = Some(w.rms_norm_plus_one(&format!("{p}.self_attn.k_norm"), eps)?);
             }
             if let (Some(base), Some(_)) = (local_rope, windows[i]) {
-                self_attn.rope = Rope::from_config(config.head_dim(), base, None, None, None)?;
+                self_attn.rope = Some(Rope::from_config(config.head_dim(), base, None, None, None)?);
             }
             self_attn.scale = scale;
             self_attn.softcap = config.attn_logit_softcapping;

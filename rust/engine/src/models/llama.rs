@@ -1,5 +1,5 @@
 //! Llama (`LlamaForCausalLM`) and the decoder most families share: pre-norm blocks of attention
-//! (RoPE, no window) and a gated SiLU MLP. Mistral, Qwen2, Qwen3, Phi-3, Mixtral and Qwen3-MoE are
+//! (RoPE, no window) and a gated SiLU MLP. Mistral, Qwen2, Qwen3, Phi-3, Mixtral, Qwen3-MoE and SmolLM3 are
 //! this decoder with other attention or MLP weights; their files build it through
 //! [`Model::load_with`]. Names follow the HF checkpoint.
 
@@ -15,7 +15,8 @@ use crate::layers::mlp::{Activation, Mlp};
 use crate::layers::moe::SparseMoe;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
-use crate::models::{decoder_weights, expect_activation, full_attention, CausalLm, Family};
+use crate::models::{decoder_weights, expect_activation, full_attention, CausalLm, Family, PartialRotary};
+use crate::paged_attention::AttentionFeatures;
 use crate::weights::{Bias, Weights};
 
 pub const LLAMA: Family = Family {
@@ -24,6 +25,7 @@ pub const LLAMA: Family = Family {
     validate: |config| expect_activation(config, "silu"),
     layer_windows: full_attention,
     longrope: false,
+    partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(Model::load(config, w)?)),
 };
 
@@ -44,7 +46,7 @@ impl FeedForward {
     fn linears(&self) -> Vec<&Linear> {
         match self {
             Self::Dense(m) => m.linears(),
-            Self::Sparse(m) => m.linears().to_vec(),
+            Self::Sparse(m) => m.linears(),
         }
     }
 }
@@ -74,20 +76,22 @@ pub struct Model {
 /// What a family's attention has beyond separate q/k/v/o projections.
 #[derive(Debug, Clone, Copy)]
 pub struct AttnOptions {
-    /// q, k and v have biases (o only with `attention_bias`).
+    /// q, k and v have biases.
     pub qkv_bias: Bias,
+    /// o has a bias (most families: with `attention_bias`, as q/k/v).
+    pub o_bias: Bias,
     /// Per-head RMSNorm of queries and keys before RoPE (`q_norm`, `k_norm`).
     pub qk_norm: bool,
 }
 
 /// Attention of layer `layer` at `{prefix}.self_attn` from separate q/k/v/o projections.
 pub fn attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usize, opts: AttnOptions) -> Result<Attention> {
-    let AttnOptions { qkv_bias, qk_norm } = opts;
+    let AttnOptions { qkv_bias, o_bias, qk_norm } = opts;
     let p = format!("{prefix}.self_attn");
     let q_proj = w.linear(&format!("{p}.q_proj"), qkv_bias)?;
     let k_proj = w.linear(&format!("{p}.k_proj"), qkv_bias)?;
     let v_proj = w.linear(&format!("{p}.v_proj"), qkv_bias)?;
-    let o_proj = w.linear(&format!("{p}.o_proj"), config.attention_bias.into())?;
+    let o_proj = w.linear(&format!("{p}.o_proj"), o_bias)?;
     let (q_norm, k_norm) = if qk_norm {
         let eps = config.rms_norm_eps;
         (Some(w.rms_norm(&format!("{p}.q_norm"), eps)?), Some(w.rms_norm(&format!("{p}.k_norm"), eps)?))
@@ -116,16 +120,17 @@ pub fn attention_from(
         num_kv_heads: config.num_kv_heads() as i32,
         head_dim: head_dim as i32,
         scale: 1.0 / (head_dim as f32).sqrt(),
-        rope: rope(config)?,
+        rope: Some(rope(config)?),
         sliding_window: config.layer_windows()[layer],
         softcap: None,
+        sinks: None,
     })
 }
 
-/// RoPE of the config (theta and scaling).
+/// RoPE of the config (theta and scaling), on the first `rotary_dim` features of each head.
 pub fn rope(config: &ModelConfig) -> Result<Rope> {
     Rope::from_config(
-        config.head_dim(),
+        config.rotary_dim(),
         config.rope_theta,
         config.rope_scaling.as_ref(),
         config.max_position_embeddings,
@@ -150,7 +155,10 @@ impl Model {
         Self::load_with(
             config,
             w,
-            |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias.into(), qk_norm: false }),
+            |w, p, i| {
+                let opts = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: false };
+                attention(config, w, p, i, opts)
+            },
             |w, p, _| dense_mlp(config, w, p),
         )
     }
@@ -237,6 +245,15 @@ impl CausalLm for Model {
             .layers
             .iter()
             .map(|l| (&l.self_attn, l.mlp.linears(), vec![&l.input_layernorm, &l.post_attention_layernorm]));
-        decoder_weights(&self.embed_tokens, self.lm_head.as_ref(), &self.norm, layers)
+        let mut v = decoder_weights(&self.embed_tokens, self.lm_head.as_ref(), &self.norm, layers);
+        v.extend(self.layers.iter().filter_map(|l| match &l.mlp {
+            FeedForward::Sparse(m) => m.routing_bias(),
+            FeedForward::Dense(_) => None,
+        }));
+        v
+    }
+
+    fn attention_features(&self) -> AttentionFeatures {
+        AttentionFeatures { sinks: self.layers.iter().any(|l| l.self_attn.sinks.is_some()) }
     }
 }

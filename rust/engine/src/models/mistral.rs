@@ -3,7 +3,7 @@
 //! the window covers the context); gated SiLU MLP.
 
 use crate::models::llama::Model;
-use crate::models::{expect_activation, window_on_every_layer, Family};
+use crate::models::{expect_activation, window_on_every_layer, Family, PartialRotary};
 
 pub const MISTRAL: Family = Family {
     architectures: &["MistralForCausalLM"],
@@ -11,5 +11,6 @@ pub const MISTRAL: Family = Family {
     validate: |config| expect_activation(config, "silu"),
     layer_windows: window_on_every_layer,
     longrope: false,
+    partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(Model::load(config, w)?)),
 };

@@ -7,9 +7,9 @@
 use anyhow::Result;
 
 use crate::config::ModelConfig;
-use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions};
+use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions, Routing};
 use crate::models::llama::{attention, AttnOptions, FeedForward, Model};
-use crate::models::{expect_activation, window_on_every_layer, Family};
+use crate::models::{expect_activation, window_on_every_layer, Family, PartialRotary};
 use crate::weights::Weights;
 
 pub const MIXTRAL: Family = Family {
@@ -21,6 +21,7 @@ pub const MIXTRAL: Family = Family {
     },
     layer_windows: window_on_every_layer,
     longrope: false,
+    partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };
 
@@ -28,9 +29,16 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
     Model::load_with(
         config,
         w,
-        |w, p, i| attention(config, w, p, i, AttnOptions { qkv_bias: config.attention_bias.into(), qk_norm: false }),
+        |w, p, i| {
+            let opts = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: false };
+            attention(config, w, p, i, opts)
+        },
         |w, p, _| -> Result<FeedForward> {
-            let opts = MoeOptions { expert_names: ["w1", "w3", "w2"], norm_topk_prob: true };
+            let opts = MoeOptions {
+                expert_names: ["w1", "w3", "w2"],
+                routing: Routing::Softmax { norm_topk_prob: true },
+                shared_experts: false,
+            };
             let moe = sparse_moe(config, w, &format!("{p}.block_sparse_moe"), opts)?;
             Ok(FeedForward::Sparse(moe))
         },

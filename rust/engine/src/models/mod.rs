@@ -4,12 +4,15 @@
 
 pub mod bert;
 pub mod gemma;
+pub mod glm4_moe;
+pub mod gpt_oss;
 pub mod llama;
 pub mod mistral;
 pub mod mixtral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
+pub mod smollm3;
 pub mod xlm_roberta;
 
 use anyhow::{bail, Result};
@@ -21,6 +24,7 @@ use crate::kv_cache::PagedKvCache;
 use crate::layers::attention::Attention;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
+use crate::paged_attention::AttentionFeatures;
 use crate::weights::Weights;
 
 pub trait CausalLm: Send {
@@ -32,10 +36,14 @@ pub trait CausalLm: Send {
     fn final_norm(&self, hidden: &Array) -> Result<Array>;
     /// Every weight array (materialised at load; their bytes are the weights' memory).
     fn weights(&self) -> Vec<&Array>;
+    /// What its attention asks of the attention backend.
+    fn attention_features(&self) -> AttentionFeatures {
+        AttentionFeatures::default()
+    }
 }
 
 /// A decoder's weight arrays: the embedding, the LM head unless tied, the final norm, then each
-/// layer's attention (with its q/k norms), MLP linears and layer norms.
+/// layer's attention (with its q/k norms and sinks), MLP linears and layer norms.
 pub fn decoder_weights<'a>(
     embed_tokens: &'a Linear,
     lm_head: Option<&'a Linear>,
@@ -45,14 +53,17 @@ pub fn decoder_weights<'a>(
     let mut linears = vec![embed_tokens];
     linears.extend(lm_head);
     let mut norms = vec![norm];
+    let mut sinks = Vec::new();
     for (attn, mlp, layer_norms) in layers {
         linears.extend(attn.linears());
         linears.extend(mlp);
         norms.extend(attn.norms());
         norms.extend(layer_norms);
+        sinks.extend(attn.sinks.as_ref());
     }
     let mut v: Vec<&Array> = linears.into_iter().flat_map(Linear::arrays).collect();
     v.extend(norms.into_iter().map(|n| &n.weight));
+    v.extend(sinks);
     v
 }
 
@@ -68,7 +79,19 @@ pub struct Family {
     pub layer_windows: fn(&ModelConfig) -> Vec<Option<usize>>,
     /// longrope `rope_scaling` is accepted (the other scalings every family takes).
     pub longrope: bool,
+    /// Whether `partial_rotary_factor` < 1 runs (transformers honours it for this family).
+    pub partial_rotary: PartialRotary,
     pub load: fn(&ModelConfig, &mut Weights) -> Result<Box<dyn CausalLm>>,
+}
+
+/// Partial rotary embeddings: RoPE on the first `head_dim * partial_rotary_factor` features of
+/// each head, the rest passed through.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PartialRotary {
+    /// transformers rotates the whole head for this family: a factor below 1 is refused.
+    Refused,
+    /// Run as transformers does; `default` is the factor of a config that gives none.
+    Accepted { default: f32 },
 }
 
 /// Every family the engine runs, in the order errors list their architectures.
@@ -81,6 +104,9 @@ pub static FAMILIES: &[Family] = &[
     phi3::PHI3,
     mixtral::MIXTRAL,
     qwen3::QWEN3_MOE,
+    smollm3::SMOLLM3,
+    glm4_moe::GLM4_MOE,
+    gpt_oss::GPT_OSS,
 ];
 
 /// The family of a config architecture.
@@ -115,4 +141,14 @@ pub fn full_attention(config: &ModelConfig) -> Vec<Option<usize>> {
 pub fn window_on_every_layer(config: &ModelConfig) -> Vec<Option<usize>> {
     let max_pos = config.max_position_embeddings.unwrap_or(usize::MAX);
     vec![config.sliding_window.filter(|&w| w < max_pos); config.num_hidden_layers]
+}
+
+/// The config's `sliding_window` on the layers `layer_types` marks "sliding_attention".
+pub fn windows_by_layer_types(config: &ModelConfig) -> Vec<Option<usize>> {
+    (0..config.num_hidden_layers)
+        .map(|i| {
+            let sliding = config.layer_types.as_ref().and_then(|t| t.get(i)).is_some_and(|t| t == "sliding_attention");
+            if sliding { config.sliding_window } else { None }
+        })
+        .collect()
 }

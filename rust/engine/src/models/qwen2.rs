@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 
 use crate::config::ModelConfig;
 use crate::models::llama::{attention, dense_mlp, AttnOptions, Model};
-use crate::models::{expect_activation, full_attention, Family};
+use crate::models::{expect_activation, full_attention, Family, PartialRotary};
 use crate::weights::{Bias, Weights};
 
 pub const QWEN2: Family = Family {
@@ -16,6 +16,7 @@ pub const QWEN2: Family = Family {
     // The window is off unless use_sliding_window, which `validate` refuses.
     layer_windows: full_attention,
     longrope: false,
+    partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };
 
@@ -29,6 +30,6 @@ pub fn validate(config: &ModelConfig) -> Result<()> {
 }
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let attn = AttnOptions { qkv_bias: Bias::Present, qk_norm: false };
+    let attn = AttnOptions { qkv_bias: Bias::Present, o_bias: config.attention_bias.into(), qk_norm: false };
     Model::load_with(config, w, |w, p, i| attention(config, w, p, i, attn), |w, p, _| dense_mlp(config, w, p))
 }

@@ -8,9 +8,9 @@
 use anyhow::Result;
 
 use crate::config::ModelConfig;
-use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions};
+use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions, Routing};
 use crate::models::llama::{attention, dense_mlp, AttnOptions, FeedForward, Model};
-use crate::models::{full_attention, qwen2, Family};
+use crate::models::{full_attention, qwen2, Family, PartialRotary};
 use crate::weights::Weights;
 
 pub const QWEN3: Family = Family {
@@ -19,6 +19,7 @@ pub const QWEN3: Family = Family {
     validate: qwen2::validate,
     layer_windows: full_attention,
     longrope: false,
+    partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };
 
@@ -31,16 +32,17 @@ pub const QWEN3_MOE: Family = Family {
     },
     layer_windows: full_attention,
     longrope: false,
+    partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load_moe(config, w)?)),
 };
 
 pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let attn = AttnOptions { qkv_bias: config.attention_bias.into(), qk_norm: true };
+    let attn = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: true };
     Model::load_with(config, w, |w, p, i| attention(config, w, p, i, attn), |w, p, _| dense_mlp(config, w, p))
 }
 
 pub fn load_moe(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
-    let attn = AttnOptions { qkv_bias: config.attention_bias.into(), qk_norm: true };
+    let attn = AttnOptions { qkv_bias: config.attention_bias.into(), o_bias: config.attention_bias.into(), qk_norm: true };
     let step = config.decoder_sparse_step.unwrap_or(1).max(1);
     Model::load_with(
         config,
@@ -51,7 +53,11 @@ pub fn load_moe(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
                 return dense_mlp(config, w, p);
             }
             // Experts at mlp.experts.{e}.{gate,up,down}_proj, router at mlp.gate.
-            let opts = MoeOptions { expert_names: ["gate_proj", "up_proj", "down_proj"], norm_topk_prob: config.norm_topk_prob };
+            let opts = MoeOptions {
+                expert_names: ["gate_proj", "up_proj", "down_proj"],
+                routing: Routing::Softmax { norm_topk_prob: config.norm_topk_prob.unwrap_or(false) },
+                shared_experts: false,
+            };
             Ok(FeedForward::Sparse(sparse_moe(config, w, &format!("{p}.mlp"), opts)?))
         },
     )

@@ -23,6 +23,7 @@ pub(super) fn attend(
     scale: f32,
     window: Option<usize>,
     cap: Option<f32>,
+    sinks: Option<&Array>,
 ) -> Result<Array> {
     let windowed = window.is_some();
     let (heads, head_dim) = (qg.shape()[1], qg.shape()[2]);
@@ -47,7 +48,7 @@ pub(super) fn attend(
             };
             let (k, v) = (gather(&cache.keys[storage])?, gather(&cache.values[storage])?);
             let mask = (qn > 1).then_some(ScaledDotProductAttentionMask::Causal);
-            fast::scaled_dot_product_attention(&qg, &k, &v, scale, mask, None)?
+            fast::scaled_dot_product_attention(&qg, &k, &v, scale, mask, sinks)?
         }
         _ => {
             let (k_blocks, v_blocks) = cache.blocks(layer)?;
@@ -62,17 +63,18 @@ pub(super) fn attend(
             let mask =
                 pages.mask.as_ref().ok_or_else(|| anyhow::anyhow!("decode group built for the page-reading kernel"))?;
             match cap {
-                None => fast::scaled_dot_product_attention(&qg, &k, &v, scale, mask, None)?,
-                Some(cap) => softcapped_attention(&qg, &k, &v, scale, mask, cap)?,
+                None => fast::scaled_dot_product_attention(&qg, &k, &v, scale, mask, sinks)?,
+                Some(cap) => softcapped_attention(&qg, &k, &v, scale, mask, cap, sinks)?,
             }
         }
     };
     Ok(o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[r * qn, heads * head_dim])?)
 }
 
-/// Attention with `cap * tanh(scores / cap)` before the mask (SDPA has no soft-capping).
+/// Attention with `cap * tanh(scores / cap)` before the mask (SDPA has no soft-capping), and the
+/// sinks as one more column of logits, dropped after the softmax.
 /// `q` `[R, H, Q, D]`, `k`/`v` `[R, KVH, K, D]`, `mask` `[R, 1, Q, K]` bool.
-fn softcapped_attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Array, cap: f32) -> Result<Array> {
+fn softcapped_attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Array, cap: f32, sinks: Option<&Array>) -> Result<Array> {
     let (r, h, qn, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
     let kvh = k.shape()[1];
     // Query heads grouped by their KV head: [R, KVH, H/KVH * Q, D].
@@ -84,7 +86,16 @@ fn softcapped_attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: &Arra
     let scores = softcap(&scores, cap)?.reshape(&[r, kvh, h / kvh, qn, -1])?;
     let mask = mask.reshape(&[r, 1, 1, qn, -1])?;
     let scores = ops::select(&mask, &scores, Array::from_f32(f32::NEG_INFINITY))?;
-    let p = ops::softmax_axis(&scores, -1, None)?.as_dtype(v.dtype())?;
+    let kn = scores.shape()[4];
+    let p = match sinks {
+        None => ops::softmax_axis(&scores, -1, None)?,
+        Some(sinks) => {
+            let sink = ops::broadcast_to(sinks.as_dtype(Dtype::Float32)?.reshape(&[1, kvh, h / kvh, 1, 1])?, &[r, kvh, h / kvh, qn, 1])?;
+            let p = ops::softmax_axis(&ops::concatenate(&[scores, sink], -1)?, -1, None)?;
+            p.take_axis(&Array::from_iter(0..kn, &[kn]), -1)?
+        }
+    };
+    let p = p.as_dtype(v.dtype())?;
     let o = p.reshape(&[r, kvh, (h / kvh) * qn, -1])?.matmul(v)?;
     Ok(o.reshape(&[r, h, qn, d])?)
 }

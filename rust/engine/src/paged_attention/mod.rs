@@ -11,6 +11,13 @@ use mlx_rs::{ops, Array, Dtype};
 use crate::batch::StepBatch;
 use crate::kv_cache::PagedKvCache;
 
+/// What a model's attention asks of a backend beyond the cache's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AttentionFeatures {
+    /// Some layer has attention sinks (a learned logit per head in each softmax's denominator).
+    pub sinks: bool,
+}
+
 /// How attention reads the pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionBackend {
@@ -24,9 +31,10 @@ pub enum AttentionBackend {
 
 impl AttentionBackend {
     /// The page-reading kernel wherever it runs for a cache of this head size and dtype, unless
-    /// gathering is requested (A/B measurements).
-    pub fn choose(gather_requested: bool, head_dim: usize, dtype: Dtype) -> Self {
-        if !gather_requested && cuda::available(head_dim, dtype) {
+    /// gathering is requested (A/B measurements) or the model has attention sinks: the kernel's
+    /// online softmax has no sink term, so such models gather (MLX's SDPA takes the sinks).
+    pub fn choose(gather_requested: bool, head_dim: usize, dtype: Dtype, features: AttentionFeatures) -> Self {
+        if !gather_requested && !features.sinks && cuda::available(head_dim, dtype) {
             Self::PageKernel
         } else {
             Self::Gather
@@ -48,18 +56,22 @@ impl AttentionBackend {
     }
 }
 
+/// How a layer turns queries and keys into attention weights.
+#[derive(Clone, Copy)]
+pub struct Scores<'a> {
+    pub scale: f32,
+    /// The layer's sliding window (keys at positions > query position - window only).
+    pub window: Option<usize>,
+    /// `cap * tanh(score / cap)` before the mask (Gemma 2).
+    pub softcap: Option<f32>,
+    /// `[heads]`: one more logit per head in each softmax's denominator (gpt-oss).
+    pub sinks: Option<&'a Array>,
+}
+
 /// `q`: `[T, heads, head_dim]` (K/V of this step already written to the cache).
-/// `window`: the layer's sliding window (keys at positions > query position - window only).
 /// Returns `[T, heads * head_dim]`.
-pub fn paged_attention(
-    q: &Array,
-    cache: &PagedKvCache,
-    layer: usize,
-    batch: &StepBatch,
-    scale: f32,
-    window: Option<usize>,
-    cap: Option<f32>,
-) -> Result<Array> {
+pub fn paged_attention(q: &Array, cache: &PagedKvCache, layer: usize, batch: &StepBatch, scores: Scores) -> Result<Array> {
+    let Scores { scale, window, softcap: cap, sinks } = scores;
     let (heads, head_dim) = (q.shape()[1], q.shape()[2]);
     let kv_group = cache.layer_group[layer];
     let mut outs = Vec::with_capacity(batch.query_groups.len());
@@ -70,10 +82,11 @@ pub fn paged_attention(
             // Every page from position 0 (such groups have no window pages): the kernel itself
             // starts at the window.
             AttentionBackend::PageKernel => {
+                anyhow::ensure!(sinks.is_none(), "the page-reading kernel has no attention sinks (the backend choice excludes it)");
                 let o = cuda::paged_decode(&qg, cache, layer, &pages.full, &g.seq_lens, scale, window, cap)?;
                 o.reshape(&[g.num_seqs, heads * head_dim])?
             }
-            AttentionBackend::Gather => gather::attend(&qg, cache, layer, g, pages, scale, window, cap)?,
+            AttentionBackend::Gather => gather::attend(&qg, cache, layer, g, pages, scale, window, cap, sinks)?,
         };
         outs.push(o);
     }

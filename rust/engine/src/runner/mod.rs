@@ -240,7 +240,7 @@ impl ModelRunner {
             self.config.head_dim(),
             self.dtype,
         )?;
-        self.attention = AttentionBackend::choose(self.gather_attention, cache.head_dim, cache.dtype);
+        self.attention = AttentionBackend::choose(self.gather_attention, cache.head_dim, cache.dtype, self.model.attention_features());
         log::info!(
             "KV cache: {num_blocks} blocks of {} tokens, {} KV-cache group(s), {:.1} MiB; decode attention {}",
             self.block_size,
