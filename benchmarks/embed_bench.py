@@ -3,10 +3,13 @@
 
 For each batch size (sentences per call) this measures sentences/s and tokens/s of:
 - `engine`: `EncoderRunner.embed` (the engine alone: tokenized input, mean pooling, normalised);
-- `st`: `SentenceTransformer.encode` on torch CPU (tokenization excluded too: its
-  `forward` on pre-tokenized, padded features, then the same pooling and normalisation);
+- `st`: sentence-transformers on torch CPU (tokenization excluded too: its `forward` on
+  pre-tokenized, padded features, with its pooling and normalisation);
 - `vllm` (optional, `--vllm`): `vllm.LLM(...).embed` through the plugin, tokenization included
   (what a vLLM user sees end to end).
+Each side runs in its own process (torch's threads and MLX's / OpenBLAS's slow each other down
+when they share one: sentence-transformers measured 17x slower at batch 1 that way), the sides
+alternating within each repeat.
 The sentences are a fixed mix of lengths (5 to ~60 tokens), repeated to fill the batch.
 
     python benchmarks/embed_bench.py                 # batch 1, 32, 256
@@ -46,7 +49,7 @@ SHAPES = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     "bge-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }
-#: Token counts of R.SENTENCES under MiniLM's tokenizer, for runs without it.
+#: Token counts of E.SENTENCES under MiniLM's tokenizer, for runs without it.
 LENGTHS = [4, 3, 12, 20, 19, 6, 34, 3, 21, 9, 16, 9, 16, 13, 11, 7, 38, 9, 15, 9, 11, 7, 14, 3, 12, 8, 20, 7, 11, 7, 12, 5]
 
 
@@ -97,6 +100,51 @@ def _timed(fn, min_time: float = 1.0) -> float:
             return elapsed / n
 
 
+def time_side(side: str, batch: int, path: Path) -> dict:
+    """One side's seconds per call at one batch size, in this process (the parent runs each side
+    in its own process: torch and MLX / OpenBLAS threads in one process slow each other down)."""
+    import encoders as E
+
+    sents = (E.SENTENCES * (batch // len(E.SENTENCES) + 1))[:batch]
+    if side == "st":
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        st = SentenceTransformer(str(path), device="cpu")
+        features = st.tokenize(sents)
+        tokens = int(features["attention_mask"].sum())
+
+        def run():
+            with torch.inference_mode():
+                return st.forward(dict(features))["sentence_embedding"]
+    elif side == "engine":
+        import vllm_metal_rs  # noqa: F401  (OpenBLAS before libmlx)
+        from transformers import AutoTokenizer
+
+        from vllm_metal_rs import _core
+
+        ids = [AutoTokenizer.from_pretrained(str(path))(s)["input_ids"] for s in sents]
+        tokens = sum(map(len, ids))
+        engine = _core.EncoderRunner(str(path))
+
+        def run():
+            engine.embed(ids, pooling="MEAN", normalize=True)
+    elif side == "vllm":
+        from vllm import LLM
+
+        llm = LLM(model=str(path), max_model_len=256, seed=0)
+        tokens = sum(len(o.prompt_token_ids) for o in llm.embed(sents, use_tqdm=False))
+
+        def run():
+            llm.embed(sents, use_tqdm=False)
+    else:
+        raise SystemExit(f"unknown side {side}")
+    result = {"side": side, "batch": batch, "tokens": tokens, "s_per_call": _timed(run)}
+    if side == "vllm":
+        llm.llm_engine.engine_core.shutdown()  # before interpreter exit, not during it
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
@@ -106,69 +154,52 @@ def main() -> None:
     ap.add_argument("--random", choices=sorted(SHAPES), help="the engine alone on random weights of this shape")
     ap.add_argument("--dtype", default="float32", help="dtype of the random weights")
     ap.add_argument("--device", choices=["cpu", "gpu"], default=None)
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # internal: time one side in this process
     args = ap.parse_args()
 
-    import vllm_metal_rs  # noqa: F401  (OpenBLAS before libmlx)
-
     if args.random:
+        import vllm_metal_rs  # noqa: F401  (OpenBLAS before libmlx)
+
         run_random(args)
         return
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    import reference as R
-    from vllm_metal_rs import _core
-
     path = _minilm()
-    st = SentenceTransformer(str(path), device="cpu")
-    engine = _core.EncoderRunner(str(path))
-    llm = None
-    if args.vllm:
-        from vllm import LLM
+    if args.side:
+        print("RESULT=" + json.dumps(time_side(args.side, args.batches[0], path)), flush=True)
+        return
 
-        llm = LLM(model=str(path), max_model_len=256, seed=0)
+    import subprocess
 
+    sides = ["engine", "st"] + (["vllm"] if args.vllm else [])
     results = []
     for b in args.batches:
-        sents = (R.SENTENCES * (b // len(R.SENTENCES) + 1))[:b]
-        ids = [st.tokenizer(s)["input_ids"] for s in sents]
-        tokens = sum(map(len, ids))
-        features = st.tokenize(sents)
-
-        def run_engine():
-            engine.embed(ids, pooling="MEAN", normalize=True)
-
-        def run_st():
-            with torch.inference_mode():
-                out = st.forward(dict(features))
-            return out["sentence_embedding"]
-
-        def run_vllm():
-            llm.embed(sents, use_tqdm=False)
-
-        sides = {"engine": run_engine, "st": run_st}
-        if llm is not None:
-            sides["vllm"] = run_vllm
         times: dict[str, list[float]] = {k: [] for k in sides}
+        tokens = {}
         for _ in range(args.repeats):
-            for name, fn in sides.items():  # alternate sides within each repeat
-                times[name].append(_timed(fn))
+            for side in sides:  # alternate sides within each repeat, each in a fresh process
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--side", side, "--batches", str(b)],
+                    capture_output=True, text=True,
+                )
+                lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT=")]
+                if not lines:
+                    raise SystemExit(f"side {side} batch {b} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+                line = lines[0]
+                r = json.loads(line[len("RESULT="):])
+                times[side].append(r["s_per_call"])
+                tokens[side] = r["tokens"]
         row = {"batch": b, "tokens": tokens}
-        for name, ts in times.items():
+        for side, ts in times.items():
             t = statistics.median(ts)
-            row[name] = {"s_per_call": t, "sentences_per_s": b / t, "tokens_per_s": tokens / t}
+            row[side] = {"runs": ts, "s_per_call": t, "sentences_per_s": b / t, "tokens_per_s": tokens[side] / t}
         row["engine_vs_st"] = row["st"]["s_per_call"] / row["engine"]["s_per_call"]
-        if llm is not None:
+        if args.vllm:
             row["vllm_vs_st"] = row["st"]["s_per_call"] / row["vllm"]["s_per_call"]
         results.append(row)
-        line = f"batch {b:4d} ({tokens} tokens): " + ", ".join(
-            f"{k} {row[k]['sentences_per_s']:8.1f} sent/s" for k in sides
-        )
-        print(line + f"; engine/st speed {row['engine_vs_st']:.2f}x", flush=True)
-
-    meta = {"torch_threads": torch.get_num_threads(), "backend": _core.backend_info()["backend"]}
+        print(f"batch {b:4d}: " + ", ".join(
+            f"{k} {row[k]['s_per_call'] * 1e3:8.1f} ms ({row[k]['sentences_per_s']:7.1f} sent/s)" for k in sides
+        ) + f"; engine / st speed {row['engine_vs_st']:.2f}x", flush=True)
     if args.out:
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+        args.out.write_text(json.dumps({"results": results}, indent=2))
 
 
 def run_random(args) -> None:

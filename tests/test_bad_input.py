@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import checkpoint_files as C
 import reference as R
 
 BASE = "gqa_untied"
@@ -205,7 +206,7 @@ def _gguf_dir(tiny_models, tmp_path: Path, name: str, override_types) -> Path:
     for f in src.iterdir():
         if not f.name.endswith(".safetensors"):
             shutil.copy(f, d / f.name)
-    R.write_tiny_gguf(d / "model.gguf", src, override_types=override_types)
+    C.write_tiny_gguf(d / "model.gguf", src, override_types=override_types)
     return d
 
 
@@ -252,7 +253,7 @@ def test_gguf_architecture_mismatch(core, tiny_models, tmp_path):
 
 def test_mlx_quantization_bits_mismatch(core, tiny_models, tmp_path):
     """config.json's quantization must agree with the packed tensors."""
-    q, _ = R.write_mlx_quantized(
+    q, _ = C.write_mlx_quantized(
         tiny_models.path(BASE), tmp_path / "q", tmp_path / "d", group_size=64, bits=4
     )
     _edit_config(q, quantization={"group_size": 64, "bits": 8})

@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import checkpoint_files as C
 import reference as R
 from conftest import shutdown_llm
 
@@ -55,7 +56,7 @@ def _quantized(tiny_models, family):
     if family not in _quantized_dirs:
         gs, bits, layer_bits, stack = QUANTIZED[family]
         root = tiny_models.root / "mlx-quantized"
-        _quantized_dirs[family] = R.write_mlx_quantized(
+        _quantized_dirs[family] = C.write_mlx_quantized(
             tiny_models.path(family),
             root / f"{family}-q{bits}g{gs}",
             root / f"{family}-dequantized",

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import checkpoint_files as C
 import reference as R
 
 BLOCK_SIZE = 16
@@ -293,7 +294,7 @@ def _gguf_model_dir(tiny_models, tmp_dir: Path, variant: str, qtype) -> Path:
     for f in src.iterdir():
         if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             (out / f.name).write_bytes(f.read_bytes())
-    R.write_tiny_gguf(out / "model.gguf", src, weight_type=qtype)
+    C.write_tiny_gguf(out / "model.gguf", src, weight_type=qtype)
     return out
 
 
@@ -304,7 +305,7 @@ def test_gguf_writer_roundtrip(tiny_models, tmp_path):
     for variant in ["gqa_untied", "tied", "qwen2"]:
         d = _gguf_model_dir(tiny_models, tmp_path, variant, gguf.GGMLQuantizationType.F32)
         ids = _rand_ids(9, 40, 320)
-        err = R.rel_err(R.hf_logits(R.load_hf_gguf(d / "model.gguf"), ids), R.hf_logits(tiny_models.hf(variant), ids))
+        err = R.rel_err(R.hf_logits(C.load_hf_gguf(d / "model.gguf"), ids), R.hf_logits(tiny_models.hf(variant), ids))
         assert err == 0.0, f"{variant}: transformers reads the written GGUF differently (rel err {err})"
 
 
@@ -318,7 +319,7 @@ def test_tiny_gguf_logits(core, tiny_models, tmp_path, variant, qtype_name):
 
     qtype = gguf.GGMLQuantizationType[qtype_name]
     d = _gguf_model_dir(tiny_models, tmp_path, variant, qtype)
-    ref_model = R.load_hf_gguf(d / "model.gguf")
+    ref_model = C.load_hf_gguf(d / "model.gguf")
     ids = _rand_ids(10, 50, 320)
     runner = core.ModelRunner(str(d), block_size=BLOCK_SIZE)
     runner.allocate_kv_cache(8)
@@ -339,8 +340,8 @@ def test_prepare_model_config_from_gguf(core, tiny_models, tmp_path, variant):
 
     src_dir = tmp_path / "gguf"
     src_dir.mkdir()
-    gguf_path = R.write_tiny_gguf(src_dir / "model.gguf", tiny_models.path(variant), weight_type=gguf.GGMLQuantizationType.Q8_0)
-    ref = R.load_hf_gguf(gguf_path)
+    gguf_path = C.write_tiny_gguf(src_dir / "model.gguf", tiny_models.path(variant), weight_type=gguf.GGMLQuantizationType.Q8_0)
+    ref = C.load_hf_gguf(gguf_path)
 
     meta, tensors = P.read_gguf_metadata(gguf_path)
     config = P.build_config(meta, tensors)
@@ -365,7 +366,7 @@ def test_gguf_to_safetensors_is_transformers_reading(core, tiny_models, tmp_path
     from safetensors.numpy import load_file
 
     d = _gguf_model_dir(tiny_models, tmp_path, "gqa_untied", gguf.GGMLQuantizationType.Q4_1)
-    ref = {k: v.detach().numpy() for k, v in R.load_hf_gguf(d / "model.gguf").state_dict().items()}
+    ref = {k: v.detach().numpy() for k, v in C.load_hf_gguf(d / "model.gguf").state_dict().items()}
     n = core.gguf_to_safetensors(str(d), str(tmp_path / "out.safetensors"))
     ours = load_file(str(tmp_path / "out.safetensors"))
     assert n == len(ours) and set(ours) == set(ref), sorted(set(ours) ^ set(ref))

@@ -7,6 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import checkpoint_files as C
+import encoders as E
 import reference as R
 
 COSINE_MIN = 0.9999
@@ -35,10 +37,10 @@ def test_minilm_matches_sentence_transformers(st_minilm, minilm_runner):
     pooling (its Transformer + Pooling modules alone)."""
     from sentence_transformers import SentenceTransformer
 
-    ids = [st_minilm.tokenizer(s)["input_ids"] for s in R.SENTENCES]
+    ids = [st_minilm.tokenizer(s)["input_ids"] for s in E.SENTENCES]
     assert len(ids) == 32 and min(map(len, ids)) <= 3 and max(map(len, ids)) >= 30
-    ref_norm = st_minilm.encode(R.SENTENCES, batch_size=32)
-    ref_raw = SentenceTransformer(modules=[st_minilm[0], st_minilm[1]], device="cpu").encode(R.SENTENCES, batch_size=32)
+    ref_norm = st_minilm.encode(E.SENTENCES, batch_size=32)
+    ref_raw = SentenceTransformer(modules=[st_minilm[0], st_minilm[1]], device="cpu").encode(E.SENTENCES, batch_size=32)
     # The Normalize module is what makes the two differ: otherwise the check below proves nothing.
     assert np.abs(np.linalg.norm(ref_raw, axis=1) - 1).max() > 0.1
 
@@ -51,7 +53,7 @@ def test_minilm_matches_sentence_transformers(st_minilm, minilm_runner):
 
 
 def test_minilm_batch_equals_each_alone(st_minilm, minilm_runner):
-    ids = [st_minilm.tokenizer(s)["input_ids"] for s in R.SENTENCES[:16]]
+    ids = [st_minilm.tokenizer(s)["input_ids"] for s in E.SENTENCES[:16]]
     batch = np.stack(minilm_runner.embed(ids, pooling="MEAN", normalize=True))
     alone = np.stack([minilm_runner.embed([i], pooling="MEAN", normalize=True)[0] for i in ids])
     assert np.abs(batch - alone).max() < 1e-5
@@ -59,7 +61,7 @@ def test_minilm_batch_equals_each_alone(st_minilm, minilm_runner):
 
 def test_pooling_kinds_and_dimensions(minilm_runner, st_minilm):
     """CLS / LAST pick the first / last hidden state; dimensions truncate before normalizing."""
-    ids = [st_minilm.tokenizer(s)["input_ids"] for s in R.SENTENCES[:4]]
+    ids = [st_minilm.tokenizer(s)["input_ids"] for s in E.SENTENCES[:4]]
     hidden, spans = minilm_runner.hidden_states(ids)
     assert [n for _, n in spans] == [len(i) for i in ids]
     cls = np.stack(minilm_runner.embed(ids, pooling="CLS", normalize=False))
@@ -79,7 +81,7 @@ def test_pooling_kinds_and_dimensions(minilm_runner, st_minilm):
 def test_tiny_bert_hidden_states_match_transformers(core, tmp_path, variant):
     """Hidden states of a tiny random BertModel, with token types, in one mixed batch."""
     config = {} if variant == "plain" else {"hidden_act": "gelu_pytorch_tanh", "type_vocab_size": 3}
-    d = R.write_tiny_bert(tmp_path / variant, seed=3, **config)
+    d = E.write_tiny_bert(tmp_path / variant, seed=3, **config)
     rng = np.random.default_rng(5)
     lengths = [1, 7, 33, 64, 2, 19]
     ids = [rng.integers(0, 300, size=n).tolist() for n in lengths]
@@ -87,13 +89,13 @@ def test_tiny_bert_hidden_states_match_transformers(core, tmp_path, variant):
     runner = core.EncoderRunner(str(d))
     hidden, spans = runner.hidden_states(ids, token_type_ids=types)
     for (start, n), i, t in zip(spans, ids, types):
-        ref = R.hf_encoder_hidden(d, i, t)
+        ref = E.hf_encoder_hidden(d, i, t)
         err = R.rel_err(hidden[start : start + n], ref)
         assert err <= R.LOGITS_REL_TOL, f"{variant} length {n}: rel err {err:.3g}"
 
 
 def test_encoder_refuses_bad_inputs_with_one_line(core, tmp_path):
-    d = R.write_tiny_bert(tmp_path / "bert", max_position_embeddings=16)
+    d = E.write_tiny_bert(tmp_path / "bert", max_position_embeddings=16)
     runner = core.EncoderRunner(str(d))
     for ids, types, match in [
         ([list(range(17))], None, "at most 16"),
@@ -109,7 +111,7 @@ def test_encoder_refuses_bad_inputs_with_one_line(core, tmp_path):
 
 def test_tiny_xlm_roberta_hidden_states_match_transformers(core, tmp_path):
     """XLM-R: BERT's blocks with positions from pad_token_id + 1."""
-    d = R.write_tiny_bert(tmp_path / "xlmr", seed=4, architecture="XLMRobertaModel", type_vocab_size=1, pad_token_id=1)
+    d = E.write_tiny_bert(tmp_path / "xlmr", seed=4, architecture="XLMRobertaModel", type_vocab_size=1, pad_token_id=1)
     rng = np.random.default_rng(6)
     # Ids from 2 on: transformers gives pad tokens (id 1) inside a sequence the padding position.
     ids = [rng.integers(2, 300, size=n).tolist() for n in (3, 40, 11)]
@@ -117,7 +119,7 @@ def test_tiny_xlm_roberta_hidden_states_match_transformers(core, tmp_path):
     assert runner.max_positions == 128 - 2
     hidden, spans = runner.hidden_states(ids)
     for (start, n), i in zip(spans, ids):
-        err = R.rel_err(hidden[start : start + n], R.hf_encoder_hidden(d, i))
+        err = R.rel_err(hidden[start : start + n], E.hf_encoder_hidden(d, i))
         assert err <= R.LOGITS_REL_TOL, f"length {n}: rel err {err:.3g}"
 
 
@@ -128,7 +130,7 @@ def test_tiny_classifiers_match_transformers(core, tmp_path, architecture, num_l
     BERT pairs; scores with vLLM's activations (sigmoid for one label, softmax for several)."""
     xlmr = architecture.startswith("XLM")
     extra = {"type_vocab_size": 1, "pad_token_id": 1} if xlmr else {}
-    d = R.write_tiny_bert(tmp_path / architecture, seed=7, architecture=architecture, num_labels=num_labels, **extra)
+    d = E.write_tiny_bert(tmp_path / architecture, seed=7, architecture=architecture, num_labels=num_labels, **extra)
     runner = core.EncoderRunner(str(d))
     assert runner.task == "classify" and runner.num_labels == num_labels
     rng = np.random.default_rng(8)
@@ -137,7 +139,7 @@ def test_tiny_classifiers_match_transformers(core, tmp_path, architecture, num_l
     runner.configure("CLS")
     logits = runner.embed(ids, pooling="CLS", normalize=False, token_type_ids=types)
     for i, (seq, got) in enumerate(zip(ids, logits)):
-        ref = R.hf_classifier_logits(d, seq, None if types is None else types[i])
+        ref = E.hf_classifier_logits(d, seq, None if types is None else types[i])
         assert got.shape == (num_labels,)
         err = R.rel_err(got, ref)
         assert err <= R.LOGITS_REL_TOL, f"request {i}: rel err {err:.3g}"
@@ -154,8 +156,8 @@ def test_tiny_classifiers_match_transformers(core, tmp_path, architecture, num_l
 def test_mlx_quantized_bert_matches_its_dequantized_weights(core, tmp_path, group_size, bits):
     """An MLX-quantized encoder (every 2-D table and linear quantized, embeddings included, as
     MLX's quantizer lays it out) against transformers on the same weights dequantized."""
-    src = R.write_tiny_bert(tmp_path / "bert", seed=9, hidden_size=64, intermediate_size=128)
-    qdir, ddir = R.write_mlx_quantized(src, tmp_path / "q", tmp_path / "dq", group_size=group_size, bits=bits)
+    src = E.write_tiny_bert(tmp_path / "bert", seed=9, hidden_size=64, intermediate_size=128)
+    qdir, ddir = C.write_mlx_quantized(src, tmp_path / "q", tmp_path / "dq", group_size=group_size, bits=bits)
     from safetensors import safe_open
 
     with safe_open(str(qdir / "model.safetensors"), "np") as f:
@@ -164,5 +166,5 @@ def test_mlx_quantized_bert_matches_its_dequantized_weights(core, tmp_path, grou
     ids = [rng.integers(0, 300, size=n).tolist() for n in (4, 31)]
     hidden, spans = core.EncoderRunner(str(qdir)).hidden_states(ids)
     for (start, n), i in zip(spans, ids):
-        err = R.rel_err(hidden[start : start + n], R.hf_encoder_hidden(ddir, i))
+        err = R.rel_err(hidden[start : start + n], E.hf_encoder_hidden(ddir, i))
         assert err <= R.LOGITS_REL_TOL, f"q{bits} g{group_size}, length {n}: rel err {err:.3g}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import http_get, shutdown_llm, tail, vllm_server
 
-import reference as R
+import encoders as E
 
 pytestmark = pytest.mark.vllm
 
@@ -33,11 +33,11 @@ def st_minilm(minilm_dir):
 
 @pytest.fixture(scope="module")
 def st_reference(st_minilm):
-    """(normalized, raw mean-pooled) sentence-transformers embeddings of R.SENTENCES."""
+    """(normalized, raw mean-pooled) sentence-transformers embeddings of E.SENTENCES."""
     from sentence_transformers import SentenceTransformer
 
     raw = SentenceTransformer(modules=[st_minilm[0], st_minilm[1]], device="cpu")
-    return st_minilm.encode(R.SENTENCES), raw.encode(R.SENTENCES)
+    return st_minilm.encode(E.SENTENCES), raw.encode(E.SENTENCES)
 
 
 @pytest.fixture(scope="module")
@@ -53,22 +53,22 @@ def test_llm_embed_matches_sentence_transformers(embed_llm, st_reference):
     from vllm import PoolingParams
 
     ref_norm, ref_raw = st_reference
-    outs = embed_llm.embed(R.SENTENCES)
+    outs = embed_llm.embed(E.SENTENCES)
     ours = np.stack([o.outputs.embedding for o in outs])
     cos = _cos(ours, ref_norm)
     assert cos.min() >= COSINE_MIN, f"min cosine {cos.min():.6f} at {int(cos.argmin())}"
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, rtol=1e-5)
 
     # use_activation=False: the mean-pooled vector before the checkpoint's Normalize module.
-    outs = embed_llm.embed(R.SENTENCES, pooling_params=PoolingParams(use_activation=False))
+    outs = embed_llm.embed(E.SENTENCES, pooling_params=PoolingParams(use_activation=False))
     raw = np.stack([o.outputs.embedding for o in outs])
     assert _cos(raw, ref_raw).min() >= COSINE_MIN
     np.testing.assert_allclose(np.linalg.norm(raw, axis=1), np.linalg.norm(ref_raw, axis=1), rtol=1e-4)
 
 
 def test_llm_embed_single_requests_equal_the_batch(embed_llm):
-    batch = np.stack([o.outputs.embedding for o in embed_llm.embed(R.SENTENCES[:16])])
-    alone = np.stack([embed_llm.embed([s])[0].outputs.embedding for s in R.SENTENCES[:16]])
+    batch = np.stack([o.outputs.embedding for o in embed_llm.embed(E.SENTENCES[:16])])
+    alone = np.stack([embed_llm.embed([s])[0].outputs.embedding for s in E.SENTENCES[:16]])
     assert np.abs(batch - alone).max() < 1e-5
 
 
@@ -78,6 +78,15 @@ def test_llm_embed_refuses_a_prompt_over_max_model_len(embed_llm):
     assert "256" in str(e.value), str(e.value)[:500]
     # The engine is still there.
     assert len(embed_llm.embed(["still here"])[0].outputs.embedding) == 384
+
+
+def test_a_failed_encoder_batch_is_retried_request_by_request(embed_llm):
+    """A batch that fails on the device is retried one request at a time: every request is still
+    served, with the vectors it would have had."""
+    want = np.stack([o.outputs.embedding for o in embed_llm.embed(E.SENTENCES[:6])])
+    embed_llm.collective_rpc("inject_fault", args=("forward",))
+    got = np.stack([o.outputs.embedding for o in embed_llm.embed(E.SENTENCES[:6])])
+    assert np.abs(got - want).max() < 1e-5
 
 
 def test_llm_score_by_cosine(embed_llm, st_minilm):
@@ -151,14 +160,14 @@ def test_v1_embeddings_with_the_openai_client(embed_server, st_reference):
 
     client = OpenAI(base_url=embed_server["base"] + "/v1", api_key="unused", timeout=120.0, max_retries=0)
     ref_norm, _ = st_reference
-    resp = client.embeddings.create(model="minilm", input=R.SENTENCES)
+    resp = client.embeddings.create(model="minilm", input=E.SENTENCES)
     ours = np.stack([d.embedding for d in resp.data])
-    assert [d.index for d in resp.data] == list(range(len(R.SENTENCES)))
+    assert [d.index for d in resp.data] == list(range(len(E.SENTENCES)))
     assert _cos(ours, ref_norm).min() >= COSINE_MIN
-    assert resp.usage.prompt_tokens > len(R.SENTENCES)
+    assert resp.usage.prompt_tokens > len(E.SENTENCES)
 
     # base64: little-endian float32 of the same vectors.
-    b64 = client.embeddings.create(model="minilm", input=R.SENTENCES[:3], encoding_format="base64")
+    b64 = client.embeddings.create(model="minilm", input=E.SENTENCES[:3], encoding_format="base64")
     for d, want in zip(b64.data, ours[:3]):
         got = d.embedding
         if isinstance(got, str):
@@ -191,7 +200,7 @@ DOCS = [
 @pytest.fixture(scope="module")
 def cross_encoder_dir(minilm_dir, tmp_path_factory):
     """A tiny random BertForSequenceClassification (one label) with MiniLM's tokenizer."""
-    return R.write_tiny_bert(
+    return E.write_tiny_bert(
         tmp_path_factory.mktemp("ce") / "tiny-ce",
         seed=11,
         architecture="BertForSequenceClassification",
@@ -212,7 +221,7 @@ def _reference_scores(model_dir, query, docs) -> list[float]:
     out = []
     for d in docs:
         enc = tok(query, d)
-        logit = R.hf_classifier_logits(model_dir, enc["input_ids"], enc["token_type_ids"])[0]
+        logit = E.hf_classifier_logits(model_dir, enc["input_ids"], enc["token_type_ids"])[0]
         out.append(float(1 / (1 + np.exp(-logit))))
     return out
 
@@ -225,7 +234,7 @@ def test_llm_score_with_a_cross_encoder(cross_encoder_dir):
     from transformers import AutoTokenizer
 
     enc = AutoTokenizer.from_pretrained(str(cross_encoder_dir))(QUERY, DOCS[0])
-    no_types = R.hf_classifier_logits(cross_encoder_dir, enc["input_ids"], [0] * len(enc["input_ids"]))[0]
+    no_types = E.hf_classifier_logits(cross_encoder_dir, enc["input_ids"], [0] * len(enc["input_ids"]))[0]
     assert abs(1 / (1 + np.exp(-no_types)) - want[0]) > 1e-4
 
     llm = LLM(model=str(cross_encoder_dir), max_model_len=512, seed=0)

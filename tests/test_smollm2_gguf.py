@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import checkpoint_files as C
 import reference as R
 
 NEW_TOKENS = 32
@@ -44,13 +45,13 @@ def _ids(enc) -> list[int]:
 
 @pytest.fixture(scope="module")
 def gguf_tokenizer(smollm2_gguf):
-    return R.load_hf_gguf_tokenizer(smollm2_gguf)
+    return C.load_hf_gguf_tokenizer(smollm2_gguf)
 
 
 @pytest.fixture(scope="module")
 def hf_gguf_model(smollm2_gguf):
     t0 = time.perf_counter()
-    model = R.load_hf_gguf(smollm2_gguf)
+    model = C.load_hf_gguf(smollm2_gguf)
     print(f"transformers GGUF load: {time.perf_counter() - t0:.1f}s")
     return model
 

@@ -198,6 +198,8 @@ class EncoderRunner:
         logit_sigma: float = 1.0,
     ) -> None:
         """vLLM's pooler config: pooling, the classifier's activation and logit affine."""
+    def inject_fault(self) -> None:
+        """Make the next batch fail once (tests of fault isolation)."""
     def execute_model(self, scheduler_output: Any) -> PoolingOutput:
         """vLLM's SchedulerOutput in: every scheduled request embedded whole."""
     def embed(

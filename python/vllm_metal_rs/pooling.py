@@ -170,6 +170,12 @@ class MetalEncoderWorker(MetalWorker):
         # execute_model returns every pooling step's output itself.
         return None
 
+    def inject_fault(self, stage: str) -> None:
+        """Make the next batch fail once (tests of fault isolation; `llm.collective_rpc`)."""
+        if stage != "forward":
+            raise ValueError(f"vllm-metal-rs: an encoder fails at 'forward' only, not {stage!r}")
+        self._encoder().inject_fault()
+
     def get_model_inspection(self) -> str:
         e = self._encoder()
         return (

@@ -101,6 +101,11 @@ impl PyEncoderRunner {
         Ok(())
     }
 
+    /// Make the next batch fail once, as an MLX error would (tests of fault isolation).
+    fn inject_fault(&self) {
+        self.lock().inject_fault()
+    }
+
     /// vLLM's SchedulerOutput in: every scheduled request embedded whole.
     fn execute_model(&self, py: Python<'_>, scheduler_output: &Bound<'_, PyAny>) -> PyResult<PyPoolingOutput> {
         let (requests, rejected) = encoder_step(scheduler_output)?;

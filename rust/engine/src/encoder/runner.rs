@@ -31,6 +31,8 @@ pub struct EncoderRunner {
     pub weights_nbytes: usize,
     pub vocab_size: usize,
     pub type_vocab_size: usize,
+    /// Make the next batch fail once, as an MLX error would (tests of fault isolation).
+    fault: std::sync::atomic::AtomicBool,
 }
 
 impl EncoderRunner {
@@ -67,6 +69,7 @@ impl EncoderRunner {
             start.elapsed().as_secs_f64()
         );
         Ok(Self {
+            fault: std::sync::atomic::AtomicBool::new(false),
             pooling: PoolingKind::Mean,
             classify: ClassifyOptions::default(),
             vocab_size: count("vocab_size", 0),
@@ -209,7 +212,15 @@ impl EncoderRunner {
         out
     }
 
+    /// Make the next batch fail once (tests of fault isolation).
+    pub fn inject_fault(&self) {
+        self.fault.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn embed_requests(&self, requests: &[&EncoderRequest], kind: PoolingKind) -> Result<Vec<Vec<f32>>> {
+        if self.fault.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            bail!("injected fault (forward)");
+        }
         let inputs: Vec<EncoderInput> = requests.iter().map(|r| input_of(r)).collect();
         let opts: Vec<PoolOptions> = requests.iter().map(|r| r.options).collect();
         // A panic inside MLX or the engine fails the batch like an error would.
