@@ -175,16 +175,16 @@ def test_quantization_config_refused(core, tiny_models, tmp_path, qconfig):
 
 @pytest.mark.parametrize("fmt", ["hf5", "legacy"])
 def test_unsupported_rope_type_refused(core, tiny_models, tmp_path, fmt):
-    """A rope type we do not implement (yarn) must be refused, whether config.json spells it the
-    transformers-5 way (rope_parameters) or the older way (rope_scaling)."""
+    """A rope type we do not implement (dynamic NTK) must be refused, whether config.json spells it
+    the transformers-5 way (rope_parameters) or the older way (rope_scaling)."""
     d = _copy(tiny_models, tmp_path, "model")
-    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024}
+    dynamic = {"rope_type": "dynamic", "factor": 4.0}
     if fmt == "hf5":
-        _edit_config(d, rope_parameters=dict(yarn, rope_theta=20000.0), rope_scaling=None, rope_theta=None)
+        _edit_config(d, rope_parameters=dict(dynamic, rope_theta=20000.0), rope_scaling=None, rope_theta=None)
     else:
-        _edit_config(d, rope_parameters=None, rope_scaling=yarn, rope_theta=20000.0)
+        _edit_config(d, rope_parameters=None, rope_scaling=dynamic, rope_theta=20000.0)
     msg = _construct_error(core, d)
-    _assert_mentions(msg, "yarn")
+    _assert_mentions(msg, "dynamic")
 
 
 def test_unsupported_activation_refused(core, tiny_models, tmp_path):
