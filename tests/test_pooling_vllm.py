@@ -186,6 +186,20 @@ def test_v1_embeddings_with_the_openai_client(embed_server, st_reference):
     assert len(client.embeddings.create(model="minilm", input="ok").data[0].embedding) == 384
 
 
+def test_pooling_endpoint(embed_server, st_reference):
+    """vLLM's /pooling endpoint serves the model's task (embed) with the same vectors."""
+    import json
+    import urllib.request
+
+    ref_norm, _ = st_reference
+    body = json.dumps({"model": "minilm", "input": E.SENTENCES[:2]}).encode()
+    req = urllib.request.Request(embed_server["base"] + "/pooling", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        data = json.loads(r.read())["data"]
+    got = np.stack([np.asarray(d["data"], np.float64).reshape(-1) for d in data])
+    assert _cos(got, ref_norm[:2]).min() >= COSINE_MIN
+
+
 # --- cross-encoders (score / rerank) ---------------------------------------------------------------
 
 QUERY = "Where is the nearest train station?"
