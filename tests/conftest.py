@@ -121,6 +121,14 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def st_minilm(minilm_dir):
+    """sentence-transformers' own model of all-MiniLM-L6-v2 (the embeddings oracle)."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(minilm_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
 def default_model_dir(session_tmp) -> Path:
     """The default model directory: the repo's models/SmolLM2-135M-Instruct if it is there, else
     prepared into the session's temporary directory by `python -m vllm_metal_rs.prepare_model`."""

@@ -14,6 +14,17 @@ import numpy as np
 # Encoders (embeddings)
 # --------------------------------------------------------------------------------------------------
 
+#: Smallest cosine accepted between our embedding and sentence-transformers' of the same input.
+COSINE_MIN = 0.9999
+
+
+def cosine(a, b) -> np.ndarray:
+    """Row-wise cosine similarity, in float64."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
 #: Sentences of mixed length (1 to ~60 tokens) for embedding tests.
 SENTENCES = [
     "Hello world",

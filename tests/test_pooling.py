@@ -11,21 +11,6 @@ import checkpoint_files as C
 import encoders as E
 import reference as R
 
-COSINE_MIN = 0.9999
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-
-
-@pytest.fixture(scope="module")
-def st_minilm(minilm_dir):
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(minilm_dir), device="cpu")
-
 
 @pytest.fixture(scope="module")
 def minilm_runner(core, minilm_dir):
@@ -47,8 +32,8 @@ def test_minilm_matches_sentence_transformers(st_minilm, minilm_runner):
     for normalize, ref in [(True, ref_norm), (False, ref_raw)]:
         ours = np.stack(minilm_runner.embed(ids, pooling="MEAN", normalize=normalize))
         assert ours.shape == ref.shape
-        cos = _cos(ours, ref)
-        assert cos.min() >= COSINE_MIN, f"normalize={normalize}: min cosine {cos.min():.6f} at {int(cos.argmin())}"
+        cos = E.cosine(ours, ref)
+        assert cos.min() >= E.COSINE_MIN, f"normalize={normalize}: min cosine {cos.min():.6f} at {int(cos.argmin())}"
         np.testing.assert_allclose(np.linalg.norm(ours, axis=1), np.linalg.norm(ref, axis=1), rtol=1e-4)
 
 

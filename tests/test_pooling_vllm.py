@@ -14,21 +14,7 @@ import encoders as E
 
 pytestmark = pytest.mark.vllm
 
-COSINE_MIN = 0.9999
 STARTUP_TIMEOUT_S = float(os.environ.get("VMR_SERVE_STARTUP_TIMEOUT", "300"))
-
-
-def _cos(a, b) -> np.ndarray:
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-
-
-@pytest.fixture(scope="module")
-def st_minilm(minilm_dir):
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(minilm_dir), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +41,14 @@ def test_llm_embed_matches_sentence_transformers(embed_llm, st_reference):
     ref_norm, ref_raw = st_reference
     outs = embed_llm.embed(E.SENTENCES)
     ours = np.stack([o.outputs.embedding for o in outs])
-    cos = _cos(ours, ref_norm)
-    assert cos.min() >= COSINE_MIN, f"min cosine {cos.min():.6f} at {int(cos.argmin())}"
+    cos = E.cosine(ours, ref_norm)
+    assert cos.min() >= E.COSINE_MIN, f"min cosine {cos.min():.6f} at {int(cos.argmin())}"
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, rtol=1e-5)
 
     # use_activation=False: the mean-pooled vector before the checkpoint's Normalize module.
     outs = embed_llm.embed(E.SENTENCES, pooling_params=PoolingParams(use_activation=False))
     raw = np.stack([o.outputs.embedding for o in outs])
-    assert _cos(raw, ref_raw).min() >= COSINE_MIN
+    assert E.cosine(raw, ref_raw).min() >= E.COSINE_MIN
     np.testing.assert_allclose(np.linalg.norm(raw, axis=1), np.linalg.norm(ref_raw, axis=1), rtol=1e-4)
 
 
@@ -95,7 +81,7 @@ def test_llm_score_by_cosine(embed_llm, st_minilm):
     docs = ["The station is two blocks north.", "Bananas are rich in potassium."]
     scores = [o.outputs.score for o in embed_llm.score(q, docs)]
     e = st_minilm.encode([q] + docs)
-    want = [float(_cos(e[0], e[i])) for i in (1, 2)]
+    want = [float(E.cosine(e[0], e[i])) for i in (1, 2)]
     np.testing.assert_allclose(scores, want, atol=1e-4)
     assert scores[0] > scores[1]
 
@@ -163,7 +149,7 @@ def test_v1_embeddings_with_the_openai_client(embed_server, st_reference):
     resp = client.embeddings.create(model="minilm", input=E.SENTENCES)
     ours = np.stack([d.embedding for d in resp.data])
     assert [d.index for d in resp.data] == list(range(len(E.SENTENCES)))
-    assert _cos(ours, ref_norm).min() >= COSINE_MIN
+    assert E.cosine(ours, ref_norm).min() >= E.COSINE_MIN
     assert resp.usage.prompt_tokens > len(E.SENTENCES)
 
     # base64: little-endian float32 of the same vectors.
@@ -197,7 +183,7 @@ def test_pooling_endpoint(embed_server, st_reference):
     with urllib.request.urlopen(req, timeout=120) as r:
         data = json.loads(r.read())["data"]
     got = np.stack([np.asarray(d["data"], np.float64).reshape(-1) for d in data])
-    assert _cos(got, ref_norm[:2]).min() >= COSINE_MIN
+    assert E.cosine(got, ref_norm[:2]).min() >= E.COSINE_MIN
 
 
 # --- cross-encoders (score / rerank) ---------------------------------------------------------------

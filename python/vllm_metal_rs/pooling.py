@@ -20,7 +20,7 @@ from vllm.v1.kv_cache_interface import KVCacheSpec
 from vllm.v1.outputs import ModelRunnerOutput
 
 from vllm_metal_rs.scheduler import MetalModelRunnerOutput
-from vllm_metal_rs.worker import _DTYPE_NAMES, MetalWorker, _core, _resolve_model_path, logger
+from vllm_metal_rs.worker import MetalWorker, _core, logger
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import GrammarOutput, SchedulerOutput
@@ -61,13 +61,17 @@ def _classifier_activation(hf_config: Any, num_labels: int) -> str:
     raise ValueError(f"vllm-metal-rs: classifier activation {act!r} is not supported")
 
 
+def _logit_affine(pooler: Any) -> dict[str, float]:
+    """vLLM's `(logit - mean) / sigma` of classifier logits, as the engine's keyword arguments."""
+    return dict(logit_mean=float(pooler.logit_mean or 0.0), logit_sigma=float(pooler.logit_sigma or 1.0))
+
+
 def configure_decoder_pooling(runner: _core_types.ModelRunner, mc: Any) -> None:
     """vLLM's pooler config (and, for rerankers converted by vLLM's from_2_way_softmax, the two
     classifier tokens) given to a decoder runner once."""
     pooler = mc.pooler_config
     hf = mc.hf_config
     text = hf.get_text_config()
-    affine = dict(logit_mean=float(pooler.logit_mean or 0.0), logit_sigma=float(pooler.logit_sigma or 1.0))
     if mc.convert_type != "classify":
         runner.set_pooling(pooler.seq_pooling_type)
         return
@@ -93,7 +97,7 @@ def configure_decoder_pooling(runner: _core_types.ModelRunner, mc: Any) -> None:
         classifier_tokens=ids,
         two_way=True,
         activation=_classifier_activation(hf, 1),
-        **affine,
+        **_logit_affine(pooler),
     )
     logger.info("vllm-metal-rs: %s scores with tokens %s (ids %s)", mc.architecture, tokens, ids)
 
@@ -104,13 +108,8 @@ class MetalEncoderWorker(MetalWorker):
     encoder: _core_types.EncoderRunner | None = None
 
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
-        if load_dummy_weights:
-            raise ValueError("vllm-metal-rs: dummy weights are not supported")
         mc = self.model_config
-        path = _resolve_model_path(mc.model, mc.revision, self.load_config.download_dir)
-        dtype = _DTYPE_NAMES.get(mc.dtype)
-        if dtype is None:
-            raise ValueError(f"vllm-metal-rs: dtype {mc.dtype} is not supported")
+        path, dtype = self._checkpoint(load_dummy_weights)
         _refuse_dense_modules(path)
         encoder = _core().EncoderRunner(path, device=self.mlx_device, dtype=dtype)
         pooler = mc.pooler_config
@@ -118,12 +117,7 @@ class MetalEncoderWorker(MetalWorker):
         activation = "identity"
         if encoder.task == "classify":
             activation = _classifier_activation(mc.hf_config, encoder.num_labels or 0)
-        encoder.configure(
-            pooling,
-            activation=activation,
-            logit_mean=float(pooler.logit_mean or 0.0),
-            logit_sigma=float(pooler.logit_sigma or 1.0),
-        )
+        encoder.configure(pooling, activation=activation, **_logit_affine(pooler))
         self.encoder = encoder
         logger.info(
             "vllm-metal-rs: loaded encoder %s (%s): hidden %d, %s pooling%s, weights %.2f GiB",

@@ -162,7 +162,8 @@ class MetalWorker(WorkerBase):
             self.mlx_device,
         )
 
-    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+    def _checkpoint(self, load_dummy_weights: bool) -> tuple[str, str]:
+        """The model's local path and the engine's name of vLLM's dtype."""
         if load_dummy_weights:
             raise ValueError("vllm-metal-rs: dummy weights are not supported")
         mc = self.model_config
@@ -170,6 +171,11 @@ class MetalWorker(WorkerBase):
         dtype = _DTYPE_NAMES.get(mc.dtype)
         if dtype is None:
             raise ValueError(f"vllm-metal-rs: dtype {mc.dtype} is not supported")
+        return path, dtype
+
+    def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        mc = self.model_config
+        path, dtype = self._checkpoint(load_dummy_weights)
         self.model_runner = _core().ModelRunner(
             path,
             block_size=self.cache_config.block_size,
