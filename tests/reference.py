@@ -84,6 +84,16 @@ _LLAMA3_SCALING = {
     "original_max_position_embeddings": 64,
 }
 
+#: The linear-attention dimensions of the tiny hybrid (Qwen3-Next / Qwen3.5) checkpoints.
+_HYBRID = {
+    "head_dim": 32,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+}
+
 #: Named variants used across the test-suite.
 TINY_VARIANTS: dict[str, TinySpec] = {
     # GQA (4 query heads over 2 KV heads), untied lm_head.
@@ -239,6 +249,23 @@ FAMILY_VARIANTS: dict[str, TinySpec] = {
             "swiglu_limit": 0.5,
         },
     ),
+    # Hybrid: Gated DeltaNet layers 0, 1, 3 and gated full attention at layer 2 (RoPE on a quarter
+    # of each head), 2 key heads read by 4 value heads; 8 experts, 3 active, with a gated shared
+    # expert; layer 1 dense.
+    "qwen3_next": TinySpec(seed=23, architecture="Qwen3NextForCausalLM", num_layers=4, extra_config=_HYBRID | {
+        "layer_types": ["linear_attention", "linear_attention", "full_attention", "linear_attention"],
+        "num_experts": 8, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32, "norm_topk_prob": True, "mlp_only_layers": [1],
+    }),
+    # Qwen3.5 dense: the same stack with the DeltaNet projections apart, full attention last.
+    "qwen3_5": TinySpec(seed=24, architecture="Qwen3_5ForCausalLM", num_layers=4, extra_config=_HYBRID | {
+        "layer_types": ["linear_attention", "full_attention", "linear_attention", "linear_attention"],
+    }),
+    "qwen3_5_moe": TinySpec(seed=25, architecture="Qwen3_5MoeForCausalLM", num_layers=3, extra_config=_HYBRID | {
+        "layer_types": ["linear_attention", "full_attention", "linear_attention"],
+        "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 48,
+    }),
 }
 TINY_VARIANTS.update(FAMILY_VARIANTS)
 # Phi-3 with partial rotary embeddings (Phi-4-mini's layout): longrope on 12 of 16 features per head.
@@ -316,6 +343,9 @@ MODEL_TYPES = {
     "SmolLM3ForCausalLM": "smollm3",
     "Glm4MoeForCausalLM": "glm4_moe",
     "GptOssForCausalLM": "gpt_oss",
+    "Qwen3NextForCausalLM": "qwen3_next",
+    "Qwen3_5ForCausalLM": "qwen3_5_text",
+    "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
 }
 
 
@@ -356,6 +386,11 @@ def randomize_(model, spec: TinySpec) -> None:
         for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("linear_attn.A_log"):
+                # Slow decays (A ~ 0.05), so the state carries far back along the prompt.
+                p.copy_(-3.0 + 0.5 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("linear_attn.conv1d.weight"):
+                p.copy_(0.4 * torch.randn(p.shape, generator=gen))
             elif name.endswith("self_attn.sinks"):
                 p.copy_(1.0 + torch.randn(p.shape, generator=gen))
             else:

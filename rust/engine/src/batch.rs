@@ -62,7 +62,56 @@ pub struct QueryGroup {
     pub pages: Vec<GroupPages>,
 }
 
+/// What each KV-cache group's block tables serve. Attention layers read pages of the groups
+/// they are in; linear-attention layers keep each request's recurrent state in a block of
+/// theirs, chosen by the group's state block size (vLLM's `mamba_block_size`): a state is read
+/// from the block of the column holding position `start - 1` and written to the block of the
+/// column holding the chunk's last position — one block per request when the state block spans
+/// the whole context, one per column with prefix caching (vLLM's "align" mode, which keeps the
+/// state at each block boundary). Empty lists: every group is attention only.
+#[derive(Debug, Clone, Default)]
+pub struct KvGroups {
+    pub attention: Vec<bool>,
+    pub state_block_size: Vec<Option<usize>>,
+}
+
+impl KvGroups {
+    fn state(&self, group: usize) -> Option<usize> {
+        self.state_block_size.get(group).copied().flatten()
+    }
+
+    fn attention(&self, group: usize) -> bool {
+        self.attention.get(group).copied().unwrap_or(true)
+    }
+}
+
+/// The requests of a step as the linear-attention layers see them: decode rows run one
+/// recurrent step together, each prefill chunk its own chunked scan.
+pub struct StateBatch {
+    /// `[R]`: the flat token of each decode row.
+    pub decode_tokens: Option<Array>,
+    /// `[R]` float32: 1 where the row continues a state, 0 for a request's first token.
+    pub decode_continues: Option<Array>,
+    pub prefills: Vec<StatePrefill>,
+    /// `[T]`: the row of each flat token in decode rows followed by the prefills' tokens.
+    pub order: Array,
+    /// Per KV-cache group (empty for attention groups): `[R + P]` read and write blocks, decode
+    /// rows then prefills.
+    pub read: Vec<Option<Array>>,
+    pub write: Vec<Option<Array>>,
+}
+
+pub struct StatePrefill {
+    /// First flat token and number of tokens.
+    pub offset: usize,
+    pub len: usize,
+    /// The chunk continues a state (the request has tokens before it).
+    pub continues: bool,
+}
+
 pub struct StepBatch {
+    /// Present when the model has linear-attention layers.
+    pub states: Option<StateBatch>,
     pub num_tokens: usize,
     pub token_ids: Array,
     pub positions: Array,
@@ -83,8 +132,15 @@ impl StepBatch {
     /// prompt does not pad every decode row to its length. `window`: the sliding window of the
     /// model's local layers, if it has any. `backend`: with `PageKernel`, decode attention reads the
     /// pages itself, so the decode group needs only its block tables and lengths.
-    pub fn build(chunks: &[SeqChunk], block_size: usize, window: Option<usize>, backend: AttentionBackend) -> Result<Self> {
+    pub fn build(
+        chunks: &[SeqChunk],
+        block_size: usize,
+        window: Option<usize>,
+        backend: AttentionBackend,
+        kv_groups: &KvGroups,
+    ) -> Result<Self> {
         let num_kv_groups = chunks.first().map_or(1, |c| c.block_ids.len());
+        let is_state = |g: usize| !kv_groups.attention(g);
         let mut token_ids = Vec::new();
         let mut positions = Vec::new();
         let mut seq_ends = Vec::new();
@@ -100,8 +156,13 @@ impl StepBatch {
             if c.block_ids.len() != num_kv_groups {
                 bail!("batch entry {r} has {} block tables, entry 0 has {num_kv_groups}", c.block_ids.len());
             }
-            for table in c.block_ids {
-                if pages > table.len() {
+            for (g, table) in c.block_ids.iter().enumerate() {
+                if let Some(sbs) = kv_groups.state(g) {
+                    if (end - 1) / sbs >= table.len() {
+                        bail!("batch entry {r}: position {} needs state block column {}, block table has {}", end - 1, (end - 1) / sbs, table.len());
+                    }
+                }
+                if !is_state(g) && pages > table.len() {
                     bail!(
                         "batch entry {r}: positions up to {end} need {pages} blocks, block table has {}",
                         table.len()
@@ -114,7 +175,7 @@ impl StepBatch {
                 positions.push(p as i32);
                 seq_ends.push(end as i32);
                 for (g, table) in c.block_ids.iter().enumerate() {
-                    slots[g].push(table[p / block_size] * block_size as i32 + (p % block_size) as i32);
+                    slots[g].push(if is_state(g) { 0 } else { table[p / block_size] * block_size as i32 + (p % block_size) as i32 });
                 }
             }
         }
@@ -181,6 +242,10 @@ impl StepBatch {
             let same_len = ends.iter().all(|&e| e == ends[0]) && m.iter().all(|&r| chunks[r].tokens.len() == q);
             let mut pages = Vec::with_capacity(num_kv_groups);
             for g in 0..num_kv_groups {
+                if is_state(g) {
+                    pages.push(GroupPages::unused());
+                    continue;
+                }
                 let full = pages_from(&|_| 0, g, None)?;
                 let exact = (same_len && !in_place).then(|| {
                     let len = ends[0];
@@ -213,7 +278,13 @@ impl StepBatch {
         }
         let t = token_ids.len() as i32;
         let identity = groups.len() == 1 && row_base == token_ids.len();
+        let states = if kv_groups.state_block_size.iter().any(Option::is_some) {
+            Some(StateBatch::build(chunks, &offsets, kv_groups)?)
+        } else {
+            None
+        };
         Ok(Self {
+            states,
             num_tokens: token_ids.len(),
             token_ids: Array::from_slice(&token_ids, &[t]),
             positions: Array::from_slice(&positions, &[t]),
@@ -223,5 +294,66 @@ impl StepBatch {
             out_index: Array::from_slice(&out_index, &[t]),
             identity,
         })
+    }
+}
+
+impl GroupPages {
+    /// The pages of a state group: attention never reads them.
+    fn unused() -> Self {
+        let empty = Pages { max_pages: 0, block_table: Array::from_slice::<i32>(&[], &[0]), mask: None };
+        Self { full: empty, exact: None, window: None }
+    }
+}
+
+impl StateBatch {
+    fn build(chunks: &[SeqChunk], offsets: &[usize], groups: &KvGroups) -> Result<Self> {
+        let decode: Vec<usize> = (0..chunks.len()).filter(|&r| chunks[r].tokens.len() == 1).collect();
+        let prefill: Vec<usize> = (0..chunks.len()).filter(|&r| chunks[r].tokens.len() > 1).collect();
+        let rows: Vec<usize> = decode.iter().chain(&prefill).copied().collect();
+        let total: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        let mut order = vec![0i32; total];
+        let mut row = 0usize;
+        for &r in &decode {
+            order[offsets[r]] = row as i32;
+            row += 1;
+        }
+        for &r in &prefill {
+            for i in 0..chunks[r].tokens.len() {
+                order[offsets[r] + i] = (row + i) as i32;
+            }
+            row += chunks[r].tokens.len();
+        }
+        let (mut read, mut write) = (Vec::new(), Vec::new());
+        for g in 0..groups.state_block_size.len() {
+            let Some(sbs) = groups.state(g) else {
+                read.push(None);
+                write.push(None);
+                continue;
+            };
+            let (mut rd, mut wr) = (Vec::with_capacity(rows.len()), Vec::with_capacity(rows.len()));
+            for &r in &rows {
+                let c = &chunks[r];
+                let table = &c.block_ids[g];
+                let end = c.start + c.tokens.len();
+                // A first chunk reads nothing: any block will do (its state is multiplied by 0).
+                rd.push(table[c.start.saturating_sub(1) / sbs]);
+                wr.push(table[(end - 1) / sbs]);
+            }
+            read.push(Some(Array::from_slice(&rd, &[rows.len() as i32])));
+            write.push(Some(Array::from_slice(&wr, &[rows.len() as i32])));
+        }
+        let (decode_tokens, decode_continues) = if decode.is_empty() {
+            (None, None)
+        } else {
+            let toks: Vec<i32> = decode.iter().map(|&r| offsets[r] as i32).collect();
+            let cont: Vec<f32> = decode.iter().map(|&r| if chunks[r].start > 0 { 1.0 } else { 0.0 }).collect();
+            let n = decode.len() as i32;
+            (Some(Array::from_slice(&toks, &[n])), Some(Array::from_slice(&cont, &[n])))
+        };
+        let prefills = prefill
+            .iter()
+            .map(|&r| StatePrefill { offset: offsets[r], len: chunks[r].tokens.len(), continues: chunks[r].start > 0 })
+            .collect();
+        Ok(Self { decode_tokens, decode_continues, prefills, order: Array::from_slice(&order, &[total as i32]), read, write })
     }
 }

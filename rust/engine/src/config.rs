@@ -2,7 +2,11 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use mlx_rs::Dtype;
+
+use crate::dtype::parse_dtype;
+use crate::kv_cache::StateGeometry;
 use serde::Deserialize;
 
 use crate::models::{self, Family, PartialRotary};
@@ -101,6 +105,17 @@ pub struct ModelConfig {
     /// gate <= limit and |up| <= limit.
     pub swiglu_alpha: Option<f32>,
     pub swiglu_limit: Option<f32>,
+    /// Gated DeltaNet (Qwen3-Next, Qwen3.5): the linear-attention layers' causal convolution
+    /// width, key/value head sizes and counts; `layer_types` marks them "linear_attention".
+    pub linear_conv_kernel_dim: Option<usize>,
+    pub linear_key_head_dim: Option<usize>,
+    pub linear_value_head_dim: Option<usize>,
+    pub linear_num_key_heads: Option<usize>,
+    pub linear_num_value_heads: Option<usize>,
+    /// Hybrid stacks without `layer_types`: every n-th layer is full attention.
+    pub full_attention_interval: Option<usize>,
+    /// Qwen3.5: dtype of the linear-attention ssm state (absent: the model dtype).
+    pub mamba_ssm_dtype: Option<String>,
     pub torch_dtype: Option<String>,
     pub dtype: Option<String>,
     /// mlx-community quantized checkpoints (`{"group_size": 64, "bits": 4}`).
@@ -127,6 +142,23 @@ fn check_architecture(architectures: &[String]) -> Result<&'static Family> {
     })
 }
 
+/// A vision-language checkpoint's `text_config` lifted to the top level (its architectures kept):
+/// the engine runs the text stack of such checkpoints.
+fn flatten_text_config(mut value: serde_json::Value) -> serde_json::Value {
+    let Some(obj) = value.as_object_mut() else { return value };
+    if obj.contains_key("hidden_size") {
+        return value;
+    }
+    if let Some(serde_json::Value::Object(text)) = obj.remove("text_config") {
+        for (k, v) in text {
+            if k != "architectures" {
+                obj.entry(k).or_insert(v);
+            }
+        }
+    }
+    value
+}
+
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -143,6 +175,7 @@ impl ModelConfig {
             .and_then(|a| serde_json::from_value(a.clone()).ok())
             .unwrap_or_default();
         check_architecture(&archs)?;
+        let value = flatten_text_config(value);
         let mut config: Self = serde_json::from_value(value).context("parsing config.json")?;
         config.normalize_rope()?;
         config.validate()?;
@@ -273,6 +306,36 @@ impl ModelConfig {
             }
         }
         Ok(())
+    }
+
+    /// Layer `layer` is a Gated DeltaNet layer (`layer_types` "linear_attention"; without
+    /// `layer_types`, a hybrid config's layers other than every `full_attention_interval`-th).
+    pub fn is_linear_attention(&self, layer: usize) -> bool {
+        match &self.layer_types {
+            Some(types) => types.get(layer).is_some_and(|t| t == "linear_attention"),
+            None => self.linear_num_value_heads.is_some() && (layer + 1) % self.full_attention_interval.unwrap_or(4).max(1) != 0,
+        }
+    }
+
+    /// The recurrent state of the linear-attention layers, None without such layers.
+    pub fn state_geometry(&self, ssm_dtype: Dtype) -> Result<Option<StateGeometry>> {
+        if !(0..self.num_hidden_layers).any(|i| self.is_linear_attention(i)) {
+            return Ok(None);
+        }
+        let need = |v: Option<usize>, name: &str| v.with_context(|| format!("linear-attention layers need {name}"));
+        let (hk, hv) = (need(self.linear_num_key_heads, "linear_num_key_heads")?, need(self.linear_num_value_heads, "linear_num_value_heads")?);
+        let (dk, dv) = (need(self.linear_key_head_dim, "linear_key_head_dim")?, need(self.linear_value_head_dim, "linear_value_head_dim")?);
+        let k = self.linear_conv_kernel_dim.unwrap_or(4);
+        ensure!(k >= 2, "linear_conv_kernel_dim {k} must be at least 2");
+        Ok(Some(StateGeometry { conv: [k - 1, 2 * hk * dk + hv * dv], ssm: [hv, dk, dv], ssm_dtype }))
+    }
+
+    /// The ssm state's dtype: the config's `mamba_ssm_dtype`, else the model's (vLLM's rule).
+    pub fn ssm_dtype(&self, model_dtype: Dtype) -> Result<Dtype> {
+        match self.mamba_ssm_dtype.as_deref() {
+            None | Some("auto") => Ok(model_dtype),
+            Some(name) => parse_dtype(name).with_context(|| format!("mamba_ssm_dtype {name:?}")),
+        }
     }
 
     pub fn num_kv_heads(&self) -> usize {

@@ -118,4 +118,72 @@ impl PagedKvCache {
     pub fn arrays(&self) -> impl Iterator<Item = &Array> {
         self.keys.iter().chain(self.values.iter())
     }
+
+    /// Elements (of the cache dtype) of one block of one storage's K, and of its V.
+    fn block_elems(&self) -> i32 {
+        (self.block_size * self.kv_heads * self.head_dim) as i32
+    }
+
+    /// The recurrent state of a linear-attention layer in the blocks `slots` (`[R]` block ids):
+    /// conv `[R, K-1, conv_dim]` and ssm `[R, heads, key_dim, value_dim]`. A state lives in a
+    /// block of its layer's storage, as vLLM's plan places it (its page is padded to the K/V page
+    /// of one block): the conv state from the block's first K byte, the ssm state after it.
+    pub fn read_state(&self, layer: usize, slots: &Array, geo: &StateGeometry) -> Result<(Array, Array)> {
+        let s = self.layer_storage[layer];
+        let e = self.block_elems();
+        let rows = |a: &Array| -> Result<Array> { Ok(a.reshape(&[self.num_blocks as i32, e])?.take_axis(slots, 0)?) };
+        let row = ops::concatenate(&[rows(&self.keys[s])?, rows(&self.values[s])?], 1)?;
+        let (conv_n, ssm_n) = geo.elems_in(self.dtype)?;
+        let r = slots.shape()[0];
+        let parts = ops::split_at_indices(&row, &[conv_n, conv_n + ssm_n], 1)?;
+        let conv = parts[0].reshape(&[r, geo.conv[0] as i32, geo.conv[1] as i32])?;
+        let ssm_shape = [r, geo.ssm[0] as i32, geo.ssm[1] as i32, geo.ssm[2] as i32];
+        let ssm = parts[1].view_dtype(geo.ssm_dtype)?.reshape(&ssm_shape)?;
+        Ok((conv, ssm))
+    }
+
+    /// Store linear-attention states (as [`Self::read_state`] reads them) into the blocks `slots`.
+    pub fn write_state(&mut self, layer: usize, slots: &Array, conv: &Array, ssm: &Array, geo: &StateGeometry) -> Result<()> {
+        let s = self.layer_storage[layer];
+        let e = self.block_elems();
+        let (conv_n, ssm_n) = geo.elems_in(self.dtype)?;
+        let r = slots.shape()[0];
+        let conv = conv.as_dtype(self.dtype)?.reshape(&[r, conv_n])?;
+        let ssm = ssm.as_dtype(geo.ssm_dtype)?.reshape(&[r, -1])?.view_dtype(self.dtype)?;
+        let mut parts = vec![conv, ssm];
+        if 2 * e > conv_n + ssm_n {
+            parts.push(ops::zeros_dtype(&[r, 2 * e - conv_n - ssm_n], self.dtype)?);
+        }
+        let row = ops::concatenate(&parts, 1)?;
+        let halves = ops::split_at_indices(&row, &[e], 1)?;
+        let nb = self.num_blocks as i32;
+        let full = self.keys[s].shape().to_vec();
+        self.keys[s] = ops::indexing::scatter_single(&self.keys[s].reshape(&[nb, e])?, slots, &halves[0].reshape(&[r, 1, e])?, 0)?.reshape(&full)?;
+        self.values[s] = ops::indexing::scatter_single(&self.values[s].reshape(&[nb, e])?, slots, &halves[1].reshape(&[r, 1, e])?, 0)?.reshape(&full)?;
+        Ok(())
+    }
+}
+
+/// The shape of a linear-attention layer's recurrent state: its convolution window (the last
+/// `K - 1` inputs, model dtype) and its ssm matrix per value head (`ssm_dtype`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StateGeometry {
+    pub conv: [usize; 2],
+    pub ssm: [usize; 3],
+    pub ssm_dtype: Dtype,
+}
+
+impl StateGeometry {
+    /// Bytes of one state with the convolution window in `dtype`.
+    pub fn bytes(&self, dtype: Dtype) -> usize {
+        self.conv[0] * self.conv[1] * dtype_size(dtype) + self.ssm.iter().product::<usize>() * dtype_size(self.ssm_dtype)
+    }
+
+    /// Elements of the cache dtype `dtype` the conv and the ssm state take.
+    fn elems_in(&self, dtype: Dtype) -> Result<(i32, i32)> {
+        let (d, sd) = (dtype_size(dtype), dtype_size(self.ssm_dtype));
+        let ssm_bytes = self.ssm.iter().product::<usize>() * sd;
+        ensure!(ssm_bytes % d == 0, "ssm state of {ssm_bytes} bytes does not fill whole {dtype:?} elements");
+        Ok(((self.conv[0] * self.conv[1]) as i32, (ssm_bytes / d) as i32))
+    }
 }

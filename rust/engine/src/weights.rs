@@ -143,6 +143,18 @@ impl Weights {
         }
     }
 
+    /// Tensors named `{from}...` are renamed `{to}...`.
+    pub fn rename_prefix(&mut self, from: &str, to: &str) {
+        let tensors = std::mem::take(&mut self.tensors);
+        self.tensors = tensors
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix(from) {
+                Some(rest) => (format!("{to}{rest}"), v),
+                None => (k, v),
+            })
+            .collect();
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }

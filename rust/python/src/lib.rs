@@ -82,6 +82,23 @@ fn encoder_architectures() -> Vec<&'static str> {
     engine::encoder::architectures().collect()
 }
 
+/// The KV block size (tokens) vLLM must use for the model at `config_json` in `dtype`: the
+/// smallest multiple of `block_size` whose K/V page holds a linear-attention state, with the ssm
+/// state in `ssm_dtype` (None: the config's rule); `block_size` for models without such layers.
+#[pyfunction]
+#[pyo3(signature = (config_json, dtype, block_size, ssm_dtype=None))]
+fn required_block_size(config_json: std::path::PathBuf, dtype: &str, block_size: usize, ssm_dtype: Option<String>) -> PyResult<usize> {
+    let run = || -> anyhow::Result<usize> {
+        let mut config = engine::config::ModelConfig::from_file(&config_json)?;
+        if ssm_dtype.is_some() {
+            config.mamba_ssm_dtype = ssm_dtype.clone();
+        }
+        let dtype = engine::dtype::parse_dtype(dtype)?;
+        engine::runner::ModelRunner::required_block_size(&config, dtype, block_size)
+    };
+    run().map_err(engine_err)
+}
+
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineError", m.py().get_type::<EngineError>())?;
@@ -96,6 +113,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gguf_architectures, m)?)?;
     m.add_function(wrap_pyfunction!(encoder_architectures, m)?)?;
     m.add_function(wrap_pyfunction!(decoder_architectures, m)?)?;
+    m.add_function(wrap_pyfunction!(required_block_size, m)?)?;
     m.add_function(wrap_pyfunction!(gguf_to_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(testing::process_logits, m)?)?;
     m.add_function(wrap_pyfunction!(testing::filter_logits, m)?)?;

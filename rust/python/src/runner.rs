@@ -95,7 +95,7 @@ impl PyModelRunner {
 #[pymethods]
 impl PyModelRunner {
     #[new]
-    #[pyo3(signature = (model_path, *, block_size = 16, device = None, dtype = None, gather_attention = false))]
+    #[pyo3(signature = (model_path, *, block_size = 16, device = None, dtype = None, gather_attention = false, ssm_dtype = None))]
     fn new(
         py: Python<'_>,
         model_path: PathBuf,
@@ -103,9 +103,10 @@ impl PyModelRunner {
         device: Option<String>,
         dtype: Option<String>,
         gather_attention: bool,
+        ssm_dtype: Option<String>,
     ) -> PyResult<Self> {
         let device = device.map(|d| d.parse::<DeviceKind>()).transpose().map_err(engine_err)?;
-        let opts = RunnerOptions { block_size, device, dtype, gather_attention };
+        let opts = RunnerOptions { block_size, device, dtype, gather_attention, ssm_dtype };
         let r = py
             .detach(|| runner::ModelRunner::load(&model_path, &opts))
             .map_err(engine_err)?;
@@ -156,6 +157,19 @@ impl PyModelRunner {
     fn layer_windows(&self) -> Vec<Option<usize>> {
         self.lock().config.layer_windows()
     }
+    /// The layers that keep a recurrent state instead of K/V (linear attention).
+    #[getter]
+    fn linear_attention_layers(&self) -> Vec<usize> {
+        self.lock().linear_attention_layers()
+    }
+    /// The linear-attention state: (conv shape, ssm shape, ssm dtype name); None without such
+    /// layers. The conv state has the KV cache dtype.
+    #[getter]
+    fn state_geometry(&self) -> Option<((usize, usize), (usize, usize, usize), &'static str)> {
+        self.lock().state_geometry().map(|g| {
+            ((g.conv[0], g.conv[1]), (g.ssm[0], g.ssm[1], g.ssm[2]), engine::dtype::dtype_name(g.ssm_dtype))
+        })
+    }
     #[getter]
     fn max_position_embeddings(&self) -> Option<usize> {
         self.max_position_embeddings
@@ -197,18 +211,19 @@ impl PyModelRunner {
 
     /// `layer_group` / `layer_storage`: vLLM's KV-cache plan (each layer's group and shared
     /// tensor); default: one group, one storage per layer.
-    #[pyo3(signature = (num_blocks, layer_group=None, layer_storage=None))]
+    #[pyo3(signature = (num_blocks, layer_group=None, layer_storage=None, state_block_size=None))]
     fn allocate_kv_cache(
         &self,
         py: Python<'_>,
         num_blocks: usize,
         layer_group: Option<Vec<usize>>,
         layer_storage: Option<Vec<usize>>,
+        state_block_size: Option<usize>,
     ) -> PyResult<()> {
         py.detach(|| {
             let mut r = self.lock();
             match (layer_group, layer_storage) {
-                (Some(g), Some(s)) => r.allocate_kv_cache_groups(num_blocks, g, s),
+                (Some(g), Some(s)) => r.allocate_kv_cache_groups(num_blocks, g, s, state_block_size),
                 (None, None) => r.allocate_kv_cache(num_blocks),
                 _ => Err(anyhow::anyhow!("pass both layer_group and layer_storage, or neither")),
             }

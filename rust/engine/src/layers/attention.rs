@@ -2,7 +2,7 @@
 //! the K/V write into the paged cache, and one call into `paged_attention` for the rest.
 
 use anyhow::Result;
-use mlx_rs::Array;
+use mlx_rs::{ops, Array};
 
 use crate::batch::StepBatch;
 use crate::kv_cache::PagedKvCache;
@@ -31,12 +31,29 @@ pub struct Attention {
     /// `[heads]`: a learned logit per head that joins each softmax's denominator without a value
     /// (gpt-oss), letting a query attend to nothing.
     pub sinks: Option<Array>,
+    pub output_gate: OutputGate,
+}
+
+/// A gate on the attention output before `o_proj`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputGate {
+    Absent,
+    /// Qwen3-Next / Qwen3.5: `q_proj` yields, per head, the query and then a gate; the output is
+    /// scaled by sigmoid(gate).
+    QueryHeadSigmoid,
 }
 
 impl Attention {
     pub fn forward(&self, x: &Array, batch: &StepBatch, cache: &mut PagedKvCache, layer: usize) -> Result<Array> {
         let t = x.shape()[0];
         let [q, k, v] = self.qkv.forward(x)?;
+        let (q, gate) = match self.output_gate {
+            OutputGate::Absent => (q, None),
+            OutputGate::QueryHeadSigmoid => {
+                let p = ops::split_at_indices(&q.reshape(&[t, self.num_heads, 2 * self.head_dim])?, &[self.head_dim], -1)?;
+                (p[0].clone(), Some(p[1].reshape(&[t, self.num_heads * self.head_dim])?))
+            }
+        };
         let mut q = q.reshape(&[t, self.num_heads, self.head_dim])?;
         let mut k = k.reshape(&[t, self.num_kv_heads, self.head_dim])?;
         let v = v.reshape(&[t, self.num_kv_heads, self.head_dim])?;
@@ -54,7 +71,10 @@ impl Attention {
         let slots = batch.slots.get(g).ok_or_else(|| anyhow::anyhow!("batch has no block tables of KV group {g}"))?;
         cache.write(layer, &k, &v, slots)?;
         let scores = Scores { scale: self.scale, window: self.sliding_window, softcap: self.softcap, sinks: self.sinks.as_ref() };
-        let o = paged_attention(&q, cache, layer, batch, scores)?;
+        let mut o = paged_attention(&q, cache, layer, batch, scores)?;
+        if let Some(gate) = gate {
+            o = o.multiply(ops::sigmoid(&gate)?)?;
+        }
         self.o_proj.forward(&o)
     }
 

@@ -164,6 +164,23 @@ impl Linear {
     }
 
     /// The weights as plain arrays (for evaluation at load time).
+    /// The linear producing only the outputs `rows` (`[n]` indices), in that order.
+    pub fn take_rows(&self, rows: &Array) -> Result<Linear> {
+        let quant = match &self.quant {
+            None => None,
+            Some(q) => Some(Quantization {
+                scales: q.scales.take_axis(rows, 0)?,
+                biases: q.biases.as_ref().map(|b| b.take_axis(rows, 0)).transpose()?,
+                ..q.clone()
+            }),
+        };
+        Ok(Linear {
+            weight: self.weight.take_axis(rows, 0)?,
+            bias: self.bias.as_ref().map(|b| b.take_axis(rows, 0)).transpose()?,
+            quant,
+        })
+    }
+
     pub fn arrays(&self) -> Vec<&Array> {
         let mut v = vec![&self.weight];
         v.extend(self.bias.as_ref());

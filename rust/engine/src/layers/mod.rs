@@ -2,6 +2,7 @@
 //! KV cache is apart, in `paged_attention`; the layers here only call it.
 
 pub mod attention;
+pub mod gated_delta;
 pub mod linear;
 pub mod mlp;
 pub mod moe;

@@ -22,6 +22,9 @@ pub struct SparseMoe {
     /// The experts' gated activation.
     pub act: Activation,
     pub shared_experts: Option<Mlp>,
+    /// Qwen3-Next / Qwen3.5: the shared expert's output is scaled by sigmoid of this `[1, hidden]`
+    /// linear of the token.
+    pub shared_expert_gate: Option<Linear>,
 }
 
 /// How the router's logits choose and weigh the experts.
@@ -144,10 +147,12 @@ impl SparseMoe {
             None => y.reshape(&[t, k, hidden])?,
         };
         let y = y.multiply(w.expand_dims(-1)?)?.sum_axis(1, false)?;
-        match &self.shared_experts {
-            Some(shared) => Ok(y.add(shared.forward(x)?)?),
-            None => Ok(y),
+        let Some(shared) = &self.shared_experts else { return Ok(y) };
+        let mut s = shared.forward(x)?;
+        if let Some(gate) = &self.shared_expert_gate {
+            s = s.multiply(ops::sigmoid(&gate.forward(x)?)?)?;
         }
+        Ok(y.add(s)?)
     }
 
     /// The routing's own weight beyond the router (GLM-4.5's `e_score_correction_bias`).
@@ -163,6 +168,7 @@ impl SparseMoe {
         if let Some(shared) = &self.shared_experts {
             v.extend(shared.linears());
         }
+        v.extend(self.shared_expert_gate.as_ref());
         v
     }
 }
@@ -192,8 +198,19 @@ pub struct MoeOptions {
     /// HF names of the expert projections `[gate, up, down]` under `{prefix}.experts.{e}`.
     pub expert_names: [&'static str; 3],
     pub routing: Routing,
-    /// `{prefix}.shared_experts.{gate,up,down}_proj`, a gated SiLU MLP every token runs.
-    pub shared_experts: bool,
+    /// A gated SiLU MLP every token runs beside the routed experts.
+    pub shared: SharedExpert,
+}
+
+/// The mixture's always-on expert, as the checkpoint names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedExpert {
+    Absent,
+    /// `{prefix}.shared_experts.{gate,up,down}_proj` (GLM-4.5).
+    Plain,
+    /// `{prefix}.shared_expert.{gate,up,down}_proj` scaled by sigmoid(`{prefix}.shared_expert_gate`)
+    /// (Qwen3-Next, Qwen3.5-MoE).
+    Gated,
 }
 
 /// A mixture-of-experts MLP at `prefix`: router `{prefix}.gate`, experts stacked from
@@ -206,8 +223,13 @@ pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, opts: Moe
     let gate_proj = experts(gate, "gate_proj")?;
     let up_proj = experts(up, "up_proj")?;
     let down_proj = experts(down, "down_proj")?;
-    let shared_experts = if opts.shared_experts {
-        let p = format!("{prefix}.shared_experts");
+    let shared_name = match opts.shared {
+        SharedExpert::Absent => None,
+        SharedExpert::Plain => Some("shared_experts"),
+        SharedExpert::Gated => Some("shared_expert"),
+    };
+    let shared_experts = if let Some(name) = shared_name {
+        let p = format!("{prefix}.{name}");
         Some(Mlp::new(
             w.linear(&format!("{p}.gate_proj"), Bias::Absent)?,
             w.linear(&format!("{p}.up_proj"), Bias::Absent)?,
@@ -226,6 +248,10 @@ pub fn sparse_moe(config: &ModelConfig, w: &mut Weights, prefix: &str, opts: Moe
         routing: opts.routing,
         act: Activation::Silu,
         shared_experts,
+        shared_expert_gate: match opts.shared {
+            SharedExpert::Gated => Some(w.linear(&format!("{prefix}.shared_expert_gate"), Bias::Absent)?),
+            _ => None,
+        },
     })
 }
 
@@ -310,6 +336,7 @@ mod tests {
                     routing: Routing::Softmax { norm_topk_prob: norm },
                     act: Activation::Silu,
                     shared_experts: None,
+                    shared_expert_gate: None,
                 };
                 let x = randn(&[t, h], 5, 1.0);
                 let ours = host(&moe.forward(&x).unwrap());

@@ -9,7 +9,7 @@ use anyhow::{ensure, Result};
 use mlx_rs::Dtype;
 
 use crate::config::ModelConfig;
-use crate::layers::moe::{check_expert_counts, check_expert_groups, sparse_moe, MoeOptions, Routing, SigmoidRouting};
+use crate::layers::moe::{check_expert_counts, check_expert_groups, sparse_moe, MoeOptions, Routing, SharedExpert, SigmoidRouting};
 use crate::models::llama::{attention, dense_mlp, AttnOptions, FeedForward, Model};
 use crate::models::{expect_activation, full_attention, Family, PartialRotary};
 use crate::weights::{Bias, Weights};
@@ -50,7 +50,7 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
                 norm_topk_prob: config.norm_topk_prob.unwrap_or(true),
                 routed_scaling_factor: config.routed_scaling_factor.unwrap_or(1.0),
             });
-            let opts = MoeOptions { expert_names: ["gate_proj", "up_proj", "down_proj"], routing, shared_experts: true };
+            let opts = MoeOptions { expert_names: ["gate_proj", "up_proj", "down_proj"], routing, shared: SharedExpert::Plain };
             let mut moe = sparse_moe(config, w, &prefix, opts)?;
             // transformers routes in float32 whatever the model's dtype: near-ties between sigmoid
             // scores pick the same experts.

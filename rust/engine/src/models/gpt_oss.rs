@@ -92,6 +92,7 @@ fn experts(config: &ModelConfig, w: &mut Weights, prefix: &str, act: Activation)
         routing: Routing::TopKSoftmax,
         act,
         shared_experts: None,
+        shared_expert_gate: None,
     })
 }
 

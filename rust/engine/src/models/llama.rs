@@ -9,7 +9,7 @@ use mlx_rs::Array;
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::PagedKvCache;
-use crate::layers::attention::{Attention, Qkv};
+use crate::layers::attention::{Attention, OutputGate, Qkv};
 use crate::layers::linear::Linear;
 use crate::layers::mlp::{Activation, Mlp};
 use crate::layers::moe::SparseMoe;
@@ -36,14 +36,14 @@ pub enum FeedForward {
 }
 
 impl FeedForward {
-    fn forward(&self, x: &Array) -> Result<Array> {
+    pub fn forward(&self, x: &Array) -> Result<Array> {
         match self {
             Self::Dense(m) => m.forward(x),
             Self::Sparse(m) => m.forward(x),
         }
     }
 
-    fn linears(&self) -> Vec<&Linear> {
+    pub fn linears(&self) -> Vec<&Linear> {
         match self {
             Self::Dense(m) => m.linears(),
             Self::Sparse(m) => m.linears(),
@@ -124,6 +124,7 @@ pub fn attention_from(
         sliding_window: config.layer_windows()[layer],
         softcap: None,
         sinks: None,
+        output_gate: OutputGate::Absent,
     })
 }
 

@@ -7,7 +7,7 @@
 use anyhow::Result;
 
 use crate::config::ModelConfig;
-use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions, Routing};
+use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions, Routing, SharedExpert};
 use crate::models::llama::{attention, AttnOptions, FeedForward, Model};
 use crate::models::{expect_activation, window_on_every_layer, Family, PartialRotary};
 use crate::weights::Weights;
@@ -37,7 +37,7 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
             let opts = MoeOptions {
                 expert_names: ["w1", "w3", "w2"],
                 routing: Routing::Softmax { norm_topk_prob: true },
-                shared_experts: false,
+                shared: SharedExpert::Absent,
             };
             let moe = sparse_moe(config, w, &format!("{p}.block_sparse_moe"), opts)?;
             Ok(FeedForward::Sparse(moe))

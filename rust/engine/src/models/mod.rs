@@ -12,6 +12,7 @@ pub mod mixtral;
 pub mod phi3;
 pub mod qwen2;
 pub mod qwen3;
+pub mod qwen3_next;
 pub mod smollm3;
 pub mod xlm_roberta;
 
@@ -20,7 +21,7 @@ use mlx_rs::Array;
 
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
-use crate::kv_cache::PagedKvCache;
+use crate::kv_cache::{PagedKvCache, StateGeometry};
 use crate::layers::attention::Attention;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
@@ -39,6 +40,10 @@ pub trait CausalLm: Send {
     /// What its attention asks of the attention backend.
     fn attention_features(&self) -> AttentionFeatures {
         AttentionFeatures::default()
+    }
+    /// The recurrent state of its linear-attention layers, if it has any.
+    fn state_geometry(&self) -> Option<StateGeometry> {
+        None
     }
 }
 
@@ -107,6 +112,8 @@ pub static FAMILIES: &[Family] = &[
     smollm3::SMOLLM3,
     glm4_moe::GLM4_MOE,
     gpt_oss::GPT_OSS,
+    qwen3_next::QWEN3_NEXT,
+    qwen3_next::QWEN3_5,
 ];
 
 /// The family of a config architecture.

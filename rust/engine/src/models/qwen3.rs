@@ -8,7 +8,7 @@
 use anyhow::Result;
 
 use crate::config::ModelConfig;
-use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions, Routing};
+use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions, Routing, SharedExpert};
 use crate::models::llama::{attention, dense_mlp, AttnOptions, FeedForward, Model};
 use crate::models::{full_attention, qwen2, Family, PartialRotary};
 use crate::weights::Weights;
@@ -56,7 +56,7 @@ pub fn load_moe(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
             let opts = MoeOptions {
                 expert_names: ["gate_proj", "up_proj", "down_proj"],
                 routing: Routing::Softmax { norm_topk_prob: config.norm_topk_prob.unwrap_or(false) },
-                shared_experts: false,
+                shared: SharedExpert::Absent,
             };
             Ok(FeedForward::Sparse(sparse_moe(config, w, &format!("{p}.mlp"), opts)?))
         },

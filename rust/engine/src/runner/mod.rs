@@ -33,10 +33,10 @@ pub use pipeline::{StepId, StepTiming};
 pub use pooling::{DecoderHead, DecoderPooling};
 pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
 
-use crate::batch::{SeqChunk, StepBatch};
+use crate::batch::{KvGroups, SeqChunk, StepBatch};
 use crate::config::ModelConfig;
 use crate::dtype::{compute_dtype, dtype_name};
-use crate::kv_cache::PagedKvCache;
+use crate::kv_cache::{PagedKvCache, StateGeometry};
 use crate::mlx_ext::device::{self, DeviceKind};
 use crate::models::{self, CausalLm};
 use crate::paged_attention::AttentionBackend;
@@ -56,6 +56,9 @@ pub struct RunnerOptions {
     /// Decode attention through gathered copies of the history even where a page-reading kernel
     /// exists (for A/B measurements).
     pub gather_attention: bool,
+    /// dtype of linear-attention ssm states (None: the config's `mamba_ssm_dtype`, else the
+    /// model dtype).
+    pub ssm_dtype: Option<String>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -120,6 +123,8 @@ pub struct ModelRunner {
     fault: Option<FaultStage>,
     /// A pooling model's output (None: generation).
     pooling: Option<DecoderPooling>,
+    /// What each KV-cache group's block tables serve (set with the cache).
+    kv_groups: KvGroups,
 }
 
 impl ModelRunner {
@@ -128,7 +133,10 @@ impl ModelRunner {
         ensure!(opts.block_size > 0, "block_size must be positive");
         let device = device::select(opts.device)?;
         let config_dir = if model_path.is_file() { model_path.parent().unwrap_or(Path::new(".")) } else { model_path };
-        let config = ModelConfig::from_file(&config_dir.join("config.json"))?;
+        let mut config = ModelConfig::from_file(&config_dir.join("config.json"))?;
+        if let Some(name) = &opts.ssm_dtype {
+            config.mamba_ssm_dtype = Some(name.clone());
+        }
         let source = WeightSource::locate(model_path)?;
         let dtype = compute_dtype(device, opts.dtype.as_deref(), config.checkpoint_dtype())?;
         let mut weights = Weights::load(&source, &config, WeightOptions { dtype, dequantize: device == DeviceKind::Cpu })?;
@@ -172,6 +180,7 @@ impl ModelRunner {
             timings: VecDeque::new(),
             fault: None,
             pooling: None,
+            kv_groups: KvGroups::default(),
         })
     }
 
@@ -182,7 +191,7 @@ impl ModelRunner {
 
     /// A step's tensors, for this model's windows and this cache's attention.
     fn build_batch(&self, chunks: &[SeqChunk]) -> Result<StepBatch> {
-        StepBatch::build(chunks, self.block_size, self.sliding_window(), self.attention)
+        StepBatch::build(chunks, self.block_size, self.sliding_window(), self.attention, &self.kv_groups)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -216,20 +225,60 @@ impl ModelRunner {
         self.logprobs_mode = mode;
     }
 
+    /// One group, one storage per layer; linear-attention states in each request's first block.
     pub fn allocate_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
         let n = self.num_layers();
-        self.allocate_kv_cache_groups(num_blocks, vec![0; n], (0..n).collect())
+        self.allocate_kv_cache_groups(num_blocks, vec![0; n], (0..n).collect(), None)
+    }
+
+    /// Layers that keep a recurrent state instead of K/V (Gated DeltaNet).
+    pub fn linear_attention_layers(&self) -> Vec<usize> {
+        (0..self.num_layers()).filter(|&i| self.config.is_linear_attention(i)).collect()
+    }
+
+    /// The recurrent state of the linear-attention layers, if the model has any.
+    pub fn state_geometry(&self) -> Option<StateGeometry> {
+        self.model.state_geometry()
     }
 
     /// The KV cache as vLLM plans it: each layer's KV-cache group (its block tables) and
-    /// storage (shared by one layer of each group).
-    pub fn allocate_kv_cache_groups(&mut self, num_blocks: usize, layer_group: Vec<usize>, layer_storage: Vec<usize>) -> Result<()> {
+    /// storage (shared by one layer of each group); `state_block_size`: tokens per state block
+    /// of the linear-attention groups (vLLM's `mamba_block_size`; None: the whole context).
+    pub fn allocate_kv_cache_groups(
+        &mut self,
+        num_blocks: usize,
+        layer_group: Vec<usize>,
+        layer_storage: Vec<usize>,
+        state_block_size: Option<usize>,
+    ) -> Result<()> {
         ensure!(
             layer_group.len() == self.num_layers(),
             "KV-cache plan covers {} layers, the model has {}",
             layer_group.len(),
             self.num_layers()
         );
+        if let Some(geo) = self.state_geometry() {
+            let page = self.kv_bytes_per_block() / self.num_layers();
+            ensure!(
+                geo.bytes(self.dtype) <= page,
+                "a linear-attention state ({} bytes) does not fit one block's K/V page ({page} bytes): block_size {} \
+                 is below {}",
+                geo.bytes(self.dtype),
+                self.block_size,
+                min_state_block_size(&self.config, self.dtype, &geo, self.block_size)
+            );
+        }
+        let num_groups = layer_group.iter().max().map_or(1, |m| m + 1);
+        let linear = self.linear_attention_layers();
+        let mut groups = KvGroups { attention: vec![false; num_groups], state_block_size: vec![None; num_groups] };
+        for (layer, &g) in layer_group.iter().enumerate() {
+            if linear.contains(&layer) {
+                groups.state_block_size[g] = Some(state_block_size.unwrap_or(usize::MAX));
+            } else {
+                groups.attention[g] = true;
+            }
+        }
+        self.kv_groups = groups;
         self.cache = None;
         let cache = PagedKvCache::with_groups(
             layer_group,
@@ -250,6 +299,16 @@ impl ModelRunner {
         );
         self.cache = Some(cache);
         Ok(())
+    }
+
+    /// The smallest multiple of `block_size` whose K/V page holds a linear-attention state
+    /// (`block_size` itself for models without such layers): what vLLM's block size must be.
+    pub fn required_block_size(config: &ModelConfig, dtype: Dtype, block_size: usize) -> Result<usize> {
+        let ssm = config.ssm_dtype(dtype)?;
+        Ok(match config.state_geometry(ssm)? {
+            Some(geo) => min_state_block_size(config, dtype, &geo, block_size),
+            None => block_size,
+        })
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -471,6 +530,11 @@ impl ModelRunner {
 }
 
 /// The KV cache, which steps need allocated (a free function: callers hold the model too).
+fn min_state_block_size(config: &ModelConfig, dtype: Dtype, geo: &StateGeometry, align: usize) -> usize {
+    let per_token = PagedKvCache::bytes_per_block(1, 1, config.num_kv_heads(), config.head_dim(), dtype);
+    geo.bytes(dtype).div_ceil(per_token * align) * align
+}
+
 fn allocated(cache: &mut Option<PagedKvCache>) -> Result<&mut PagedKvCache> {
     cache.as_mut().ok_or_else(|| anyhow!("the KV cache is not allocated"))
 }
