@@ -269,7 +269,7 @@ def test_family_mlx_quantized(core, tiny_models, family):
 #: flight, which 20 blocks no longer hold for a 128-token request.
 VLLM_KV_BLOCKS = 24
 #: Layers per KV-cache group (vLLM's plan for the tiny checkpoints).
-_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1, "gpt_oss": 1}
+_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1, "gpt_oss": 1, "qwen3_next": 1, "qwen3_5": 1, "qwen3_5_moe": 1}
 
 
 @pytest.mark.vllm

@@ -12,7 +12,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, SlidingWindowSpec
+from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
+from vllm.v1.kv_cache_interface import (
+    FullAttentionSpec,
+    KVCacheSpec,
+    MambaSpec,
+    SlidingWindowSpec,
+)
 from vllm.v1.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
     AsyncModelRunnerOutput,
@@ -49,9 +55,14 @@ _KV_CACHE_LAYOUT = "LBNHC"
 _engine_logging_ready = False
 
 
-def _layer_key(layer: int) -> str:
+def _layer_key(layer: int, linear: bool = False) -> str:
     """The name vLLM's KV-cache plan knows layer `layer` by."""
-    return f"model.layers.{layer}.self_attn.attn"
+    return f"model.layers.{layer}.linear_attn" if linear else f"model.layers.{layer}.self_attn.attn"
+
+
+def _config_json(path: str) -> str:
+    """config.json of a checkpoint directory, or beside a GGUF file."""
+    return os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
 
 
 def _core():
@@ -120,6 +131,15 @@ def _resolve_model_path(model: str, revision: str | None, download_dir: str | No
         ) from e
 
 
+def _reject_state_dtype(name: str, field: str) -> str:
+    """A linear-attention state dtype the engine keeps: the conv state in the model dtype, the
+    ssm state in float32/float16/bfloat16."""
+    ok = ("auto",) if field == "mamba_cache_dtype" else ("float32", "float16", "bfloat16")
+    if name not in ok:
+        raise ValueError(f"vllm-metal-rs: {field}={name!r} is not supported; supported: {', '.join(ok)}")
+    return name
+
+
 class MetalWorker(WorkerBase):
     """One worker per engine; the Rust runner holds the weights and the KV cache."""
 
@@ -173,14 +193,38 @@ class MetalWorker(WorkerBase):
             raise ValueError(f"vllm-metal-rs: dtype {mc.dtype} is not supported")
         return path, dtype
 
+    def _state_block_sizes(self, path: str, dtype: str, ssm_dtype: str | None) -> None:
+        """A hybrid model's linear-attention state lives in one KV block: the engine says how
+        large a block must be for it (vLLM's CUDA path raises the block size the same way); with
+        prefix caching, states are kept per block ("align" mode)."""
+        cc = self.cache_config
+        need = _core().required_block_size(_config_json(path), dtype, cc.block_size, ssm_dtype)
+        if need != cc.block_size:
+            logger.info(
+                "vllm-metal-rs: KV block size %d tokens, so that a block holds a linear-attention "
+                "state (was %d)",
+                need,
+                cc.block_size,
+            )
+            cc.block_size = need
+        if cc.mamba_cache_mode == "align":
+            cc.mamba_block_size = cc.block_size
+
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         mc = self.model_config
         path, dtype = self._checkpoint(load_dummy_weights)
+        cc = self.cache_config
+        _reject_state_dtype(getattr(cc, "mamba_cache_dtype", "auto"), "mamba_cache_dtype")
+        ssm = getattr(cc, "mamba_ssm_cache_dtype", "auto")
+        ssm_dtype = None if ssm == "auto" else _reject_state_dtype(ssm, "mamba_ssm_cache_dtype")
+        if mc.runner_type != "pooling":
+            self._state_block_sizes(path, dtype, ssm_dtype)
         self.model_runner = _core().ModelRunner(
             path,
-            block_size=self.cache_config.block_size,
+            block_size=cc.block_size,
             device=self.mlx_device,
             dtype=dtype,
+            ssm_dtype=ssm_dtype,
         )
         r = self.model_runner
         # Draws of requests without their own seed follow the engine seed, as on other platforms.
@@ -217,10 +261,25 @@ class MetalWorker(WorkerBase):
         # Sliding-window layers get vLLM's sliding-window spec, so that the block manager frees
         # blocks that left the window. A model mixing both kinds (Gemma) gets one KV-cache group
         # per kind from vLLM's hybrid manager, each with its own block tables.
-        specs = [
+        specs: list[KVCacheSpec] = [
             SlidingWindowSpec(**shape, sliding_window=w) if w else FullAttentionSpec(**shape)
             for w in r.layer_windows
         ]
+        linear = set(r.linear_attention_layers)
+        if linear:
+            # Linear-attention layers keep a state per request (vLLM's Mamba-style spec, placed
+            # by its hybrid manager), padded to the K/V page of one block.
+            (conv, ssm, ssm_dtype) = r.state_geometry
+            page = FullAttentionSpec(**shape).page_size_bytes
+            state = MambaSpec(
+                shapes=(conv, ssm),
+                dtypes=(dtype, _KV_DTYPES[ssm_dtype]),
+                block_size=self.cache_config.mamba_block_size or self.model_config.max_model_len,
+                page_size_padded=page,
+                mamba_type=MambaAttentionBackendEnum.GDN_ATTN,
+                mamba_cache_mode=self.cache_config.mamba_cache_mode,
+            )
+            specs = [state if i in linear else s for i, s in enumerate(specs)]
         # vLLM sizes the pool with the spec and the engine allocates with its own geometry: they
         # must agree, or blocks would overrun (or waste) the memory vLLM planned.
         spec_bytes = sum(s.page_size_bytes for s in specs)
@@ -229,7 +288,7 @@ class MetalWorker(WorkerBase):
                 f"vllm-metal-rs: KV bytes per block differ: vLLM's spec {spec_bytes}, the engine "
                 f"{r.kv_bytes_per_block()}"
             )
-        return {_layer_key(i): s for i, s in enumerate(specs)}
+        return {_layer_key(i, i in linear): s for i, s in enumerate(specs)}
 
     def get_supported_kv_cache_layouts(self) -> list[str]:
         # The base asks torch attention backends, of which this platform has none.
@@ -254,7 +313,8 @@ class MetalWorker(WorkerBase):
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
         r = self._runner()
-        index = {_layer_key(i): i for i in range(r.num_layers)}
+        linear = set(r.linear_attention_layers)
+        index = {_layer_key(i, i in linear): i for i in range(r.num_layers)}
         # Each layer's KV-cache group (whose block tables it uses) and storage: vLLM overlays the
         # groups' tensors from byte 0, so layers at the same byte offset share memory (one layer
         # of each group; a block id belongs to one group at a time).
@@ -271,7 +331,12 @@ class MetalWorker(WorkerBase):
         storage_of = {s: i for i, s in enumerate(sorted(set(starts)))}
         num_blocks = kv_cache_config.num_blocks
         self.cache_config.num_gpu_blocks = num_blocks
-        r.allocate_kv_cache(num_blocks, layer_group, [storage_of[s] for s in starts])
+        r.allocate_kv_cache(
+            num_blocks,
+            layer_group,
+            [storage_of[s] for s in starts],
+            self.cache_config.mamba_block_size if linear else None,
+        )
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         # Nothing is compiled ahead of time; MLX builds its kernels on first use.
