@@ -64,6 +64,7 @@ class ModelRunner:
         device: Literal["cpu", "gpu"] | None = None,
         dtype: str | None = None,
         gather_attention: bool = False,
+        ssm_dtype: Literal["float32", "float16", "bfloat16"] | None = None,
     ) -> None: ...
     @property
     def num_layers(self) -> int: ...
@@ -82,6 +83,15 @@ class ModelRunner:
     @property
     def layer_windows(self) -> list[int | None]:
         """Per layer, its sliding window in tokens (None: full attention)."""
+    @property
+    def linear_attention_layers(self) -> list[int]:
+        """The layers that keep a recurrent state instead of K/V (linear attention)."""
+    @property
+    def state_geometry(
+        self,
+    ) -> tuple[tuple[int, int], tuple[int, int, int], Literal["float32", "float16", "bfloat16"]] | None:
+        """(conv state shape, ssm state shape, ssm dtype) of the linear-attention layers; the
+        conv state has the KV cache dtype. None without such layers."""
     @property
     def max_position_embeddings(self) -> int | None: ...
     @property
@@ -104,7 +114,11 @@ class ModelRunner:
         num_blocks: int,
         layer_group: Sequence[int] | None = None,
         layer_storage: Sequence[int] | None = None,
-    ) -> None: ...
+        state_block_size: int | None = None,
+    ) -> None:
+        """vLLM's plan (each layer's group and storage), or one group and one storage per
+        layer; `state_block_size`: tokens per linear-attention state block (vLLM's
+        mamba_block_size; None: one state block per request)."""
     def take_step_profile(self) -> list[StepTimingDict]: ...
     def inject_fault(self, stage: Literal["forward", "sample", "device"]) -> None: ...
     def set_logprobs_mode(self, mode: str) -> None: ...
@@ -226,6 +240,12 @@ def backend_info() -> BackendInfo: ...
 def resolve_device(device: Literal["cpu", "gpu"] | None = None) -> Literal["cpu", "gpu"]:
     """The device the engine runs on when `device` (or nothing) is asked for."""
 def device_total_memory(device: Literal["cpu", "gpu"] | None = None) -> int: ...
+def required_block_size(
+    config_json: str, dtype: str, block_size: int, ssm_dtype: str | None = None
+) -> int:
+    """The smallest multiple of `block_size` whose K/V page holds a linear-attention state of the
+    model at `config_json` (`block_size` for models without such layers)."""
+
 def decoder_architectures() -> list[str]:
     """The config architectures of the decoder families the engine runs."""
 def encoder_architectures() -> list[str]:

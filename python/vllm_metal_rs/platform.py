@@ -276,6 +276,19 @@ class MetalPlatform(Platform):
                 f"kv_cache_dtype={cache_config.cache_dtype!r} is not supported; the KV cache "
                 "uses the model dtype (kv_cache_dtype='auto')",
             )
+            # Linear-attention states: the conv window in the model dtype, the ssm state in a
+            # float dtype.
+            _reject(
+                cache_config.mamba_cache_dtype != "auto",
+                f"mamba_cache_dtype={cache_config.mamba_cache_dtype!r} is not supported; the "
+                "linear-attention states use the model dtype (mamba_cache_dtype='auto')",
+            )
+            ssm = cache_config.mamba_ssm_cache_dtype
+            _reject(
+                ssm not in ("auto", "float32", "float16", "bfloat16"),
+                f"mamba_ssm_cache_dtype={ssm!r} is not supported; supported are auto, float32, "
+                "float16, bfloat16",
+            )
 
         mc = vllm_config.model_config
         if mc is None:

@@ -131,15 +131,6 @@ def _resolve_model_path(model: str, revision: str | None, download_dir: str | No
         ) from e
 
 
-def _reject_state_dtype(name: str, field: str) -> str:
-    """A linear-attention state dtype the engine keeps: the conv state in the model dtype, the
-    ssm state in float32/float16/bfloat16."""
-    ok = ("auto",) if field == "mamba_cache_dtype" else ("float32", "float16", "bfloat16")
-    if name not in ok:
-        raise ValueError(f"vllm-metal-rs: {field}={name!r} is not supported; supported: {', '.join(ok)}")
-    return name
-
-
 class MetalWorker(WorkerBase):
     """One worker per engine; the Rust runner holds the weights and the KV cache."""
 
@@ -214,9 +205,9 @@ class MetalWorker(WorkerBase):
         mc = self.model_config
         path, dtype = self._checkpoint(load_dummy_weights)
         cc = self.cache_config
-        _reject_state_dtype(getattr(cc, "mamba_cache_dtype", "auto"), "mamba_cache_dtype")
-        ssm = getattr(cc, "mamba_ssm_cache_dtype", "auto")
-        ssm_dtype = None if ssm == "auto" else _reject_state_dtype(ssm, "mamba_ssm_cache_dtype")
+        # The platform accepted these (check_and_update_config): vLLM's choice for the ssm state.
+        ssm = cc.mamba_ssm_cache_dtype
+        ssm_dtype = None if ssm == "auto" else str(ssm)
         if mc.runner_type != "pooling":
             self._state_block_sizes(path, dtype, ssm_dtype)
         self.model_runner = _core().ModelRunner(
