@@ -195,6 +195,27 @@ def _copy_side_files(src: Path, out: Path) -> None:
             (out / f.name).write_bytes(f.read_bytes())
 
 
+#: The (1 + weight) norms of Qwen3-Next / Qwen3.5, which mlx-lm's converter stores with the 1 added.
+_PLUS_ONE_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
+                   ".q_norm.weight", ".k_norm.weight")
+
+
+def _mlx_lm_hybrid(tensors: dict, qcfg: dict, *, vl_wrapper: bool) -> tuple[dict, dict]:
+    """mlx-lm's layout of Qwen3-Next / Qwen3.5 checkpoints: the convolution `[C, K, 1]`, the
+    (1 + weight) norms with the 1 added, and (`vl_wrapper`, Qwen3.5's vision-language class) the
+    text stack under `language_model.`."""
+    out = {}
+    for name, w in tensors.items():
+        if name.endswith("conv1d.weight"):
+            w = np.ascontiguousarray(np.moveaxis(w, 2, 1))
+        elif name.endswith(_PLUS_ONE_NORMS) and w.ndim == 1:
+            w = w + 1.0
+        out[("language_model." + name) if vl_wrapper else name] = w
+    if vl_wrapper:
+        qcfg = {(f"language_model.{k}" if isinstance(v, dict) else k): v for k, v in qcfg.items()}
+    return out, qcfg
+
+
 def write_mlx_quantized(
     model_dir: str | os.PathLike,
     out_quantized: str | os.PathLike,
@@ -204,6 +225,7 @@ def write_mlx_quantized(
     bits: int,
     layer_bits: dict[str, int | str] | None = None,
     stack_experts: bool = False,
+    hybrid_layout: str | None = None,
 ) -> tuple[Path, Path]:
     """Quantize the float32 checkpoint in `model_dir` with MLX's own quantizer (mx.quantize, affine)
     as mlx-lm's converter lays it out, and write the same weights dequantized (mx.dequantize) as a
@@ -278,6 +300,8 @@ def write_mlx_quantized(
         deq[f"{base}.gate_up_proj"], deq[f"{base}.gate_up_proj_bias"] = gate_up, bias
         deq[f"{base}.down_proj"] = np.ascontiguousarray(deq.pop(f"{base}.down_proj.weight").transpose(0, 2, 1))
         deq[f"{base}.down_proj_bias"] = deq.pop(f"{base}.down_proj.bias")
+    if hybrid_layout is not None:
+        quant, qcfg = _mlx_lm_hybrid(quant, qcfg, vl_wrapper=hybrid_layout == "vl")
     save_file(quant, str(outq / "model.safetensors"))
     save_file(deq, str(outd / "model.safetensors"))
     cfg = json.loads((outq / "config.json").read_text())

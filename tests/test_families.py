@@ -44,9 +44,15 @@ QUANTIZED = {
         {"mlp.router": 8, "experts.down_proj": 8, "experts.gate_proj": "mxfp4", "experts.up_proj": "mxfp4"},
         False,
     ),
+    "qwen3_next": (64, 4, {"mlp.gate": 8, "shared_expert_gate": 8}, True),
+    "qwen3_5": (32, 8, {}, False),
+    "qwen3_5_moe": (32, 4, {"mlp.gate": 8, "shared_expert_gate": 8}, True),
 }
+#: mlx-lm's own layout of the hybrid families (`checkpoint_files._mlx_lm_hybrid`): Qwen3.5 as its
+#: vision-language class writes it.
+HYBRID_LAYOUT = {"qwen3_next": "text", "qwen3_5": "vl", "qwen3_5_moe": "vl"}
 #: Families whose vllm.LLM run uses the quantized directory (and transformers the dequantized one).
-VLLM_QUANTIZED = {"mixtral", "qwen3_moe", "glm4_moe", "gpt_oss"}
+VLLM_QUANTIZED = {"mixtral", "qwen3_moe", "glm4_moe", "gpt_oss", "qwen3_5_moe"}
 
 _quantized_dirs: dict[str, tuple] = {}
 
@@ -64,6 +70,7 @@ def _quantized(tiny_models, family):
             bits=bits,
             layer_bits=layer_bits,
             stack_experts=stack,
+            hybrid_layout=HYBRID_LAYOUT.get(family),
         )
     return _quantized_dirs[family]
 

@@ -9,20 +9,19 @@ prefills split into chunks across steps and a second request hitting the first o
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
 import reference as R
 from conftest import shutdown_llm
-
-pytestmark = pytest.mark.vllm
 
 FAMILY = "qwen3_next"
 GEN_TOKENS = 8
 
 
 def _ids(seed: int, n: int, vocab: int) -> list[int]:
-    import numpy as np
-
     return np.random.default_rng(seed).integers(3, vocab, n).tolist()
 
 
@@ -30,6 +29,7 @@ def _metric(llm, name: str) -> float:
     return sum(getattr(m, "value", 0) for m in llm.get_metrics() if m.name == name)
 
 
+@pytest.mark.vllm
 @pytest.mark.parametrize("prefix_caching", [True, False], ids=["align", "none"])
 def test_hybrid_prefix_and_chunks_match_transformers(tiny_models, prefix_caching):
     from vllm import LLM, SamplingParams
@@ -73,6 +73,7 @@ def test_hybrid_prefix_and_chunks_match_transformers(tiny_models, prefix_caching
             print(note)
 
 
+@pytest.mark.vllm
 def test_hybrid_state_dtype_we_cannot_keep_is_refused(tiny_models):
     from vllm import LLM
 
@@ -84,3 +85,72 @@ def test_hybrid_state_dtype_we_cannot_keep_is_refused(tiny_models):
             kv_cache_memory_bytes=1 << 20,
             mamba_cache_dtype="float16",
         )
+
+
+def _vision_language_checkpoint(root):
+    """A tiny `Qwen3_5MoeForConditionalGeneration` (text stack of the qwen3_5_moe variant, a
+    one-block vision tower) as transformers writes it, with its experts then stored fused as the
+    published checkpoints have them (`experts.gate_up_proj` `[E, 2I, H]`, `experts.down_proj`).
+    Returns the directory and transformers' model."""
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    spec = R.TINY_VARIANTS["qwen3_5_moe"]
+    vision = {"depth": 1, "hidden_size": 32, "num_heads": 2, "intermediate_size": 64, "out_hidden_size": 64}
+    cfg = AutoConfig.for_model("qwen3_5_moe", text_config=R._hf_config(spec).to_dict(), vision_config=vision)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForImageTextToText.from_config(cfg).to(torch.float32).eval()
+    R.randomize_(model, spec)
+    out = root / "qwen3_5_moe_vl"
+    model.save_pretrained(out)
+    R.build_tokenizer(spec.vocab_size).save_pretrained(out)
+    path = out / "model.safetensors"
+    tensors = load_file(str(path))
+    n = spec.extra_config["num_experts"]
+    for base in sorted({k.split(".experts.")[0] for k in tensors if ".experts.0.gate_proj" in k}):
+        per = {p: [tensors.pop(f"{base}.experts.{e}.{p}.weight") for e in range(n)] for p in ("gate_proj", "up_proj", "down_proj")}
+        tensors[f"{base}.experts.gate_up_proj"] = np.stack([np.concatenate([g, u]) for g, u in zip(per["gate_proj"], per["up_proj"])])
+        tensors[f"{base}.experts.down_proj"] = np.stack(per["down_proj"])
+    save_file(tensors, str(path))
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3_5MoeForConditionalGeneration"]
+    return out, model
+
+
+def test_vision_language_checkpoint_runs_its_text_stack(core, session_tmp):
+    """The text stack of a Qwen3.5 vision-language checkpoint (fused experts) against
+    transformers' forward of the whole model on text, then through vLLM, which refuses images."""
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    path, hf = _vision_language_checkpoint(session_tmp)
+    ids = _ids(5, 70, R.TINY_VARIANTS["qwen3_5_moe"].vocab_size)
+    runner = core.ModelRunner(str(path), block_size=16)
+    runner.allocate_kv_cache(8)
+    ours = runner.step_logits([("a", ids, 0, [2, 0, 5, 7, 1])])
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    err = R.rowwise_rel_err(ours, ref)
+    assert err.max() <= R.LOGITS_REL_TOL, f"max rel err {err.max():.3g}"
+
+    # transformers' greedy, step by step (its generate() wants text-model fields).
+    seq, want, logits = list(ids[:20]), [], []
+    with torch.no_grad():
+        for _ in range(GEN_TOKENS):
+            row = hf(input_ids=torch.tensor([seq])).logits[0, -1].float().numpy()
+            logits.append(row)
+            want.append(int(row.argmax()))
+            seq.append(want[-1])
+    llm = LLM(model=str(path), dtype="float32", max_model_len=64, kv_cache_memory_bytes=1 << 20, seed=0)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=GEN_TOKENS, ignore_eos=True)
+        out = llm.generate([TokensPrompt(prompt_token_ids=ids[:20])], params, use_tqdm=False)
+        note = R.check_greedy_match(list(out[0].outputs[0].token_ids), want, logits, what="vision-language text")
+        if note:
+            print(note)
+        image = np.zeros((32, 32, 3), dtype=np.uint8)
+        with pytest.raises(Exception, match="(?i)multi-modal|image"):
+            llm.generate({"prompt": "a", "multi_modal_data": {"image": image}}, params, use_tqdm=False)
+    finally:
+        shutdown_llm(llm)

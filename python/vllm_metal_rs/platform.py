@@ -296,6 +296,14 @@ class MetalPlatform(Platform):
         if mc.runner_type == "pooling":
             _check_pooling(vllm_config)
         mm = mc.multimodal_config
+        if mm is not None and not mm.language_model_only and _architecture(mc) in _decoders():
+            # The engine runs the text stack of this vision-language checkpoint; vLLM then
+            # refuses images and video itself ("At most 0 image(s) may be provided").
+            logger.info(
+                "vllm-metal-rs: %s runs as a text model here; image and video inputs are refused",
+                _architecture(mc),
+            )
+            mm.language_model_only = True
         _reject(
             mm is not None and not getattr(mm, "language_model_only", False),
             "multimodal models are not supported; only text generation runs here",
@@ -356,6 +364,12 @@ class MetalPlatform(Platform):
 def _architecture(mc: Any) -> str:
     archs = list(getattr(getattr(mc, "hf_config", None), "architectures", None) or [])
     return archs[0] if archs else "?"
+
+
+def _decoders() -> list[str]:
+    from vllm_metal_rs import _core
+
+    return _core.decoder_architectures()
 
 
 def _encoders() -> list[str]:

@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use mlx_rs::{ops, Array, Dtype};
 
 use crate::layers::linear::{Linear, Quantization};
@@ -143,16 +143,41 @@ impl Weights {
         }
     }
 
-    /// Tensors named `{from}...` are renamed `{to}...`.
+    /// Tensors named `{from}...` are renamed `{to}...`, and so are their per-layer quantization
+    /// entries.
     pub fn rename_prefix(&mut self, from: &str, to: &str) {
+        let rename = |k: String| match k.strip_prefix(from) {
+            Some(rest) => format!("{to}{rest}"),
+            None => k,
+        };
         let tensors = std::mem::take(&mut self.tensors);
-        self.tensors = tensors
-            .into_iter()
-            .map(|(k, v)| match k.strip_prefix(from) {
-                Some(rest) => (format!("{to}{rest}"), v),
-                None => (k, v),
-            })
-            .collect();
+        self.tensors = tensors.into_iter().map(|(k, v)| (rename(k), v)).collect();
+        if let Some(serde_json::Value::Object(q)) = self.quantization.take() {
+            self.quantization = Some(serde_json::Value::Object(q.into_iter().map(|(k, v)| (rename(k), v)).collect()));
+        }
+    }
+
+    /// The shape of tensor `name`, if the checkpoint has it.
+    pub fn shape(&self, name: &str) -> Option<Vec<i32>> {
+        self.tensors.get(name).map(|a| a.shape().to_vec())
+    }
+
+    /// transformers 5's own expert layout (`{mlp}.experts.gate_up_proj` `[E, 2I, H]`, the gate
+    /// rows first, and `{mlp}.experts.down_proj` `[E, H, I]`, no `.weight` suffix) as the stacked
+    /// `{mlp}.switch_mlp.{gate,up,down}_proj.weight` that [`Self::experts`] reads.
+    pub fn restack_fused_experts(&mut self) -> Result<()> {
+        let bases: Vec<String> =
+            self.tensors.keys().filter_map(|k| k.strip_suffix(".experts.gate_up_proj").map(str::to_string)).collect();
+        for base in bases {
+            let gate_up = self.take_raw(&format!("{base}.experts.gate_up_proj"))?;
+            let down = self.take_raw(&format!("{base}.experts.down_proj"))?;
+            ensure!(gate_up.ndim() == 3 && gate_up.shape()[1] % 2 == 0, "{base}.experts.gate_up_proj has shape {:?}", gate_up.shape());
+            let halves = ops::split_equal(&gate_up, 2, 1)?;
+            self.tensors.insert(format!("{base}.switch_mlp.gate_proj.weight"), halves[0].clone());
+            self.tensors.insert(format!("{base}.switch_mlp.up_proj.weight"), halves[1].clone());
+            self.tensors.insert(format!("{base}.switch_mlp.down_proj.weight"), down);
+        }
+        Ok(())
     }
 
     pub fn contains(&self, name: &str) -> bool {

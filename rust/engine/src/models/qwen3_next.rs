@@ -49,8 +49,12 @@ pub const QWEN3_5: Family = Family {
     longrope: false,
     partial_rotary: HYBRID,
     load: |config, w| {
-        // Vision-language checkpoints keep the text stack under `model.language_model`.
+        // Vision-language checkpoints keep the text stack under `model.language_model` (HF) or
+        // `language_model.model` (mlx-lm); transformers 5 stores experts fused.
         w.rename_prefix("model.language_model.", "model.");
+        w.rename_prefix("language_model.model.", "model.");
+        w.rename_prefix("language_model.lm_head.", "lm_head.");
+        w.restack_fused_experts()?;
         Ok(Box::new(Model::load(config, w, Projections::Apart)?))
     },
 };
@@ -155,7 +159,25 @@ fn delta_net(config: &ModelConfig, w: &mut Weights, prefix: &str, layout: Projec
     })
 }
 
-fn gated_attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usize) -> Result<Attention> {
+/// How the checkpoint stores the (1 + weight) norms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NormGains {
+    /// The bare weight (HF).
+    PlusOne,
+    /// The 1 added in (mlx-lm's converter).
+    Baked,
+}
+
+impl NormGains {
+    fn load(self, w: &mut Weights, name: &str, eps: f32) -> Result<RmsNorm> {
+        match self {
+            Self::PlusOne => w.rms_norm_plus_one(name, eps),
+            Self::Baked => w.rms_norm(name, eps),
+        }
+    }
+}
+
+fn gated_attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usize, gains: NormGains) -> Result<Attention> {
     let p = format!("{prefix}.self_attn");
     let b = Bias::from(config.attention_bias);
     let q = w.linear(&format!("{p}.q_proj"), b)?;
@@ -167,8 +189,8 @@ fn gated_attention(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: u
     let v = w.linear(&format!("{p}.v_proj"), b)?;
     let o = w.linear(&format!("{p}.o_proj"), b)?;
     let eps = config.rms_norm_eps;
-    let q_norm = w.rms_norm_plus_one(&format!("{p}.q_norm"), eps)?;
-    let k_norm = w.rms_norm_plus_one(&format!("{p}.k_norm"), eps)?;
+    let q_norm = gains.load(w, &format!("{p}.q_norm"), eps)?;
+    let k_norm = gains.load(w, &format!("{p}.k_norm"), eps)?;
     let mut attn = attention_from(config, layer, Qkv::new(q, k, v)?, o, Some(q_norm), Some(k_norm))?;
     attn.output_gate = OutputGate::QueryHeadSigmoid;
     Ok(attn)
@@ -191,6 +213,14 @@ fn feed_forward(config: &ModelConfig, w: &mut Weights, prefix: &str, layer: usiz
 impl Model {
     fn load(config: &ModelConfig, w: &mut Weights, layout: Projections) -> Result<Self> {
         let eps = config.rms_norm_eps;
+        // mlx-lm's converter stores the convolution as `[C, K, 1]` and adds the 1 of the
+        // (1 + weight) norms into the weights; HF checkpoints have `[C, 1, K]` and the bare gains.
+        let first_linear = (0..config.num_hidden_layers).find(|&i| config.is_linear_attention(i));
+        let mlx_layout = first_linear
+            .and_then(|i| w.shape(&format!("model.layers.{i}.linear_attn.conv1d.weight")))
+            .is_some_and(|s| s.len() == 3 && s[2] == 1);
+        let gains = if mlx_layout { NormGains::Baked } else { NormGains::PlusOne };
+        let norm = |w: &mut Weights, name: &str| gains.load(w, name, eps);
         let ssm_dtype = config.ssm_dtype(w.dtype)?;
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
@@ -198,17 +228,17 @@ impl Model {
             let mixer = if config.is_linear_attention(i) {
                 Mixer::Linear(delta_net(config, w, &p, layout, ssm_dtype)?)
             } else {
-                Mixer::Attention(gated_attention(config, w, &p, i)?)
+                Mixer::Attention(gated_attention(config, w, &p, i, gains)?)
             };
             layers.push(Block {
                 mixer,
                 mlp: feed_forward(config, w, &p, i)?,
-                input_layernorm: w.rms_norm_plus_one(&format!("{p}.input_layernorm"), eps)?,
-                post_attention_layernorm: w.rms_norm_plus_one(&format!("{p}.post_attention_layernorm"), eps)?,
+                input_layernorm: norm(w, &format!("{p}.input_layernorm"))?,
+                post_attention_layernorm: norm(w, &format!("{p}.post_attention_layernorm"))?,
             });
         }
         let (embed_tokens, lm_head) = embeddings(config, w, HeadTying::AsConfigSays)?;
-        let norm = w.rms_norm_plus_one("model.norm", eps)?;
+        let norm = norm(w, "model.norm")?;
         Ok(Self { embed_tokens, layers, norm, lm_head })
     }
 }
