@@ -80,8 +80,9 @@ class ModelRunner:
     @property
     def weights_nbytes(self) -> int: ...
     @property
-    def layer_windows(self) -> list[int | None]:
-        """Per layer, its sliding window in tokens (None: full attention)."""
+    def kv_layers(self) -> list[tuple[int, int, int | None]]:
+        """Per layer that keeps K/V (fewer than num_layers when layers share another's: Gemma 4),
+        its (KV heads, head size, sliding window in tokens or None for full attention)."""
     @property
     def max_position_embeddings(self) -> int | None: ...
     @property
@@ -104,6 +105,7 @@ class ModelRunner:
         num_blocks: int,
         layer_group: Sequence[int] | None = None,
         layer_storage: Sequence[int] | None = None,
+        group_block_size: Sequence[int] | None = None,
     ) -> None: ...
     def take_step_profile(self) -> list[StepTimingDict]: ...
     def inject_fault(self, stage: Literal["forward", "sample", "device"]) -> None: ...

@@ -208,19 +208,24 @@ class MetalWorker(WorkerBase):
             raise ValueError(
                 f"vllm-metal-rs: engine reported unknown KV cache dtype {r.kv_cache_dtype!r}"
             ) from None
-        shape = dict(
-            block_size=self.cache_config.block_size,
-            num_kv_heads=r.num_kv_heads,
-            head_size=r.head_dim,
-            dtype=dtype,
-        )
-        # Sliding-window layers get vLLM's sliding-window spec, so that the block manager frees
-        # blocks that left the window. A model mixing both kinds (Gemma) gets one KV-cache group
-        # per kind from vLLM's hybrid manager, each with its own block tables.
-        specs = [
-            SlidingWindowSpec(**shape, sliding_window=w) if w else FullAttentionSpec(**shape)
-            for w in r.layer_windows
-        ]
+        # One spec per layer that keeps K/V (Gemma 4's KV-shared layers read another's), in its
+        # own shape. Sliding-window layers get vLLM's sliding-window spec, so that the block
+        # manager frees blocks that left the window. A model mixing both kinds (Gemma) gets one
+        # KV-cache group per kind from vLLM's hybrid manager, each with its own block tables (and,
+        # when the kinds' rows differ in size, its own block size: one page size for all).
+        specs = []
+        for kv_heads, head_size, window in r.kv_layers:
+            shape = dict(
+                block_size=self.cache_config.block_size,
+                num_kv_heads=kv_heads,
+                head_size=head_size,
+                dtype=dtype,
+            )
+            specs.append(
+                SlidingWindowSpec(**shape, sliding_window=window)
+                if window
+                else FullAttentionSpec(**shape)
+            )
         # vLLM sizes the pool with the spec and the engine allocates with its own geometry: they
         # must agree, or blocks would overrun (or waste) the memory vLLM planned.
         spec_bytes = sum(s.page_size_bytes for s in specs)
@@ -254,15 +259,18 @@ class MetalWorker(WorkerBase):
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
         r = self._runner()
-        index = {_layer_key(i): i for i in range(r.num_layers)}
+        num_kv_layers = len(r.kv_layers)
+        index = {_layer_key(i): i for i in range(num_kv_layers)}
         # Each layer's KV-cache group (whose block tables it uses) and storage: vLLM overlays the
         # groups' tensors from byte 0, so layers at the same byte offset share memory (one layer
         # of each group; a block id belongs to one group at a time).
-        layer_group: list[int | None] = [None] * r.num_layers
+        layer_group: list[int | None] = [None] * num_kv_layers
+        group_block_size = []
         for g, group in enumerate(kv_cache_config.kv_cache_groups):
+            group_block_size.append(group.kv_cache_spec.block_size)
             for name in group.layer_names:
                 layer_group[index[name]] = g
-        starts: list[int | None] = [None] * r.num_layers
+        starts: list[int | None] = [None] * num_kv_layers
         for tensor in kv_cache_config.kv_cache_tensors:
             for pos, name in enumerate(tensor.layers):
                 starts[index[name]] = tensor.offset + pos * tensor.layer_stride
@@ -271,7 +279,9 @@ class MetalWorker(WorkerBase):
         storage_of = {s: i for i, s in enumerate(sorted(set(starts)))}
         num_blocks = kv_cache_config.num_blocks
         self.cache_config.num_gpu_blocks = num_blocks
-        r.allocate_kv_cache(num_blocks, layer_group, [storage_of[s] for s in starts])
+        r.allocate_kv_cache(
+            num_blocks, layer_group, [storage_of[s] for s in starts], group_block_size
+        )
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
         # Nothing is compiled ahead of time; MLX builds its kernels on first use.

@@ -82,9 +82,13 @@ impl StepBatch {
     /// Decode chunks (one token) share one group; each prefill chunk gets its own, so a long
     /// prompt does not pad every decode row to its length. `window`: the sliding window of the
     /// model's local layers, if it has any. `backend`: with `PageKernel`, decode attention reads the
-    /// pages itself, so the decode group needs only its block tables and lengths.
-    pub fn build(chunks: &[SeqChunk], block_size: usize, window: Option<usize>, backend: AttentionBackend) -> Result<Self> {
-        let num_kv_groups = chunks.first().map_or(1, |c| c.block_ids.len());
+    /// pages itself, so the decode group needs only its block tables and lengths. `block_sizes`:
+    /// the tokens per block of each KV-cache group.
+    pub fn build(chunks: &[SeqChunk], block_sizes: &[usize], window: Option<usize>, backend: AttentionBackend) -> Result<Self> {
+        let num_kv_groups = chunks.first().map_or(block_sizes.len(), |c| c.block_ids.len());
+        if num_kv_groups != block_sizes.len() {
+            bail!("batch has {num_kv_groups} block tables per request, the KV cache {} groups", block_sizes.len());
+        }
         let mut token_ids = Vec::new();
         let mut positions = Vec::new();
         let mut seq_ends = Vec::new();
@@ -96,11 +100,11 @@ impl StepBatch {
             }
             offsets.push(token_ids.len());
             let end = c.start + c.tokens.len();
-            let pages = end.div_ceil(block_size);
             if c.block_ids.len() != num_kv_groups {
                 bail!("batch entry {r} has {} block tables, entry 0 has {num_kv_groups}", c.block_ids.len());
             }
-            for table in c.block_ids {
+            for (table, bs) in c.block_ids.iter().zip(block_sizes) {
+                let pages = end.div_ceil(*bs);
                 if pages > table.len() {
                     bail!(
                         "batch entry {r}: positions up to {end} need {pages} blocks, block table has {}",
@@ -114,7 +118,8 @@ impl StepBatch {
                 positions.push(p as i32);
                 seq_ends.push(end as i32);
                 for (g, table) in c.block_ids.iter().enumerate() {
-                    slots[g].push(table[p / block_size] * block_size as i32 + (p % block_size) as i32);
+                    let bs = block_sizes[g];
+                    slots[g].push(table[p / bs] * bs as i32 + (p % bs) as i32);
                 }
             }
         }
@@ -151,6 +156,7 @@ impl StepBatch {
             // Pages: all of them, or from the first page the window reaches (whose keys must also
             // be inside the window).
             let pages_from = |first: &dyn Fn(usize) -> usize, g: usize, window: Option<usize>| -> Result<Pages> {
+                let block_size = block_sizes[g];
                 let firsts: Vec<usize> = m.iter().map(|&r| first(r)).collect();
                 let ends: Vec<usize> =
                     m.iter().map(|&r| (chunks[r].start + chunks[r].tokens.len()).div_ceil(block_size)).collect();
@@ -180,7 +186,7 @@ impl StepBatch {
             let ends: Vec<usize> = m.iter().map(|&r| chunks[r].start + chunks[r].tokens.len()).collect();
             let same_len = ends.iter().all(|&e| e == ends[0]) && m.iter().all(|&r| chunks[r].tokens.len() == q);
             let mut pages = Vec::with_capacity(num_kv_groups);
-            for g in 0..num_kv_groups {
+            for (g, &block_size) in block_sizes.iter().enumerate() {
                 let full = pages_from(&|_| 0, g, None)?;
                 let exact = (same_len && !in_place).then(|| {
                     let len = ends[0];

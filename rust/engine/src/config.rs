@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 
-use crate::models::{self, Family, PartialRotary};
+use crate::models::{self, Family, KvLayer, PartialRotary, RopeRules};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeScaling {
@@ -101,12 +101,62 @@ pub struct ModelConfig {
     /// gate <= limit and |up| <= limit.
     pub swiglu_alpha: Option<f32>,
     pub swiglu_limit: Option<f32>,
+    /// Gemma 4: global layers' `head_dim` / `num_key_value_heads` (transformers 5.19 writes them
+    /// per layer index in `per_layer_config`; earlier configs as `global_head_dim` and, with
+    /// `attention_k_eq_v`, `num_global_key_value_heads`).
+    pub per_layer_config: Option<serde_json::Value>,
+    pub global_head_dim: Option<usize>,
+    pub num_global_key_value_heads: Option<usize>,
+    /// Gemma 4: global layers have no v_proj; V is the key projection (before k_norm and RoPE).
+    #[serde(default)]
+    pub attention_k_eq_v: bool,
+    /// Gemma 4: the last n layers reuse the K/V of the last earlier layer of their kind.
+    #[serde(default)]
+    pub num_kv_shared_layers: usize,
+    /// Gemma 4: per-layer input embeddings (width per layer, their vocabulary).
+    pub hidden_size_per_layer_input: Option<usize>,
+    pub vocab_size_per_layer_input: Option<usize>,
+    /// Gemma 4: a mixture of `num_experts` experts (`top_k_experts` active, `moe_intermediate_size`
+    /// wide) beside every layer's dense MLP.
+    #[serde(default)]
+    pub enable_moe_block: bool,
+    pub top_k_experts: Option<usize>,
+    pub moe_intermediate_size: Option<usize>,
+    /// Gemma 4: the KV-shared layers' MLP is twice `intermediate_size` wide.
+    #[serde(default)]
+    pub use_double_wide_mlp: bool,
+    /// Gemma 4: "all" makes every layer bidirectional (an encoder), "vision" only image tokens.
+    pub use_bidirectional_attention: Option<String>,
+    pub pad_token_id: Option<i64>,
+    /// Multimodal checkpoints (`Gemma4ForConditionalGeneration`): the placeholder tokens of
+    /// images, video and audio, and whether the towers are configured. The text stack is read
+    /// from `text_config`, merged into these fields.
+    pub image_token_id: Option<i64>,
+    pub video_token_id: Option<i64>,
+    pub audio_token_id: Option<i64>,
+    pub vision_config: Option<serde_json::Value>,
+    pub audio_config: Option<serde_json::Value>,
     pub torch_dtype: Option<String>,
     pub dtype: Option<String>,
     /// mlx-community quantized checkpoints (`{"group_size": 64, "bits": 4}`).
     pub quantization: Option<serde_json::Value>,
     /// Hugging Face quantization methods (AWQ, GPTQ, ...): none is run here.
     pub quantization_config: Option<serde_json::Value>,
+}
+
+/// A multimodal config (`text_config` beside vision / audio configs) as its text model's: the
+/// text config's fields over the top level's (which keep the architecture, the placeholder token
+/// ids and the towers' configs).
+fn merge_text_config(mut value: serde_json::Value) -> serde_json::Value {
+    let Some(obj) = value.as_object_mut() else { return value };
+    if let Some(serde_json::Value::Object(text)) = obj.remove("text_config") {
+        for (k, v) in text {
+            if k != "architectures" {
+                obj.insert(k, v);
+            }
+        }
+    }
+    value
 }
 
 fn default_eps() -> f32 {
@@ -143,6 +193,7 @@ impl ModelConfig {
             .and_then(|a| serde_json::from_value(a.clone()).ok())
             .unwrap_or_default();
         check_architecture(&archs)?;
+        let value = merge_text_config(value);
         let mut config: Self = serde_json::from_value(value).context("parsing config.json")?;
         config.normalize_rope()?;
         config.validate()?;
@@ -152,6 +203,9 @@ impl ModelConfig {
     /// Fold transformers 5's `rope_parameters` into `rope_theta` / `rope_scaling` (and, for Gemma 3's
     /// per-layer-type parameters, `rope_local_base_freq`).
     fn normalize_rope(&mut self) -> Result<()> {
+        if self.family()?.rope == RopeRules::PerLayerType {
+            return Ok(());
+        }
         let Some(params) = self.rope_parameters.take() else { return Ok(()) };
         let global = match (params.get("full_attention"), params.get("sliding_attention")) {
             (Some(full), local) => {
@@ -189,6 +243,15 @@ impl ModelConfig {
             Ok(family) => (family.layer_windows)(self),
             // Parsed configs always have a family; a hand-built one gets the plain rule.
             Err(_) => models::window_on_every_layer(self),
+        }
+    }
+
+    /// The layers that keep K/V in the cache, by the family's rule, in the order the model
+    /// indexes the cache.
+    pub fn kv_layers(&self) -> Vec<KvLayer> {
+        match self.family() {
+            Ok(family) => (family.kv_layers)(self),
+            Err(_) => models::kv_per_layer(self),
         }
     }
 
@@ -265,7 +328,7 @@ impl ModelConfig {
         if let Some(rs) = &self.rope_scaling {
             match rs.rope_type.as_deref() {
                 None | Some("default") | Some("linear") | Some("llama3") | Some("yarn") => {}
-                Some("longrope") | Some("su") if family.longrope => {}
+                Some("longrope") | Some("su") if family.rope == RopeRules::SharedWithLongrope => {}
                 Some(other) => bail!(
                     "unsupported rope_scaling type {other:?}: supported are default, linear, llama3, \
                      yarn (and longrope for Phi-3)"

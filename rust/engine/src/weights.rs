@@ -143,7 +143,20 @@ impl Weights {
         }
     }
 
-    pub fn contains(&self, name: &str) -> bool {
+    /// Tensors named `{from}...` renamed `{to}...` (a multimodal checkpoint's text stack under
+    /// `model.language_model.`); the others are left as they are.
+    pub fn rename_prefix(&mut self, from: &str, to: &str) {
+        let tensors = std::mem::take(&mut self.tensors);
+        self.tensors = tensors
+            .into_iter()
+            .map(|(k, v)| match k.strip_prefix(from) {
+                Some(rest) => (format!("{to}{rest}"), v),
+                None => (k, v),
+            })
+            .collect();
+    }
+
+        pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
 

@@ -38,7 +38,7 @@ use crate::config::ModelConfig;
 use crate::dtype::{compute_dtype, dtype_name};
 use crate::kv_cache::PagedKvCache;
 use crate::mlx_ext::device::{self, DeviceKind};
-use crate::models::{self, CausalLm};
+use crate::models::{self, CausalLm, KvLayer};
 use crate::paged_attention::AttentionBackend;
 use crate::sampler::LogprobsMode;
 use crate::weights::{WeightOptions, WeightSource, Weights};
@@ -182,11 +182,17 @@ impl ModelRunner {
 
     /// A step's tensors, for this model's windows and this cache's attention.
     fn build_batch(&self, chunks: &[SeqChunk]) -> Result<StepBatch> {
-        StepBatch::build(chunks, self.block_size, self.sliding_window(), self.attention)
+        let block_sizes = self.cache.as_ref().map_or_else(|| vec![self.block_size], |c| c.group_block_size.clone());
+        StepBatch::build(chunks, &block_sizes, self.sliding_window(), self.attention)
     }
 
     pub fn num_layers(&self) -> usize {
         self.config.num_hidden_layers
+    }
+
+    /// The layers that keep K/V (fewer than the model's when some reuse another's: Gemma 4).
+    pub fn kv_layers(&self) -> Vec<KvLayer> {
+        self.config.kv_layers()
     }
 
     /// Seed for draws of requests without their own seed.
@@ -217,33 +223,33 @@ impl ModelRunner {
     }
 
     pub fn allocate_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
-        let n = self.num_layers();
-        self.allocate_kv_cache_groups(num_blocks, vec![0; n], (0..n).collect())
+        let n = self.kv_layers().len();
+        self.allocate_kv_cache_groups(num_blocks, vec![0; n], (0..n).collect(), vec![self.block_size])
     }
 
-    /// The KV cache as vLLM plans it: each layer's KV-cache group (its block tables) and
-    /// storage (shared by one layer of each group).
-    pub fn allocate_kv_cache_groups(&mut self, num_blocks: usize, layer_group: Vec<usize>, layer_storage: Vec<usize>) -> Result<()> {
+    /// The KV cache as vLLM plans it: each KV layer's KV-cache group (its block tables) and
+    /// storage (shared by one layer of each group), and each group's block size.
+    pub fn allocate_kv_cache_groups(
+        &mut self,
+        num_blocks: usize,
+        layer_group: Vec<usize>,
+        layer_storage: Vec<usize>,
+        group_block_size: Vec<usize>,
+    ) -> Result<()> {
+        let shapes: Vec<_> = self.kv_layers().iter().map(|l| l.shape).collect();
         ensure!(
-            layer_group.len() == self.num_layers(),
-            "KV-cache plan covers {} layers, the model has {}",
+            layer_group.len() == shapes.len(),
+            "KV-cache plan covers {} layers, the model keeps K/V in {}",
             layer_group.len(),
-            self.num_layers()
+            shapes.len()
         );
         self.cache = None;
-        let cache = PagedKvCache::with_groups(
-            layer_group,
-            layer_storage,
-            num_blocks,
-            self.block_size,
-            self.config.num_kv_heads(),
-            self.config.head_dim(),
-            self.dtype,
-        )?;
-        self.attention = AttentionBackend::choose(self.gather_attention, cache.head_dim, cache.dtype, self.model.attention_features());
+        let cache = PagedKvCache::with_groups(layer_group, layer_storage, group_block_size, shapes, num_blocks, self.dtype)?;
+        let max_head_dim = cache.shapes.iter().map(|s| s.head_dim).max().unwrap_or(0);
+        self.attention = AttentionBackend::choose(self.gather_attention, max_head_dim, cache.dtype, self.model.attention_features());
         log::info!(
-            "KV cache: {num_blocks} blocks of {} tokens, {} KV-cache group(s), {:.1} MiB; decode attention {}",
-            self.block_size,
+            "KV cache: {num_blocks} blocks of {:?} tokens, {} KV-cache group(s), {:.1} MiB; decode attention {}",
+            cache.group_block_size,
             cache.num_groups(),
             cache.arrays().map(|a| a.nbytes()).sum::<usize>() as f64 / (1 << 20) as f64,
             self.attention.describe()
