@@ -239,7 +239,8 @@ FAMILY_VARIANTS: dict[str, TinySpec] = {
             "swiglu_limit": 0.5,
         },
     ),
-    # Gemma 4: local / global layers of different shapes (global: head_dim 32, one KV head, V = K,
+    # Gemma 4: local / global layers of different shapes (global: head_dim 32, two KV heads, V = K:
+    # rows twice the local ones', so vLLM gives the local layers' groups twice larger blocks;
     # proportional RoPE turning 4 of 16 frequencies), the last two layers reading the K/V of
     # layers 2 and 1 (with twice wider MLPs), per-layer inputs, experts beside every MLP, learned
     # layer scalars, soft-capped logits.
@@ -250,7 +251,7 @@ FAMILY_VARIANTS: dict[str, TinySpec] = {
         tie_word_embeddings=True,
         extra_config={
             "global_head_dim": 32,
-            "num_global_key_value_heads": 1,
+            "num_global_key_value_heads": 2,
             "attention_k_eq_v": True,
             "sliding_window": _WINDOW,
             "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],

@@ -1,5 +1,6 @@
 """Model families beyond Llama against transformers (float32): Qwen2, Qwen3, Mistral with a
-sliding window, Gemma 2 / Gemma 3, Phi-3 with longrope, Mixtral, Qwen3-MoE, SmolLM3 (NoPE
+sliding window, Gemma 2 / Gemma 3 / Gemma 4 (layers of two shapes, KV-shared layers, per-layer
+inputs, experts beside the MLP), Phi-3 with longrope, Mixtral, Qwen3-MoE, SmolLM3 (NoPE
 layers), GLM-4.5 (grouped sigmoid routing, shared experts, partial rotary) and gpt-oss (attention
 sinks, windows, YaRN, biased clamped-SwiGLU experts).
 
@@ -44,6 +45,8 @@ QUANTIZED = {
         {"mlp.router": 8, "experts.down_proj": 8, "experts.gate_proj": "mxfp4", "experts.up_proj": "mxfp4"},
         False,
     ),
+    # Gemma 4's experts stay float (transformers' stacked `experts.gate_up_proj`, no `.weight`).
+    "gemma4": (32, 4, {"router.proj": 8}, False),
 }
 #: Families whose vllm.LLM run uses the quantized directory (and transformers the dequantized one).
 VLLM_QUANTIZED = {"mixtral", "qwen3_moe", "glm4_moe", "gpt_oss"}
@@ -100,6 +103,18 @@ PECULIARITY_OFF = {
         {"swiglu_limit": 1000.0},
         {"num_experts_per_tok": 1},
     ],
+    "gemma4": [
+        {"sliding_window": 4096},
+        {"final_logit_softcapping": None},
+        {FILL: ("layer_scalar", 1.0)},
+        {FILL: ("per_layer_projection.weight", 0.0)},
+        {FILL: ("router.per_expert_scale", 1.0)},
+        {"top_k_experts": 1},
+        {"rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 1.0, "rope_theta": 1000000.0},
+        }},
+    ],
 }
 _OFF_CASES = [
     (family, off)
@@ -150,6 +165,9 @@ def test_family_matches_transformers(core, tiny_models, family):
     hf = tiny_models.hf(family)
     runner = core.ModelRunner(str(tiny_models.path(family)), block_size=BLOCK_SIZE)
     assert runner.head_dim == spec.head_dim and runner.num_layers == spec.num_layers
+    if family == "gemma4":
+        # Layers 0-2 keep K/V (global rows 2 x 32, local 2 x 16); 3 and 4 read layers 2 and 1's.
+        assert runner.kv_layers == [(2, 16, R._WINDOW), (2, 32, None), (2, 16, R._WINDOW)]
     runner.allocate_kv_cache(48)
     perm = np.random.default_rng(spec.seed).permutation(48).tolist()
 
@@ -269,7 +287,9 @@ def test_family_mlx_quantized(core, tiny_models, family):
 #: flight, which 20 blocks no longer hold for a 128-token request.
 VLLM_KV_BLOCKS = 24
 #: Layers per KV-cache group (vLLM's plan for the tiny checkpoints).
-_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1, "gpt_oss": 1}
+_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1, "gpt_oss": 1, "gemma4": 1}
+#: The largest K/V row of a KV layer over the config's num_key_value_heads x head_dim.
+_ROW_RATIO = {"gemma4": 2}
 
 
 @pytest.mark.vllm
@@ -288,7 +308,8 @@ def test_family_vllm_greedy(tiny_models, family):
         model, ref_model = tiny_models.path(family), tiny_models.hf(family)
     refs = [R.hf_greedy(ref_model, p, GEN_TOKENS) for p in prompts]
     group_layers = _GROUP_LAYERS.get(family, spec.num_layers)
-    per_layer_block = spec.kv_bytes_per_block(BLOCK_SIZE) // spec.num_layers
+    # vLLM pads every layer's page to the largest (Gemma 4's global layers have larger rows).
+    per_layer_block = spec.kv_bytes_per_block(BLOCK_SIZE) // spec.num_layers * _ROW_RATIO.get(family, 1)
     llm = LLM(
         model=str(model),
         dtype="float32",
