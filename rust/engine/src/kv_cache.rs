@@ -163,3 +163,35 @@ impl PagedKvCache {
         self.keys.iter().chain(self.values.iter())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_of_two_shapes_share_a_storage_by_pages() {
+        // Layer 0: rows of 2 x 4 in blocks of 4 tokens; layer 1: rows of 1 x 16 in blocks of 2.
+        let shapes = vec![KvShape { kv_heads: 2, head_dim: 4 }, KvShape { kv_heads: 1, head_dim: 16 }];
+        let mut c = PagedKvCache::with_groups(vec![0, 1], vec![0, 0], vec![4, 2], shapes.clone(), 3, Dtype::Float32).unwrap();
+        // Layer 0 writes block 1 (slots 4..8), layer 1 block 2 (slots 4, 5).
+        let k0 = Array::from_iter((0..32).map(|v| v as f32), &[4, 2, 4]);
+        c.write(0, &k0, &k0, &Array::from_slice(&[4, 5, 6, 7], &[4])).unwrap();
+        let k1 = Array::from_iter((0..32).map(|v| -(v as f32) - 1.0), &[2, 1, 16]);
+        c.write(1, &k1, &k1, &Array::from_slice(&[4, 5], &[2])).unwrap();
+        let (b0, _) = c.blocks(0).unwrap();
+        let (b1, _) = c.blocks(1).unwrap();
+        assert_eq!(b0.shape(), [3, 4, 2, 4]);
+        assert_eq!(b1.shape(), [3, 2, 1, 16]);
+        let flat = |a: Array| a.flatten(None, None).unwrap().as_slice::<f32>().to_vec();
+        let idx = |i: i32| Array::from_int(i);
+        assert_eq!(flat(b0.take_axis(&idx(1), 0).unwrap()), (0..32).map(|v| v as f32).collect::<Vec<_>>());
+        assert_eq!(flat(b1.take_axis(&idx(2), 0).unwrap()), (0..32).map(|v| -(v as f32) - 1.0).collect::<Vec<_>>());
+        // One page is 32 elements whichever layer views it; block 0 stays untouched.
+        assert!(flat(b1.take_axis(&idx(0), 0).unwrap()).iter().all(|&v| v == 0.0));
+        // Pages of different sizes cannot share a storage.
+        let Err(err) = PagedKvCache::with_groups(vec![0, 1], vec![0, 0], vec![4, 4], shapes, 3, Dtype::Float32) else {
+            panic!("pages of 32 and 64 elements shared a storage")
+        };
+        assert!(format!("{err:#}").contains("whose pages differ"), "{err:#}");
+    }
+}

@@ -561,3 +561,71 @@ impl CausalLm for Model {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 6 layers (local x2, global, local x2, global), the last two sharing K/V.
+    fn config(extra: &str) -> Result<ModelConfig> {
+        let types = r#","layer_types":["sliding_attention","sliding_attention","full_attention","sliding_attention","sliding_attention","full_attention"]"#;
+        let extra = if extra.contains("layer_types") { extra.to_string() } else { format!("{types}{extra}") };
+        ModelConfig::from_json(&format!(
+            r#"{{"architectures":["Gemma4ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":6,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "vocab_size":100,"hidden_activation":"gelu_pytorch_tanh","sliding_window":8,
+            "num_kv_shared_layers":2{extra}}}"#
+        ))
+    }
+
+    #[test]
+    fn global_layers_take_their_shape_from_either_layout() {
+        // transformers < 5.19: global_head_dim, and num_global_key_value_heads with k_eq_v only.
+        let legacy = config(r#","global_head_dim":32,"num_global_key_value_heads":1,"attention_k_eq_v":true"#).unwrap();
+        let per_layer = config(
+            r#","per_layer_config":{"2":{"head_dim":32,"num_key_value_heads":1},"5":{"head_dim":32,"num_key_value_heads":1}}"#,
+        )
+        .unwrap();
+        let (local, global) = (KvShape { kv_heads: 2, head_dim: 16 }, KvShape { kv_heads: 1, head_dim: 32 });
+        for c in [&legacy, &per_layer] {
+            let want = vec![
+                KvLayer { shape: local, window: Some(8) },
+                KvLayer { shape: local, window: Some(8) },
+                KvLayer { shape: global, window: None },
+                KvLayer { shape: local, window: Some(8) },
+            ];
+            assert_eq!(c.kv_layers(), want);
+            // Layer 4 (local) reads layer 3's K/V, layer 5 (global) layer 2's.
+            assert_eq!((0..6).map(|i| kv_source(c, i).unwrap()).collect::<Vec<_>>(), vec![0, 1, 2, 3, 3, 2]);
+        }
+        // Without k_eq_v the global layers keep num_key_value_heads.
+        let c = config(r#","global_head_dim":32,"num_global_key_value_heads":1"#).unwrap();
+        assert_eq!(c.kv_layers()[2].shape, KvShape { kv_heads: 2, head_dim: 32 });
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_run() {
+        for (extra, what) in [
+            (r#","use_bidirectional_attention":"all""#, "is an encoder"),
+            (r#","rope_parameters":{"full_attention":{"rope_type":"yarn","factor":2.0}}"#, "unsupported rope_type \"yarn\""),
+            (r#","layer_types":["full_attention","full_attention","full_attention","full_attention","sliding_attention","full_attention"]"#, "KV-shared layer 4 has no earlier layer"),
+            (r#","vocab_size_per_layer_input":50"#, "vocab_size_per_layer_input 50 < vocab_size 100"),
+            (r#","enable_moe_block":true,"num_experts":2,"top_k_experts":3"#, "num_experts >= top_k_experts"),
+        ] {
+            let err = format!("{:#}", config(extra).unwrap_err());
+            assert!(err.contains(what), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn multimodal_config_runs_its_text_config() {
+        let c = ModelConfig::from_json(
+            r#"{"architectures":["Gemma4ForConditionalGeneration"],"image_token_id":90,"vision_config":{"hidden_size":8},
+            "text_config":{"hidden_size":64,"intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+            "num_key_value_heads":2,"head_dim":16,"vocab_size":100,"hidden_activation":"gelu_pytorch_tanh",
+            "layer_types":["sliding_attention","full_attention"],"sliding_window":8}}"#,
+        )
+        .unwrap();
+        assert_eq!((c.hidden_size, c.image_token_id, c.layer_windows()), (64, Some(90), vec![Some(8), None]));
+    }
+}
