@@ -227,6 +227,41 @@ def test_phi3_partial_rotary(core, tiny_models):
     assert err > 100 * R.LOGITS_REL_TOL, f"rotating the whole head barely changes logits ({err:.3g})"
 
 
+def test_gemma4_multimodal_checkpoint_runs_its_text_stack(core, tiny_models):
+    """A Gemma4ForConditionalGeneration directory (text_config, a vision tower, weights under
+    model.language_model.*) runs its text stack; image / video / audio placeholder tokens embed as
+    padding, as transformers' forward does for input ids alone."""
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    spec = R.TINY_VARIANTS["gemma4"]
+    out = tiny_models.root / "gemma4-multimodal"
+    placeholders = {"image_token_id": 300, "video_token_id": 301, "audio_token_id": 302}
+    if not (out / "config.json").is_file():
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=8)
+        cfg = Gemma4Config(text_config=R._hf_config(spec).to_dict(), vision_config=vision,
+                           tie_word_embeddings=True, **placeholders)
+        model = Gemma4ForConditionalGeneration(cfg).to(torch.float32).eval()
+        R.randomize_(model, spec)
+        model.save_pretrained(out)
+    hf = Gemma4ForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+    runner = core.ModelRunner(str(out), block_size=BLOCK_SIZE)
+    runner.allocate_kv_cache(8)
+    ids = _rand_ids(700, 60, spec.vocab_size)
+    ids[5], ids[17], ids[30] = placeholders.values()
+
+    def logits(token_ids):
+        with torch.no_grad():
+            return hf(input_ids=torch.tensor([token_ids])).logits[0].float().numpy()
+
+    ref = logits(ids)
+    _check_rows(runner.step_logits([("m", ids, 0, [4, 1, 6, 2])]), ref, "gemma4 multimodal checkpoint")
+    # The placeholders matter: as ordinary tokens they would give clearly different logits.
+    plain = [3 if i in (5, 17, 30) else t for i, t in enumerate(ids)]
+    assert R.rel_err(logits(plain), ref) > 100 * R.LOGITS_REL_TOL
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_half_precision_checkpoint(core, tiny_models, family):
     """The checkpoint saved in bfloat16 (float16 for one family in three), against transformers
