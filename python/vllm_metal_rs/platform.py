@@ -285,7 +285,8 @@ class MetalPlatform(Platform):
         mm = mc.multimodal_config
         _reject(
             mm is not None and not getattr(mm, "language_model_only", False),
-            "multimodal models are not supported; only text generation runs here",
+            "multimodal inputs are not supported; a multimodal checkpoint (e.g. Gemma 4) runs "
+            "its text stack with language_model_only=True (--language-model-only)",
         )
         _reject(
             mc.quantization is not None,
