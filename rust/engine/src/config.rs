@@ -125,8 +125,9 @@ pub struct ModelConfig {
     /// Gemma 4: the KV-shared layers' MLP is twice `intermediate_size` wide.
     #[serde(default)]
     pub use_double_wide_mlp: bool,
-    /// Gemma 4: "all" makes every layer bidirectional (an encoder), "vision" only image tokens.
-    pub use_bidirectional_attention: Option<String>,
+    /// Gemma 4: "all" makes every layer bidirectional (an encoder), "vision" only image tokens
+    /// (Gemma 3 writes a boolean).
+    pub use_bidirectional_attention: Option<serde_json::Value>,
     pub pad_token_id: Option<i64>,
     /// Multimodal checkpoints (`Gemma4ForConditionalGeneration`): the placeholder tokens of
     /// images, video and audio, and whether the towers are configured. The text stack is read
@@ -418,7 +419,8 @@ mod tests {
     fn gemma3_legacy_and_hf5_layouts_give_the_same_layers() {
         let base = r#""architectures":["Gemma3ForCausalLM"],"hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":6,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
-            "vocab_size":100,"hidden_activation":"gelu_pytorch_tanh","sliding_window":8"#;
+            "vocab_size":100,"hidden_activation":"gelu_pytorch_tanh","sliding_window":8,
+            "use_bidirectional_attention":false"#;
         let legacy = format!(
             r#"{{{base},"sliding_window_pattern":3,"rope_theta":1000000.0,"rope_local_base_freq":10000.0,
             "rope_scaling":{{"rope_type":"linear","factor":8.0}}}}"#

@@ -60,7 +60,7 @@ const DEFAULT_SLIDING_WINDOW: usize = 512;
 
 fn validate(config: &ModelConfig) -> Result<()> {
     expect_activation(config, "gelu_pytorch_tanh")?;
-    if config.use_bidirectional_attention.as_deref() == Some("all") {
+    if config.use_bidirectional_attention.as_ref().and_then(|v| v.as_str()) == Some("all") {
         bail!("Gemma 4 with use_bidirectional_attention \"all\" is an encoder: only causal (or \"vision\") attention runs");
     }
     let n = config.num_hidden_layers;
