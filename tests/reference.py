@@ -266,6 +266,38 @@ FAMILY_VARIANTS: dict[str, TinySpec] = {
         "num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
         "shared_expert_intermediate_size": 48,
     }),
+    # Gemma 4: local / global layers of different shapes (global: head_dim 32, two KV heads, V = K:
+    # rows twice the local ones', so vLLM gives the local layers' groups twice larger blocks;
+    # proportional RoPE turning 4 of 16 frequencies), the last two layers reading the K/V of
+    # layers 2 and 1 (with twice wider MLPs), per-layer inputs, experts beside every MLP, learned
+    # layer scalars, soft-capped logits.
+    "gemma4": TinySpec(
+        seed=23,
+        architecture="Gemma4ForCausalLM",
+        num_layers=5,
+        tie_word_embeddings=True,
+        extra_config={
+            "global_head_dim": 32,
+            "num_global_key_value_heads": 2,
+            "attention_k_eq_v": True,
+            "sliding_window": _WINDOW,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+            },
+            "num_kv_shared_layers": 2,
+            "use_double_wide_mlp": True,
+            "hidden_size_per_layer_input": 8,
+            "vocab_size_per_layer_input": 320,
+            "enable_moe_block": True,
+            "num_experts": 4,
+            "top_k_experts": 2,
+            "moe_intermediate_size": 32,
+            "final_logit_softcapping": 3.0,
+            "hidden_activation": "gelu_pytorch_tanh",
+        },
+    ),
 }
 TINY_VARIANTS.update(FAMILY_VARIANTS)
 # Phi-3 with partial rotary embeddings (Phi-4-mini's layout): longrope on 12 of 16 features per head.
@@ -346,6 +378,7 @@ MODEL_TYPES = {
     "Qwen3NextForCausalLM": "qwen3_next",
     "Qwen3_5ForCausalLM": "qwen3_5_text",
     "Qwen3_5MoeForCausalLM": "qwen3_5_moe_text",
+    "Gemma4ForCausalLM": "gemma4_text",
 }
 
 
@@ -393,12 +426,19 @@ def randomize_(model, spec: TinySpec) -> None:
                 p.copy_(0.4 * torch.randn(p.shape, generator=gen))
             elif name.endswith("self_attn.sinks"):
                 p.copy_(1.0 + torch.randn(p.shape, generator=gen))
+            elif name.endswith(("router.scale", "router.per_expert_scale")):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif name.endswith("router.proj.weight"):
+                # Router logits of order one: no near-ties between the experts' scores.
+                p.copy_(torch.randn(p.shape, generator=gen))
             else:
                 p.copy_(spec.init_std * torch.randn(p.shape, generator=gen))
         # Saved buffers that steer the model (GLM-4.5's routing bias, zero at init).
         for name, b in sorted(model.named_buffers(), key=lambda kv: kv[0]):
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.2 * torch.randn(b.shape, generator=gen))
+            elif name.endswith("layer_scalar"):
+                b.copy_(1.0 + 0.2 * torch.randn(b.shape, generator=gen))
 
 
 def make_tiny_model(out_dir: str | os.PathLike, spec: TinySpec) -> Path:

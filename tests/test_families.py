@@ -1,5 +1,6 @@
 """Model families beyond Llama against transformers (float32): Qwen2, Qwen3, Mistral with a
-sliding window, Gemma 2 / Gemma 3, Phi-3 with longrope, Mixtral, Qwen3-MoE, SmolLM3 (NoPE
+sliding window, Gemma 2 / Gemma 3 / Gemma 4 (layers of two shapes, KV-shared layers, per-layer
+inputs, experts beside the MLP), Phi-3 with longrope, Mixtral, Qwen3-MoE, SmolLM3 (NoPE
 layers), GLM-4.5 (grouped sigmoid routing, shared experts, partial rotary) and gpt-oss (attention
 sinks, windows, YaRN, biased clamped-SwiGLU experts).
 
@@ -47,6 +48,8 @@ QUANTIZED = {
     "qwen3_next": (64, 4, {"mlp.gate": 8, "shared_expert_gate": 8}, True),
     "qwen3_5": (32, 8, {}, False),
     "qwen3_5_moe": (32, 4, {"mlp.gate": 8, "shared_expert_gate": 8}, True),
+    # Gemma 4's experts stay float (transformers' stacked `experts.gate_up_proj`, no `.weight`).
+    "gemma4": (32, 4, {"router.proj": 8}, False),
 }
 #: mlx-lm's own layout of the hybrid families (`checkpoint_files._mlx_lm_hybrid`): Qwen3.5 as its
 #: vision-language class writes it.
@@ -107,6 +110,18 @@ PECULIARITY_OFF = {
         {"swiglu_limit": 1000.0},
         {"num_experts_per_tok": 1},
     ],
+    "gemma4": [
+        {"sliding_window": 4096},
+        {"final_logit_softcapping": None},
+        {FILL: ("layer_scalar", 1.0)},
+        {FILL: ("per_layer_projection.weight", 0.0)},
+        {FILL: ("router.per_expert_scale", 1.0)},
+        {"top_k_experts": 1},
+        {"rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 1.0, "rope_theta": 1000000.0},
+        }},
+    ],
 }
 _OFF_CASES = [
     (family, off)
@@ -157,6 +172,9 @@ def test_family_matches_transformers(core, tiny_models, family):
     hf = tiny_models.hf(family)
     runner = core.ModelRunner(str(tiny_models.path(family)), block_size=BLOCK_SIZE)
     assert runner.head_dim == spec.head_dim and runner.num_layers == spec.num_layers
+    if family == "gemma4":
+        # Layers 0-2 keep K/V (global rows 2 x 32, local 2 x 16); 3 and 4 read layers 2 and 1's.
+        assert runner.kv_layers == [(2, 16, R._WINDOW), (2, 32, None), (2, 16, R._WINDOW)]
     runner.allocate_kv_cache(48)
     perm = np.random.default_rng(spec.seed).permutation(48).tolist()
 
@@ -214,6 +232,41 @@ def test_phi3_partial_rotary(core, tiny_models):
     ids = _rand_ids(7, 100, spec.vocab_size)
     err = R.rel_err(R.hf_logits(R.load_hf(path, rope_parameters=full), ids), R.hf_logits(hf, ids))
     assert err > 100 * R.LOGITS_REL_TOL, f"rotating the whole head barely changes logits ({err:.3g})"
+
+
+def test_gemma4_multimodal_checkpoint_runs_its_text_stack(core, tiny_models):
+    """A Gemma4ForConditionalGeneration directory (text_config, a vision tower, weights under
+    model.language_model.*) runs its text stack; image / video / audio placeholder tokens embed as
+    padding, as transformers' forward does for input ids alone."""
+    import torch
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    spec = R.TINY_VARIANTS["gemma4"]
+    out = tiny_models.root / "gemma4-multimodal"
+    placeholders = {"image_token_id": 300, "video_token_id": 301, "audio_token_id": 302}
+    if not (out / "config.json").is_file():
+        vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, head_dim=8)
+        cfg = Gemma4Config(text_config=R._hf_config(spec).to_dict(), vision_config=vision,
+                           tie_word_embeddings=True, **placeholders)
+        model = Gemma4ForConditionalGeneration(cfg).to(torch.float32).eval()
+        R.randomize_(model, spec)
+        model.save_pretrained(out)
+    hf = Gemma4ForConditionalGeneration.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+    runner = core.ModelRunner(str(out), block_size=BLOCK_SIZE)
+    runner.allocate_kv_cache(8)
+    ids = _rand_ids(700, 60, spec.vocab_size)
+    ids[5], ids[17], ids[30] = placeholders.values()
+
+    def logits(token_ids):
+        with torch.no_grad():
+            return hf(input_ids=torch.tensor([token_ids])).logits[0].float().numpy()
+
+    ref = logits(ids)
+    _check_rows(runner.step_logits([("m", ids, 0, [4, 1, 6, 2])]), ref, "gemma4 multimodal checkpoint")
+    # The placeholders matter: as ordinary tokens they would give clearly different logits.
+    plain = [3 if i in (5, 17, 30) else t for i, t in enumerate(ids)]
+    assert R.rel_err(logits(plain), ref) > 100 * R.LOGITS_REL_TOL
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -276,7 +329,9 @@ def test_family_mlx_quantized(core, tiny_models, family):
 #: flight, which 20 blocks no longer hold for a 128-token request.
 VLLM_KV_BLOCKS = 24
 #: Layers per KV-cache group (vLLM's plan for the tiny checkpoints).
-_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1, "gpt_oss": 1, "qwen3_next": 1, "qwen3_5": 1, "qwen3_5_moe": 1}
+_GROUP_LAYERS = {"gemma2": 1, "gemma3": 1, "gpt_oss": 1, "gemma4": 1, "qwen3_next": 1, "qwen3_5": 1, "qwen3_5_moe": 1}
+#: The largest K/V row of a KV layer over the config's num_key_value_heads x head_dim.
+_ROW_RATIO = {"gemma4": 2}
 
 
 @pytest.mark.vllm
@@ -295,7 +350,8 @@ def test_family_vllm_greedy(tiny_models, family):
         model, ref_model = tiny_models.path(family), tiny_models.hf(family)
     refs = [R.hf_greedy(ref_model, p, GEN_TOKENS) for p in prompts]
     group_layers = _GROUP_LAYERS.get(family, spec.num_layers)
-    per_layer_block = spec.kv_bytes_per_block(BLOCK_SIZE) // spec.num_layers
+    # vLLM pads every layer's page to the largest (Gemma 4's global layers have larger rows).
+    per_layer_block = spec.kv_bytes_per_block(BLOCK_SIZE) // spec.num_layers * _ROW_RATIO.get(family, 1)
     llm = LLM(
         model=str(model),
         dtype="float32",

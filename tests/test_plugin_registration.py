@@ -326,7 +326,7 @@ def _fake_config(**changes) -> SimpleNamespace:
     cfg = SimpleNamespace(
         parallel_config=parallel,
         model_config=model,
-        cache_config=SimpleNamespace(cache_dtype="auto"),
+        cache_config=SimpleNamespace(cache_dtype="auto", mamba_cache_dtype="auto", mamba_ssm_cache_dtype="auto"),
         lora_config=None,
         speculative_config=None,
         kv_transfer_config=None,
@@ -352,7 +352,15 @@ def _fake_config(**changes) -> SimpleNamespace:
             {"model_config__runner_type": "pooling", "model_config__hf_config": SimpleNamespace(architectures=["GPT2LMHeadModel"])},
             "pooling is not supported for GPT2LMHeadModel",
         ),
-        ({"model_config__multimodal_config": SimpleNamespace()}, "multimodal"),
+        (
+            {
+                "model_config__multimodal_config": SimpleNamespace(),
+                "model_config__hf_config": SimpleNamespace(architectures=["LlavaForConditionalGeneration"]),
+            },
+            "multimodal model LlavaForConditionalGeneration is not supported",
+        ),
+        ({"cache_config__mamba_cache_dtype": "float16"}, "mamba_cache_dtype='float16'"),
+        ({"cache_config__mamba_ssm_cache_dtype": "float8"}, "mamba_ssm_cache_dtype='float8'"),
         ({"model_config__quantization": "awq"}, "quantization='awq'"),
         ({"cache_config__cache_dtype": "fp8"}, "kv_cache_dtype='fp8'"),
         ({"model_config__logits_processors": ["my.Processor"]}, "logits_processors"),

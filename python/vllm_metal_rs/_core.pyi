@@ -81,8 +81,9 @@ class ModelRunner:
     @property
     def weights_nbytes(self) -> int: ...
     @property
-    def layer_windows(self) -> list[int | None]:
-        """Per layer, its sliding window in tokens (None: full attention)."""
+    def kv_layers(self) -> list[tuple[int, int, int | None]]:
+        """Per layer that keeps K/V (fewer than num_layers when layers share another's: Gemma 4),
+        its (KV heads, head size, sliding window in tokens or None for full attention)."""
     @property
     def linear_attention_layers(self) -> list[int]:
         """The layers that keep a recurrent state instead of K/V (linear attention)."""
@@ -114,11 +115,12 @@ class ModelRunner:
         num_blocks: int,
         layer_group: Sequence[int] | None = None,
         layer_storage: Sequence[int] | None = None,
+        group_block_size: Sequence[int] | None = None,
         state_block_size: int | None = None,
     ) -> None:
-        """vLLM's plan (each layer's group and storage), or one group and one storage per
-        layer; `state_block_size`: tokens per linear-attention state block (vLLM's
-        mamba_block_size; None: one state block per request)."""
+        """vLLM's plan (each KV layer's group and storage, each group's block size), or one
+        group and one storage per KV layer; `state_block_size`: tokens per linear-attention
+        state block (vLLM's mamba_block_size; None: one state block per request)."""
     def take_step_profile(self) -> list[StepTimingDict]: ...
     def inject_fault(self, stage: Literal["forward", "sample", "device"]) -> None: ...
     def set_logprobs_mode(self, mode: str) -> None: ...

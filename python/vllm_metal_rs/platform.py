@@ -296,17 +296,18 @@ class MetalPlatform(Platform):
         if mc.runner_type == "pooling":
             _check_pooling(vllm_config)
         mm = mc.multimodal_config
-        if mm is not None and not mm.language_model_only and _architecture(mc) in _decoders():
-            # The engine runs the text stack of this vision-language checkpoint; vLLM then
-            # refuses images and video itself ("At most 0 image(s) may be provided").
+        if mm is not None and not getattr(mm, "language_model_only", False) and _architecture(mc) in _decoders():
+            # The engine runs the text stack of this multimodal checkpoint (Qwen3.5, Gemma 4);
+            # vLLM then refuses image, video and audio inputs itself.
             logger.info(
-                "vllm-metal-rs: %s runs as a text model here; image and video inputs are refused",
+                "vllm-metal-rs: %s runs its text stack here; image, video and audio inputs are refused",
                 _architecture(mc),
             )
             mm.language_model_only = True
         _reject(
             mm is not None and not getattr(mm, "language_model_only", False),
-            "multimodal models are not supported; only text generation runs here",
+            f"multimodal model {_architecture(mc)} is not supported; the engine runs the text "
+            "stack of the multimodal architectures it lists (Qwen3.5, Gemma 4)",
         )
         _reject(
             mc.quantization is not None,

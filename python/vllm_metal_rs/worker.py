@@ -243,30 +243,34 @@ class MetalWorker(WorkerBase):
             raise ValueError(
                 f"vllm-metal-rs: engine reported unknown KV cache dtype {r.kv_cache_dtype!r}"
             ) from None
-        shape = dict(
-            block_size=self.cache_config.block_size,
-            num_kv_heads=r.num_kv_heads,
-            head_size=r.head_dim,
-            dtype=dtype,
-        )
-        # Sliding-window layers get vLLM's sliding-window spec, so that the block manager frees
-        # blocks that left the window. A model mixing both kinds (Gemma) gets one KV-cache group
-        # per kind from vLLM's hybrid manager, each with its own block tables.
-        specs: list[KVCacheSpec] = [
-            SlidingWindowSpec(**shape, sliding_window=w) if w else FullAttentionSpec(**shape)
-            for w in r.layer_windows
-        ]
+        # One spec per layer that keeps K/V (Gemma 4's KV-shared layers read another's), in its
+        # own shape. Sliding-window layers get vLLM's sliding-window spec, so that the block
+        # manager frees blocks that left the window. A model mixing both kinds (Gemma) gets one
+        # KV-cache group per kind from vLLM's hybrid manager, each with its own block tables (and,
+        # when the kinds' rows differ in size, its own block size: one page size for all).
+        specs: list[KVCacheSpec] = []
+        for kv_heads, head_size, window in r.kv_layers:
+            shape = dict(
+                block_size=self.cache_config.block_size,
+                num_kv_heads=kv_heads,
+                head_size=head_size,
+                dtype=dtype,
+            )
+            specs.append(
+                SlidingWindowSpec(**shape, sliding_window=window)
+                if window
+                else FullAttentionSpec(**shape)
+            )
         linear = set(r.linear_attention_layers)
         if linear:
             # Linear-attention layers keep a state per request (vLLM's Mamba-style spec, placed
             # by its hybrid manager), padded to the K/V page of one block.
             (conv, ssm, ssm_dtype) = r.state_geometry
-            page = FullAttentionSpec(**shape).page_size_bytes
             state = MambaSpec(
                 shapes=(conv, ssm),
                 dtypes=(dtype, _KV_DTYPES[ssm_dtype]),
                 block_size=self.cache_config.mamba_block_size or self.model_config.max_model_len,
-                page_size_padded=page,
+                page_size_padded=specs[min(linear)].page_size_bytes,
                 mamba_type=MambaAttentionBackendEnum.GDN_ATTN,
                 mamba_cache_mode=self.cache_config.mamba_cache_mode,
             )
@@ -304,16 +308,22 @@ class MetalWorker(WorkerBase):
 
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
         r = self._runner()
+        num_kv_layers = len(r.kv_layers)
         linear = set(r.linear_attention_layers)
-        index = {_layer_key(i, i in linear): i for i in range(r.num_layers)}
+        index = {_layer_key(i, i in linear): i for i in range(num_kv_layers)}
         # Each layer's KV-cache group (whose block tables it uses) and storage: vLLM overlays the
         # groups' tensors from byte 0, so layers at the same byte offset share memory (one layer
         # of each group; a block id belongs to one group at a time).
-        layer_group: list[int | None] = [None] * r.num_layers
+        layer_group: list[int | None] = [None] * num_kv_layers
+        group_block_size = []
         for g, group in enumerate(kv_cache_config.kv_cache_groups):
+            spec = group.kv_cache_spec
+            # A state group's pages are the K/V pages of one attention block (padded to them).
+            is_state = isinstance(spec, MambaSpec)
+            group_block_size.append(self.cache_config.block_size if is_state else spec.block_size)
             for name in group.layer_names:
                 layer_group[index[name]] = g
-        starts: list[int | None] = [None] * r.num_layers
+        starts: list[int | None] = [None] * num_kv_layers
         for tensor in kv_cache_config.kv_cache_tensors:
             for pos, name in enumerate(tensor.layers):
                 starts[index[name]] = tensor.offset + pos * tensor.layer_stride
@@ -326,6 +336,7 @@ class MetalWorker(WorkerBase):
             num_blocks,
             layer_group,
             [storage_of[s] for s in starts],
+            group_block_size,
             self.cache_config.mamba_block_size if linear else None,
         )
 

@@ -131,15 +131,19 @@ impl StepBatch {
     /// Decode chunks (one token) share one group; each prefill chunk gets its own, so a long
     /// prompt does not pad every decode row to its length. `window`: the sliding window of the
     /// model's local layers, if it has any. `backend`: with `PageKernel`, decode attention reads the
-    /// pages itself, so the decode group needs only its block tables and lengths.
+    /// pages itself, so the decode group needs only its block tables and lengths. `block_sizes`:
+    /// the tokens per block of each KV-cache group; `kv_groups`: what each group's tables serve.
     pub fn build(
         chunks: &[SeqChunk],
-        block_size: usize,
+        block_sizes: &[usize],
         window: Option<usize>,
         backend: AttentionBackend,
         kv_groups: &KvGroups,
     ) -> Result<Self> {
-        let num_kv_groups = chunks.first().map_or(1, |c| c.block_ids.len());
+        let num_kv_groups = chunks.first().map_or(block_sizes.len(), |c| c.block_ids.len());
+        if num_kv_groups != block_sizes.len() {
+            bail!("batch has {num_kv_groups} block tables per request, the KV cache {} groups", block_sizes.len());
+        }
         let is_state = |g: usize| !kv_groups.attention(g);
         let mut token_ids = Vec::new();
         let mut positions = Vec::new();
@@ -152,16 +156,16 @@ impl StepBatch {
             }
             offsets.push(token_ids.len());
             let end = c.start + c.tokens.len();
-            let pages = end.div_ceil(block_size);
             if c.block_ids.len() != num_kv_groups {
                 bail!("batch entry {r} has {} block tables, entry 0 has {num_kv_groups}", c.block_ids.len());
             }
-            for (g, table) in c.block_ids.iter().enumerate() {
+            for (g, (table, bs)) in c.block_ids.iter().zip(block_sizes).enumerate() {
                 if let Some(sbs) = kv_groups.state(g) {
                     if (end - 1) / sbs >= table.len() {
                         bail!("batch entry {r}: position {} needs state block column {}, block table has {}", end - 1, (end - 1) / sbs, table.len());
                     }
                 }
+                let pages = end.div_ceil(*bs);
                 if !is_state(g) && pages > table.len() {
                     bail!(
                         "batch entry {r}: positions up to {end} need {pages} blocks, block table has {}",
@@ -175,7 +179,8 @@ impl StepBatch {
                 positions.push(p as i32);
                 seq_ends.push(end as i32);
                 for (g, table) in c.block_ids.iter().enumerate() {
-                    slots[g].push(if is_state(g) { 0 } else { table[p / block_size] * block_size as i32 + (p % block_size) as i32 });
+                    let bs = block_sizes[g];
+                    slots[g].push(if is_state(g) { 0 } else { table[p / bs] * bs as i32 + (p % bs) as i32 });
                 }
             }
         }
@@ -212,6 +217,7 @@ impl StepBatch {
             // Pages: all of them, or from the first page the window reaches (whose keys must also
             // be inside the window).
             let pages_from = |first: &dyn Fn(usize) -> usize, g: usize, window: Option<usize>| -> Result<Pages> {
+                let block_size = block_sizes[g];
                 let firsts: Vec<usize> = m.iter().map(|&r| first(r)).collect();
                 let ends: Vec<usize> =
                     m.iter().map(|&r| (chunks[r].start + chunks[r].tokens.len()).div_ceil(block_size)).collect();
@@ -241,7 +247,7 @@ impl StepBatch {
             let ends: Vec<usize> = m.iter().map(|&r| chunks[r].start + chunks[r].tokens.len()).collect();
             let same_len = ends.iter().all(|&e| e == ends[0]) && m.iter().all(|&r| chunks[r].tokens.len() == q);
             let mut pages = Vec::with_capacity(num_kv_groups);
-            for g in 0..num_kv_groups {
+            for (g, &block_size) in block_sizes.iter().enumerate() {
                 if is_state(g) {
                     pages.push(GroupPages::unused());
                     continue;

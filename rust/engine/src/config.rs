@@ -9,7 +9,7 @@ use crate::dtype::parse_dtype;
 use crate::kv_cache::StateGeometry;
 use serde::Deserialize;
 
-use crate::models::{self, Family, PartialRotary};
+use crate::models::{self, Family, KvLayer, PartialRotary, RopeRules};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct RopeScaling {
@@ -116,12 +116,63 @@ pub struct ModelConfig {
     pub full_attention_interval: Option<usize>,
     /// Qwen3.5: dtype of the linear-attention ssm state (absent: the model dtype).
     pub mamba_ssm_dtype: Option<String>,
+    /// Gemma 4: global layers' `head_dim` / `num_key_value_heads` (transformers 5.19 writes them
+    /// per layer index in `per_layer_config`; earlier configs as `global_head_dim` and, with
+    /// `attention_k_eq_v`, `num_global_key_value_heads`).
+    pub per_layer_config: Option<serde_json::Value>,
+    pub global_head_dim: Option<usize>,
+    pub num_global_key_value_heads: Option<usize>,
+    /// Gemma 4: global layers have no v_proj; V is the key projection (before k_norm and RoPE).
+    #[serde(default)]
+    pub attention_k_eq_v: bool,
+    /// Gemma 4: the last n layers reuse the K/V of the last earlier layer of their kind.
+    #[serde(default)]
+    pub num_kv_shared_layers: usize,
+    /// Gemma 4: per-layer input embeddings (width per layer, their vocabulary).
+    pub hidden_size_per_layer_input: Option<usize>,
+    pub vocab_size_per_layer_input: Option<usize>,
+    /// Gemma 4: a mixture of `num_experts` experts (`top_k_experts` active, `moe_intermediate_size`
+    /// wide) beside every layer's dense MLP.
+    #[serde(default)]
+    pub enable_moe_block: bool,
+    pub top_k_experts: Option<usize>,
+    pub moe_intermediate_size: Option<usize>,
+    /// Gemma 4: the KV-shared layers' MLP is twice `intermediate_size` wide.
+    #[serde(default)]
+    pub use_double_wide_mlp: bool,
+    /// Gemma 4: "all" makes every layer bidirectional (an encoder), "vision" only image tokens
+    /// (Gemma 3 writes a boolean).
+    pub use_bidirectional_attention: Option<serde_json::Value>,
+    pub pad_token_id: Option<i64>,
+    /// Multimodal checkpoints (`Gemma4ForConditionalGeneration`): the placeholder tokens of
+    /// images, video and audio, and whether the towers are configured. The text stack is read
+    /// from `text_config`, merged into these fields.
+    pub image_token_id: Option<i64>,
+    pub video_token_id: Option<i64>,
+    pub audio_token_id: Option<i64>,
+    pub vision_config: Option<serde_json::Value>,
+    pub audio_config: Option<serde_json::Value>,
     pub torch_dtype: Option<String>,
     pub dtype: Option<String>,
     /// mlx-community quantized checkpoints (`{"group_size": 64, "bits": 4}`).
     pub quantization: Option<serde_json::Value>,
     /// Hugging Face quantization methods (AWQ, GPTQ, ...): none is run here.
     pub quantization_config: Option<serde_json::Value>,
+}
+
+/// A multimodal config (`text_config` beside vision / audio configs) as its text model's: the
+/// text config's fields over the top level's (which keep the architecture, the placeholder token
+/// ids and the towers' configs).
+fn merge_text_config(mut value: serde_json::Value) -> serde_json::Value {
+    let Some(obj) = value.as_object_mut() else { return value };
+    if let Some(serde_json::Value::Object(text)) = obj.remove("text_config") {
+        for (k, v) in text {
+            if k != "architectures" {
+                obj.insert(k, v);
+            }
+        }
+    }
+    value
 }
 
 fn default_eps() -> f32 {
@@ -142,22 +193,6 @@ fn check_architecture(architectures: &[String]) -> Result<&'static Family> {
     })
 }
 
-/// A vision-language checkpoint's `text_config` lifted to the top level (its architectures kept):
-/// the engine runs the text stack of such checkpoints.
-fn flatten_text_config(mut value: serde_json::Value) -> serde_json::Value {
-    let Some(obj) = value.as_object_mut() else { return value };
-    if obj.contains_key("hidden_size") {
-        return value;
-    }
-    if let Some(serde_json::Value::Object(text)) = obj.remove("text_config") {
-        for (k, v) in text {
-            if k != "architectures" {
-                obj.entry(k).or_insert(v);
-            }
-        }
-    }
-    value
-}
 
 impl ModelConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -175,7 +210,7 @@ impl ModelConfig {
             .and_then(|a| serde_json::from_value(a.clone()).ok())
             .unwrap_or_default();
         check_architecture(&archs)?;
-        let value = flatten_text_config(value);
+        let value = merge_text_config(value);
         let mut config: Self = serde_json::from_value(value).context("parsing config.json")?;
         config.normalize_rope()?;
         config.validate()?;
@@ -185,6 +220,9 @@ impl ModelConfig {
     /// Fold transformers 5's `rope_parameters` into `rope_theta` / `rope_scaling` (and, for Gemma 3's
     /// per-layer-type parameters, `rope_local_base_freq`).
     fn normalize_rope(&mut self) -> Result<()> {
+        if self.family()?.rope == RopeRules::PerLayerType {
+            return Ok(());
+        }
         let Some(params) = self.rope_parameters.take() else { return Ok(()) };
         let global = match (params.get("full_attention"), params.get("sliding_attention")) {
             (Some(full), local) => {
@@ -222,6 +260,15 @@ impl ModelConfig {
             Ok(family) => (family.layer_windows)(self),
             // Parsed configs always have a family; a hand-built one gets the plain rule.
             Err(_) => models::window_on_every_layer(self),
+        }
+    }
+
+    /// The layers that keep K/V in the cache, by the family's rule, in the order the model
+    /// indexes the cache.
+    pub fn kv_layers(&self) -> Vec<KvLayer> {
+        match self.family() {
+            Ok(family) => (family.kv_layers)(self),
+            Err(_) => models::kv_per_layer(self),
         }
     }
 
@@ -298,7 +345,7 @@ impl ModelConfig {
         if let Some(rs) = &self.rope_scaling {
             match rs.rope_type.as_deref() {
                 None | Some("default") | Some("linear") | Some("llama3") | Some("yarn") => {}
-                Some("longrope") | Some("su") if family.longrope => {}
+                Some("longrope") | Some("su") if family.rope == RopeRules::SharedWithLongrope => {}
                 Some(other) => bail!(
                     "unsupported rope_scaling type {other:?}: supported are default, linear, llama3, \
                      yarn (and longrope for Phi-3)"
@@ -402,7 +449,9 @@ mod tests {
         assert!(format!("{err:#}").contains("unsupported model architecture"));
         assert!(format!("{err:#}").ends_with(
             "vllm-metal-rs runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, \
-             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM, Glm4MoeForCausalLM, GptOssForCausalLM"
+             Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM, Glm4MoeForCausalLM, GptOssForCausalLM, \
+             Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Qwen3NextForCausalLM, Qwen3_5ForCausalLM, \
+             Qwen3_5MoeForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration"
         ));
     }
 
@@ -417,7 +466,8 @@ mod tests {
     fn gemma3_legacy_and_hf5_layouts_give_the_same_layers() {
         let base = r#""architectures":["Gemma3ForCausalLM"],"hidden_size":64,"intermediate_size":128,
             "num_hidden_layers":6,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
-            "vocab_size":100,"hidden_activation":"gelu_pytorch_tanh","sliding_window":8"#;
+            "vocab_size":100,"hidden_activation":"gelu_pytorch_tanh","sliding_window":8,
+            "use_bidirectional_attention":false"#;
         let legacy = format!(
             r#"{{{base},"sliding_window_pattern":3,"rope_theta":1000000.0,"rope_local_base_freq":10000.0,
             "rope_scaling":{{"rope_type":"linear","factor":8.0}}}}"#

@@ -152,10 +152,11 @@ impl PyModelRunner {
     fn weights_nbytes(&self) -> usize {
         self.weights_nbytes
     }
-    /// Per layer, its sliding window in tokens (None: full attention).
+    /// Per layer that keeps K/V (fewer than num_layers when layers share another's: Gemma 4),
+    /// its (KV heads, head size, sliding window in tokens or None for full attention).
     #[getter]
-    fn layer_windows(&self) -> Vec<Option<usize>> {
-        self.lock().config.layer_windows()
+    fn kv_layers(&self) -> Vec<(usize, usize, Option<usize>)> {
+        self.lock().kv_layers().iter().map(|l| (l.shape.kv_heads, l.shape.head_dim, l.window)).collect()
     }
     /// The layers that keep a recurrent state instead of K/V (linear attention).
     #[getter]
@@ -209,23 +210,26 @@ impl PyModelRunner {
         py.detach(|| self.lock().kv_cache_budget(req)).map_err(engine_err)
     }
 
-    /// `layer_group` / `layer_storage`: vLLM's KV-cache plan (each layer's group and shared
-    /// tensor); default: one group, one storage per layer.
-    #[pyo3(signature = (num_blocks, layer_group=None, layer_storage=None, state_block_size=None))]
+    /// `layer_group` / `layer_storage` / `group_block_size`: vLLM's KV-cache plan (each KV
+    /// layer's group and shared tensor, each group's block size); default: one group of
+    /// `block_size` blocks, one storage per KV layer. `state_block_size`: tokens per
+    /// linear-attention state block (vLLM's mamba_block_size; None: the whole context).
+    #[pyo3(signature = (num_blocks, layer_group=None, layer_storage=None, group_block_size=None, state_block_size=None))]
     fn allocate_kv_cache(
         &self,
         py: Python<'_>,
         num_blocks: usize,
         layer_group: Option<Vec<usize>>,
         layer_storage: Option<Vec<usize>>,
+        group_block_size: Option<Vec<usize>>,
         state_block_size: Option<usize>,
     ) -> PyResult<()> {
         py.detach(|| {
             let mut r = self.lock();
-            match (layer_group, layer_storage) {
-                (Some(g), Some(s)) => r.allocate_kv_cache_groups(num_blocks, g, s, state_block_size),
-                (None, None) => r.allocate_kv_cache(num_blocks),
-                _ => Err(anyhow::anyhow!("pass both layer_group and layer_storage, or neither")),
+            match (layer_group, layer_storage, group_block_size) {
+                (Some(g), Some(s), Some(b)) => r.allocate_kv_cache_groups(num_blocks, g, s, b, state_block_size),
+                (None, None, None) => r.allocate_kv_cache(num_blocks),
+                _ => Err(anyhow::anyhow!("pass layer_group, layer_storage and group_block_size together, or none")),
             }
         })
         .map_err(engine_err)

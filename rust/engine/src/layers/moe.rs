@@ -90,7 +90,7 @@ impl SigmoidRouting {
 
 impl SparseMoe {
     /// The experts of each token `[T, k]` and their weights `[T, k]` (float32).
-    fn route(&self, x: &Array) -> Result<(Array, Array)> {
+    pub fn route(&self, x: &Array) -> Result<(Array, Array)> {
         // A dense router runs in its weight's dtype (GLM-4.5's is float32, as in transformers).
         let x = match &self.gate.quant {
             None if self.gate.weight.dtype() != x.dtype() => x.as_dtype(self.gate.weight.dtype())?,
@@ -117,10 +117,22 @@ impl SparseMoe {
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array> {
+        let (idx, w) = self.route(x)?;
+        let y = self.experts(x, &idx, &w)?;
+        let Some(shared) = &self.shared_experts else { return Ok(y) };
+        let mut s = shared.forward(x)?;
+        if let Some(gate) = &self.shared_expert_gate {
+            s = s.multiply(ops::sigmoid(&gate.forward(x)?)?)?;
+        }
+        Ok(y.add(s)?)
+    }
+
+    /// The routed experts alone: `x` `[T, hidden]` through the experts `idx` `[T, k]`, summed
+    /// with weights `w` `[T, k]` (Gemma 4 routes from another input than the experts see).
+    pub fn experts(&self, x: &Array, idx: &Array, w: &Array) -> Result<Array> {
         let t = x.shape()[0];
         let hidden = x.shape()[1];
         let k = self.top_k;
-        let (idx, w) = self.route(x)?;
         let w = w.as_dtype(x.dtype())?;
         let xe = x.reshape(&[t, 1, 1, hidden])?;
         // Sorting the (token, expert) pairs by expert lets gather_mm read each expert once; worth
@@ -146,13 +158,7 @@ impl SparseMoe {
             }
             None => y.reshape(&[t, k, hidden])?,
         };
-        let y = y.multiply(w.expand_dims(-1)?)?.sum_axis(1, false)?;
-        let Some(shared) = &self.shared_experts else { return Ok(y) };
-        let mut s = shared.forward(x)?;
-        if let Some(gate) = &self.shared_expert_gate {
-            s = s.multiply(ops::sigmoid(&gate.forward(x)?)?)?;
-        }
-        Ok(y.add(s)?)
+        Ok(y.multiply(w.expand_dims(-1)?)?.sum_axis(1, false)?)
     }
 
     /// The routing's own weight beyond the router (GLM-4.5's `e_score_correction_bias`).

@@ -144,6 +144,32 @@ impl Rope {
         }
     }
 
+    /// transformers' "proportional" RoPE (Gemma 4's global layers): the whole head rotates in
+    /// halves as usual, but only the first `partial_rotary_factor * head_dim / 2` frequencies turn
+    /// (base^(-2i / head_dim), divided by `factor`); the other pairs have frequency 0, i.e. pass
+    /// through. Unlike partial rotation, the turning pairs are (i, i + head_dim / 2).
+    pub fn proportional(head_dim: usize, theta: f32, partial_rotary_factor: f32, factor: f32) -> Self {
+        let angles = (partial_rotary_factor as f64 * head_dim as f64 / 2.0).floor() as usize;
+        let periods: Vec<f32> = (0..head_dim / 2)
+            .map(|i| {
+                if i < angles {
+                    factor * theta.powf((2 * i) as f32 / head_dim as f32)
+                } else {
+                    f32::INFINITY
+                }
+            })
+            .collect();
+        let half = (head_dim / 2) as i32;
+        Self {
+            dims: head_dim as i32,
+            base: None,
+            scale: 1.0,
+            freqs: Some(Array::from_slice(&periods, &[half])),
+            long: None,
+            mscale: 1.0,
+        }
+    }
+
     /// `x`: `[T, heads, head_dim]`, `positions`: `[T]` int32, `seq_ends`: `[T]` int32, the length
     /// of each token's request up to the end of this step's chunk (longrope picks its factors by it,
     /// as transformers does by the length of the sequence in the forward).

@@ -19,7 +19,7 @@ use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
 use crate::layers::{scalar, softcap};
 use crate::models::llama::{attention, embeddings, AttnOptions, HeadTying};
-use crate::models::{decoder_weights, expect_activation, CausalLm, Family, PartialRotary};
+use crate::models::{kv_per_layer, RopeRules, decoder_weights, expect_activation, CausalLm, Family, PartialRotary};
 use crate::weights::{Bias, Weights};
 
 pub const GEMMA: Family = Family {
@@ -27,7 +27,8 @@ pub const GEMMA: Family = Family {
     gguf_architecture: None,
     validate: |config| expect_activation(config, "gelu_pytorch_tanh"),
     layer_windows,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(Model::load(config, w)?)),
 };

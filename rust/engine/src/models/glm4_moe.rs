@@ -11,7 +11,7 @@ use mlx_rs::Dtype;
 use crate::config::ModelConfig;
 use crate::layers::moe::{check_expert_counts, check_expert_groups, sparse_moe, MoeOptions, Routing, SharedExpert, SigmoidRouting};
 use crate::models::llama::{attention, dense_mlp, AttnOptions, FeedForward, Model};
-use crate::models::{expect_activation, full_attention, Family, PartialRotary};
+use crate::models::{kv_per_layer, RopeRules, expect_activation, full_attention, Family, PartialRotary};
 use crate::weights::{Bias, Weights};
 
 pub const GLM4_MOE: Family = Family {
@@ -26,7 +26,8 @@ pub const GLM4_MOE: Family = Family {
         Ok(())
     },
     layer_windows: full_attention,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: PartialRotary::Accepted { default: 0.5 },
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };

@@ -19,7 +19,7 @@ use crate::layers::linear::Linear;
 use crate::layers::mlp::Activation;
 use crate::layers::moe::{check_expert_counts, Routing, SparseMoe};
 use crate::models::llama::{attention, AttnOptions, FeedForward, Model};
-use crate::models::{windows_by_layer_types, Family, PartialRotary};
+use crate::models::{kv_per_layer, RopeRules, windows_by_layer_types, Family, PartialRotary};
 use crate::weights::{Bias, Weights};
 
 pub const GPT_OSS: Family = Family {
@@ -28,7 +28,8 @@ pub const GPT_OSS: Family = Family {
     // The experts' activation is their own (`hidden_act` is not used).
     validate: check_expert_counts,
     layer_windows: windows_by_layer_types,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };

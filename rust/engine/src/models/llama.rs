@@ -15,7 +15,7 @@ use crate::layers::mlp::{Activation, Mlp};
 use crate::layers::moe::SparseMoe;
 use crate::layers::norm::RmsNorm;
 use crate::layers::rope::Rope;
-use crate::models::{decoder_weights, expect_activation, full_attention, CausalLm, Family, PartialRotary};
+use crate::models::{kv_per_layer, RopeRules, decoder_weights, expect_activation, full_attention, CausalLm, Family, PartialRotary};
 use crate::paged_attention::AttentionFeatures;
 use crate::weights::{Bias, Weights};
 
@@ -24,7 +24,8 @@ pub const LLAMA: Family = Family {
     gguf_architecture: Some("llama"),
     validate: |config| expect_activation(config, "silu"),
     layer_windows: full_attention,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(Model::load(config, w)?)),
 };

@@ -9,7 +9,7 @@ use anyhow::Result;
 use crate::config::ModelConfig;
 use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions, Routing, SharedExpert};
 use crate::models::llama::{attention, AttnOptions, FeedForward, Model};
-use crate::models::{expect_activation, window_on_every_layer, Family, PartialRotary};
+use crate::models::{kv_per_layer, RopeRules, expect_activation, window_on_every_layer, Family, PartialRotary};
 use crate::weights::Weights;
 
 pub const MIXTRAL: Family = Family {
@@ -20,7 +20,8 @@ pub const MIXTRAL: Family = Family {
         check_expert_counts(config)
     },
     layer_windows: window_on_every_layer,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };

@@ -4,6 +4,7 @@
 
 pub mod bert;
 pub mod gemma;
+pub mod gemma4;
 pub mod glm4_moe;
 pub mod gpt_oss;
 pub mod llama;
@@ -21,7 +22,7 @@ use mlx_rs::Array;
 
 use crate::batch::StepBatch;
 use crate::config::ModelConfig;
-use crate::kv_cache::{PagedKvCache, StateGeometry};
+use crate::kv_cache::{KvShape, PagedKvCache, StateGeometry};
 use crate::layers::attention::Attention;
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
@@ -82,11 +83,38 @@ pub struct Family {
     pub validate: fn(&ModelConfig) -> Result<()>,
     /// Attention window of each layer (None: full attention).
     pub layer_windows: fn(&ModelConfig) -> Vec<Option<usize>>,
-    /// longrope `rope_scaling` is accepted (the other scalings every family takes).
-    pub longrope: bool,
+    /// The layers that keep K/V in the cache, in the order the model indexes them.
+    pub kv_layers: fn(&ModelConfig) -> Vec<KvLayer>,
+    /// Which RoPE parameters the family takes.
+    pub rope: RopeRules,
     /// Whether `partial_rotary_factor` < 1 runs (transformers honours it for this family).
     pub partial_rotary: PartialRotary,
     pub load: fn(&ModelConfig, &mut Weights) -> Result<Box<dyn CausalLm>>,
+}
+
+/// A layer that keeps its own K/V: their shape and the layer's attention window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayer {
+    pub shape: KvShape,
+    pub window: Option<usize>,
+}
+
+/// Every layer keeps K/V of the config's `num_key_value_heads` x `head_dim`.
+pub fn kv_per_layer(config: &ModelConfig) -> Vec<KvLayer> {
+    let shape = KvShape { kv_heads: config.num_kv_heads(), head_dim: config.head_dim() };
+    config.layer_windows().into_iter().map(|window| KvLayer { shape, window }).collect()
+}
+
+/// The RoPE parameters a family takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeRules {
+    /// One RoPE (or one per layer type, Gemma 3's) with the scalings every family takes.
+    Shared,
+    /// As `Shared`, and longrope (Phi-3).
+    SharedWithLongrope,
+    /// The family reads `rope_parameters` per layer type itself (Gemma 4: each kind of layer its
+    /// own RoPE type and partial rotation), and checks them at load.
+    PerLayerType,
 }
 
 /// Partial rotary embeddings: RoPE on the first `head_dim * partial_rotary_factor` features of
@@ -112,6 +140,7 @@ pub static FAMILIES: &[Family] = &[
     smollm3::SMOLLM3,
     glm4_moe::GLM4_MOE,
     gpt_oss::GPT_OSS,
+    gemma4::GEMMA4,
     qwen3_next::QWEN3_NEXT,
     qwen3_next::QWEN3_5,
 ];

@@ -10,7 +10,7 @@ use crate::config::ModelConfig;
 use crate::layers::attention::Qkv;
 use crate::layers::mlp::{Activation, Mlp};
 use crate::models::llama::{attention_from, FeedForward, Model};
-use crate::models::{expect_activation, window_on_every_layer, Family, PartialRotary};
+use crate::models::{kv_per_layer, RopeRules, expect_activation, window_on_every_layer, Family, PartialRotary};
 use crate::weights::{Bias, Weights};
 
 pub const PHI3: Family = Family {
@@ -18,7 +18,8 @@ pub const PHI3: Family = Family {
     gguf_architecture: None,
     validate: |config| expect_activation(config, "silu"),
     layer_windows: window_on_every_layer,
-    longrope: true,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::SharedWithLongrope,
     partial_rotary: PartialRotary::Accepted { default: 1.0 },
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };

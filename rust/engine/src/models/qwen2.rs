@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 
 use crate::config::ModelConfig;
 use crate::models::llama::{attention, dense_mlp, AttnOptions, Model};
-use crate::models::{expect_activation, full_attention, Family, PartialRotary};
+use crate::models::{kv_per_layer, RopeRules, expect_activation, full_attention, Family, PartialRotary};
 use crate::weights::{Bias, Weights};
 
 pub const QWEN2: Family = Family {
@@ -15,7 +15,8 @@ pub const QWEN2: Family = Family {
     validate,
     // The window is off unless use_sliding_window, which `validate` refuses.
     layer_windows: full_attention,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };

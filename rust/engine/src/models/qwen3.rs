@@ -10,7 +10,7 @@ use anyhow::Result;
 use crate::config::ModelConfig;
 use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions, Routing, SharedExpert};
 use crate::models::llama::{attention, dense_mlp, AttnOptions, FeedForward, Model};
-use crate::models::{full_attention, qwen2, Family, PartialRotary};
+use crate::models::{kv_per_layer, RopeRules, full_attention, qwen2, Family, PartialRotary};
 use crate::weights::Weights;
 
 pub const QWEN3: Family = Family {
@@ -18,7 +18,8 @@ pub const QWEN3: Family = Family {
     gguf_architecture: None,
     validate: qwen2::validate,
     layer_windows: full_attention,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };
@@ -31,7 +32,8 @@ pub const QWEN3_MOE: Family = Family {
         check_expert_counts(config)
     },
     layer_windows: full_attention,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load_moe(config, w)?)),
 };

@@ -21,7 +21,7 @@ use crate::layers::linear::Linear;
 use crate::layers::moe::{check_expert_counts, sparse_moe, MoeOptions, Routing, SharedExpert};
 use crate::layers::norm::RmsNorm;
 use crate::models::llama::{attention_from, dense_mlp, embeddings, FeedForward, HeadTying};
-use crate::models::{expect_activation, full_attention, CausalLm, Family, PartialRotary};
+use crate::models::{expect_activation, full_attention, kv_per_layer, CausalLm, Family, PartialRotary, RopeRules};
 use crate::weights::{Bias, Weights};
 
 const HYBRID: PartialRotary = PartialRotary::Accepted { default: 0.25 };
@@ -31,7 +31,8 @@ pub const QWEN3_NEXT: Family = Family {
     gguf_architecture: None,
     validate,
     layer_windows: full_attention,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: HYBRID,
     load: |config, w| Ok(Box::new(Model::load(config, w, Projections::Interleaved)?)),
 };
@@ -46,7 +47,8 @@ pub const QWEN3_5: Family = Family {
     gguf_architecture: None,
     validate,
     layer_windows: full_attention,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: HYBRID,
     load: |config, w| {
         // Vision-language checkpoints keep the text stack under `model.language_model` (HF) or

@@ -8,7 +8,7 @@ use anyhow::{ensure, Result};
 
 use crate::config::ModelConfig;
 use crate::models::llama::{attention, dense_mlp, AttnOptions, Model};
-use crate::models::{expect_activation, windows_by_layer_types, Family, PartialRotary};
+use crate::models::{kv_per_layer, RopeRules, expect_activation, windows_by_layer_types, Family, PartialRotary};
 use crate::weights::Weights;
 
 pub const SMOLLM3: Family = Family {
@@ -29,7 +29,8 @@ pub const SMOLLM3: Family = Family {
     // transformers masks the layers `layer_types` marks sliding with `sliding_window` whatever
     // `use_sliding_window` says; its config marks them only when that is set, and only NoPE layers.
     layer_windows: windows_by_layer_types,
-    longrope: false,
+    kv_layers: kv_per_layer,
+    rope: RopeRules::Shared,
     partial_rotary: PartialRotary::Refused,
     load: |config, w| Ok(Box::new(load(config, w)?)),
 };

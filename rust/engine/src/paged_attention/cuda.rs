@@ -53,13 +53,14 @@ pub(super) fn paged_decode(
     cap: Option<f32>,
 ) -> Result<Array> {
     let (r, heads, d) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    let kv_heads = cache.kv_heads as i32;
-    let storage = cache.layer_storage[layer];
+    let kv_heads = cache.kv_heads(layer) as i32;
+    let block_size = cache.block_size(layer) as i32;
+    let (k_slots, v_slots) = cache.slots(layer)?;
     let q = q.as_dtype(cache.dtype)?;
     let table = pages.block_table.reshape(&[r, pages.max_pages])?;
     anyhow::ensure!(heads % kv_heads == 0, "{heads} query heads do not share {kv_heads} KV heads evenly");
     let (gqa, n) = (heads / kv_heads, d / 32);
-    let max_len = pages.max_pages * cache.block_size as i32;
+    let max_len = pages.max_pages * block_size;
     let (warps, keys_per_round) = decode_launch(gqa, n, max_len);
     let window = match window {
         Some(w) => i32::try_from(w).unwrap_or(i32::MAX),
@@ -70,7 +71,7 @@ pub(super) fn paged_decode(
         ("D", TemplateArg::Int(d)),
         ("KV_HEADS", TemplateArg::Int(kv_heads)),
         ("GQA", TemplateArg::Int(gqa)),
-        ("BLOCK", TemplateArg::Int(cache.block_size as i32)),
+        ("BLOCK", TemplateArg::Int(block_size)),
         ("WARPS", TemplateArg::Int(warps)),
         ("U", TemplateArg::Int(keys_per_round)),
         ("WINDOW", TemplateArg::Int(window)),
@@ -91,7 +92,7 @@ pub(super) fn paged_decode(
             })
             .as_ref()
             .map_err(|e| anyhow::anyhow!("paged decode kernel: {e}"))?;
-        let inputs = [&q, &cache.keys[storage], &cache.values[storage], &table, seq_lens];
+        let inputs = [&q, &k_slots, &v_slots, &table, seq_lens];
         let out_shape = [r, heads, d];
         // SAFETY: one CTA per (KV head, request); it reads the rows of `q`, `table` and `seq_lens`
         // at its own indices, cache rows at the slots of its table's pages (vLLM's block ids, all
@@ -115,6 +116,7 @@ mod tests {
     use super::*;
     use crate::mlx_ext::device::{self, DeviceKind};
     use mlx_rs::random;
+    use crate::kv_cache::KvShape;
 
     fn host(a: &Array) -> Vec<f32> {
         let a = a.as_dtype(Dtype::Float32).unwrap();
@@ -148,7 +150,7 @@ mod tests {
         for (case, &(dtype, d, bs, heads, kv_heads, window, cap, tol)) in cases.iter().enumerate() {
             assert!(available(d, dtype), "kernel unavailable for case {case}");
             let nb = num_blocks.max(lens.iter().map(|l| l.div_ceil(bs)).sum::<usize>() + 1);
-            let mut cache = PagedKvCache::new(1, nb, bs, kv_heads, d, dtype).unwrap();
+            let mut cache = PagedKvCache::new(vec![KvShape { kv_heads, head_dim: d }], nb, bs, dtype).unwrap();
             let shape = [(nb * bs) as i32, kv_heads as i32, d as i32];
             let key = |s: u64| random::key(s + 10 * case as u64).unwrap();
             cache.keys[0] = random::normal::<f32>(&shape, None, None, &key(1)).unwrap().as_dtype(dtype).unwrap();

@@ -27,8 +27,8 @@ pub(super) fn attend(
 ) -> Result<Array> {
     let windowed = window.is_some();
     let (heads, head_dim) = (qg.shape()[1], qg.shape()[2]);
-    let kv_heads = cache.kv_heads as i32;
-    let bs = cache.block_size as i32;
+    let kv_heads = cache.kv_heads(layer) as i32;
+    let bs = cache.block_size(layer) as i32;
     let pages = match (windowed, &group.window) {
         (true, Some(p)) => p,
         (true, None) => anyhow::bail!("sliding-window layer but the batch has no window pages"),
@@ -39,14 +39,14 @@ pub(super) fn attend(
     let o = match (&group.exact, windowed, cap) {
         // Requests of one length: exactly their tokens, no mask array (MLX's fused kernels).
         (Some(exact), false, None) => {
-            let storage = cache.layer_storage[layer];
+            let (k_slots, v_slots) = cache.slots(layer)?;
             let gather = |flat: &Array| -> Result<Array> {
                 Ok(flat
                     .take_axis(&exact.slots, 0)?
                     .reshape(&[r, exact.len, kv_heads, head_dim])?
                     .transpose_axes(&[0, 2, 1, 3])?)
             };
-            let (k, v) = (gather(&cache.keys[storage])?, gather(&cache.values[storage])?);
+            let (k, v) = (gather(&k_slots)?, gather(&v_slots)?);
             let mask = (qn > 1).then_some(ScaledDotProductAttentionMask::Causal);
             fast::scaled_dot_product_attention(&qg, &k, &v, scale, mask, sinks)?
         }

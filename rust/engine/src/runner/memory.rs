@@ -24,13 +24,8 @@ pub struct KvBudgetRequest {
 
 impl ModelRunner {
     pub fn kv_bytes_per_block(&self) -> usize {
-        PagedKvCache::bytes_per_block(
-            self.num_layers(),
-            self.block_size,
-            self.config.num_kv_heads(),
-            self.config.head_dim(),
-            self.dtype,
-        )
+        let shapes: Vec<_> = self.kv_layers().iter().map(|l| l.shape).collect();
+        PagedKvCache::bytes_per_block(&shapes, self.block_size, self.dtype)
     }
 
     /// Bytes MLX allocates beyond the weights for one forward of `num_tokens` tokens (one request).

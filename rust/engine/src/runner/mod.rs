@@ -36,9 +36,9 @@ pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
 use crate::batch::{KvGroups, SeqChunk, StepBatch};
 use crate::config::ModelConfig;
 use crate::dtype::{compute_dtype, dtype_name};
-use crate::kv_cache::{PagedKvCache, StateGeometry};
+use crate::kv_cache::{KvShape, PagedKvCache, StateGeometry};
 use crate::mlx_ext::device::{self, DeviceKind};
-use crate::models::{self, CausalLm};
+use crate::models::{self, CausalLm, KvLayer};
 use crate::paged_attention::AttentionBackend;
 use crate::sampler::LogprobsMode;
 use crate::weights::{WeightOptions, WeightSource, Weights};
@@ -191,11 +191,17 @@ impl ModelRunner {
 
     /// A step's tensors, for this model's windows and this cache's attention.
     fn build_batch(&self, chunks: &[SeqChunk]) -> Result<StepBatch> {
-        StepBatch::build(chunks, self.block_size, self.sliding_window(), self.attention, &self.kv_groups)
+        let block_sizes = self.cache.as_ref().map_or_else(|| vec![self.block_size], |c| c.group_block_size.clone());
+        StepBatch::build(chunks, &block_sizes, self.sliding_window(), self.attention, &self.kv_groups)
     }
 
     pub fn num_layers(&self) -> usize {
         self.config.num_hidden_layers
+    }
+
+    /// The layers that keep K/V (fewer than the model's when some reuse another's: Gemma 4).
+    pub fn kv_layers(&self) -> Vec<KvLayer> {
+        self.config.kv_layers()
     }
 
     /// Seed for draws of requests without their own seed.
@@ -227,8 +233,8 @@ impl ModelRunner {
 
     /// One group, one storage per layer; linear-attention states in each request's first block.
     pub fn allocate_kv_cache(&mut self, num_blocks: usize) -> Result<()> {
-        let n = self.num_layers();
-        self.allocate_kv_cache_groups(num_blocks, vec![0; n], (0..n).collect(), None)
+        let n = self.kv_layers().len();
+        self.allocate_kv_cache_groups(num_blocks, vec![0; n], (0..n).collect(), vec![self.block_size], None)
     }
 
     /// Layers that keep a recurrent state instead of K/V (Gated DeltaNet).
@@ -241,21 +247,25 @@ impl ModelRunner {
         self.model.state_geometry()
     }
 
-    /// The KV cache as vLLM plans it: each layer's KV-cache group (its block tables) and
-    /// storage (shared by one layer of each group); `state_block_size`: tokens per state block
-    /// of the linear-attention groups (vLLM's `mamba_block_size`; None: the whole context).
+    /// The KV cache as vLLM plans it: each KV layer's KV-cache group (its block tables) and
+    /// storage (shared by one layer of each group), and each group's block size (for the groups
+    /// of linear-attention layers, the block size of the pages their states are padded to);
+    /// `state_block_size`: tokens per state block of the linear-attention groups (vLLM's
+    /// `mamba_block_size`; None: the whole context).
     pub fn allocate_kv_cache_groups(
         &mut self,
         num_blocks: usize,
         layer_group: Vec<usize>,
         layer_storage: Vec<usize>,
+        group_block_size: Vec<usize>,
         state_block_size: Option<usize>,
     ) -> Result<()> {
+        let shapes: Vec<_> = self.kv_layers().iter().map(|l| l.shape).collect();
         ensure!(
-            layer_group.len() == self.num_layers(),
-            "KV-cache plan covers {} layers, the model has {}",
+            layer_group.len() == shapes.len(),
+            "KV-cache plan covers {} layers, the model keeps K/V in {}",
             layer_group.len(),
-            self.num_layers()
+            shapes.len()
         );
         if let Some(geo) = self.state_geometry() {
             let page = self.kv_bytes_per_block() / self.num_layers();
@@ -280,19 +290,12 @@ impl ModelRunner {
         }
         self.kv_groups = groups;
         self.cache = None;
-        let cache = PagedKvCache::with_groups(
-            layer_group,
-            layer_storage,
-            num_blocks,
-            self.block_size,
-            self.config.num_kv_heads(),
-            self.config.head_dim(),
-            self.dtype,
-        )?;
-        self.attention = AttentionBackend::choose(self.gather_attention, cache.head_dim, cache.dtype, self.model.attention_features());
+        let cache = PagedKvCache::with_groups(layer_group, layer_storage, group_block_size, shapes, num_blocks, self.dtype)?;
+        let max_head_dim = cache.shapes.iter().map(|s| s.head_dim).max().unwrap_or(0);
+        self.attention = AttentionBackend::choose(self.gather_attention, max_head_dim, cache.dtype, self.model.attention_features());
         log::info!(
-            "KV cache: {num_blocks} blocks of {} tokens, {} KV-cache group(s), {:.1} MiB; decode attention {}",
-            self.block_size,
+            "KV cache: {num_blocks} blocks of {:?} tokens, {} KV-cache group(s), {:.1} MiB; decode attention {}",
+            cache.group_block_size,
             cache.num_groups(),
             cache.arrays().map(|a| a.nbytes()).sum::<usize>() as f64 / (1 << 20) as f64,
             self.attention.describe()
@@ -531,7 +534,8 @@ impl ModelRunner {
 
 /// The KV cache, which steps need allocated (a free function: callers hold the model too).
 fn min_state_block_size(config: &ModelConfig, dtype: Dtype, geo: &StateGeometry, align: usize) -> usize {
-    let per_token = PagedKvCache::bytes_per_block(1, 1, config.num_kv_heads(), config.head_dim(), dtype);
+    let shape = KvShape { kv_heads: config.num_kv_heads(), head_dim: config.head_dim() };
+    let per_token = PagedKvCache::bytes_per_block(&[shape], 1, dtype);
     geo.bytes(dtype).div_ceil(per_token * align) * align
 }
 
