@@ -310,3 +310,42 @@ def write_mlx_quantized(
     cfg["quantization_config"] = qcfg
     (outq / "config.json").write_text(json.dumps(cfg, indent=2))
     return outq, outd
+
+
+def write_openai_mxfp4(model_dir: str | os.PathLike, out: str | os.PathLike, out_reference: str | os.PathLike) -> tuple[Path, Path]:
+    """The float32 gpt-oss checkpoint in `model_dir` with its experts in OpenAI's published MXFP4
+    layout (`experts.gate_up_proj_blocks` `[E, 2 * inter, hidden / 32, 16]` uint8 and `_scales`,
+    the same for `down_proj`; config.json `quantization_config.quant_method` "mxfp4", dtype
+    bfloat16 as published), quantized with MLX's MXFP4 quantizer; and, as the reference, the same
+    checkpoint with the experts dequantized by transformers' own MXFP4 conversion
+    (`convert_moe_packed_tensors`), in transformers' float32 layout."""
+    import mlx.core as mx
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    src, outq, outr = Path(model_dir), Path(out), Path(out_reference)
+    _copy_side_files(src, outq)
+    _copy_side_files(src, outr)
+    tensors = load_file(str(src / "model.safetensors"))
+    quant, ref = {}, {}
+    for name, w in tensors.items():
+        if not (name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj")):
+            quant[name] = ref[name] = w
+            continue
+        rows = mx.array(np.ascontiguousarray(w.transpose(0, 2, 1)))  # [E, out, in]
+        wq, scales = mx.quantize(rows, group_size=32, bits=4, mode="mxfp4")
+        e, out_rows, _ = rows.shape
+        blocks = np.array(wq).view(np.uint8).reshape(e, out_rows, -1, 16)
+        quant[f"{name}_blocks"], quant[f"{name}_scales"] = blocks, np.array(scales)
+        ref[name] = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(np.array(scales)), dtype=torch.float32).numpy()
+    save_file(quant, str(outq / "model.safetensors"))
+    save_file(ref, str(outr / "model.safetensors"))
+    cfg = json.loads((outq / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+    }
+    cfg["dtype"] = "bfloat16"
+    (outq / "config.json").write_text(json.dumps(cfg, indent=2))
+    return outq, outr

@@ -309,8 +309,10 @@ class MetalPlatform(Platform):
             f"multimodal model {_architecture(mc)} is not supported; the engine runs the text "
             "stack of the multimodal architectures it lists (Qwen3.5, Gemma 4)",
         )
+        # gpt-oss as published: MXFP4 experts, which the engine reads itself.
+        openai_mxfp4 = mc.quantization in ("mxfp4", "gpt_oss_mxfp4") and _architecture(mc) == "GptOssForCausalLM"
         _reject(
-            mc.quantization is not None,
+            mc.quantization is not None and not openai_mxfp4,
             f"quantization={mc.quantization!r} is not supported; the engine reads the "
             "checkpoint's own weights (safetensors or GGUF) and no vLLM quantization method",
         )

@@ -213,8 +213,19 @@ impl ModelConfig {
         let value = merge_text_config(value);
         let mut config: Self = serde_json::from_value(value).context("parsing config.json")?;
         config.normalize_rope()?;
+        config.accept_openai_mxfp4()?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// gpt-oss as OpenAI publishes it: `quantization_config.quant_method` "mxfp4" says its experts
+    /// are MXFP4 blocks (read by the family, `Weights::mxfp4_experts`), everything else plain.
+    fn accept_openai_mxfp4(&mut self) -> Result<()> {
+        let method = self.quantization_config.as_ref().and_then(|q| q.get("quant_method")).and_then(|m| m.as_str());
+        if method == Some("mxfp4") && self.architecture()? == "GptOssForCausalLM" {
+            self.quantization_config = None;
+        }
+        Ok(())
     }
 
     /// Fold transformers 5's `rope_parameters` into `rope_theta` / `rope_scaling` (and, for Gemma 3's

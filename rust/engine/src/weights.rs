@@ -157,6 +157,31 @@ impl Weights {
         }
     }
 
+    /// Experts in OpenAI's MXFP4 layout (gpt-oss as published): `{prefix}_blocks` `[E, out,
+    /// in / 32, 16]` uint8 (two FP4 values a byte, the low nibble first) and `{prefix}_scales`
+    /// `[E, out, in / 32]` uint8 (E8M0 exponents), which are MLX's `mxfp4` packing viewed as bytes:
+    /// the stacked expert linear `[E, out, in]` (dequantized where the weights are dense).
+    pub fn mxfp4_experts(&mut self, prefix: &str) -> Result<Linear> {
+        let blocks = self.take_raw(&format!("{prefix}_blocks"))?;
+        let scales = self.take_raw(&format!("{prefix}_scales"))?;
+        let sh = blocks.shape().to_vec();
+        ensure!(
+            blocks.dtype() == Dtype::Uint8 && scales.dtype() == Dtype::Uint8 && sh.len() == 4 && sh[3] == 16 && scales.shape() == &sh[..3],
+            "{prefix}: MXFP4 blocks {:?} ({:?}) and scales {:?} ({:?}) do not match OpenAI's layout",
+            sh,
+            blocks.dtype(),
+            scales.shape(),
+            scales.dtype()
+        );
+        let weight = blocks.view_dtype(Dtype::Uint32)?.reshape(&[sh[0], sh[1], sh[2] * 4])?;
+        let quant = Quantization { scales, biases: None, group_size: 32, bits: 4, mode: QuantMode::Mxfp4, dtype: self.dtype };
+        if self.dequantize {
+            let w = quant.dequantize(&weight, &quant.scales, None)?;
+            return Ok(Linear { weight: w, bias: None, quant: None });
+        }
+        Ok(Linear { weight, bias: None, quant: Some(quant) })
+    }
+
     /// The shape of tensor `name`, if the checkpoint has it.
     pub fn shape(&self, name: &str) -> Option<Vec<i32>> {
         self.tensors.get(name).map(|a| a.shape().to_vec())

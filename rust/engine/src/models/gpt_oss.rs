@@ -8,14 +8,16 @@
 //!
 //! Experts come in transformers' layout, `mlp.experts.gate_up_proj` `[experts, hidden, 2 * inter]`
 //! (x times it; gate and up columns interleaved) with `gate_up_proj_bias`, `down_proj`
-//! `[experts, inter, hidden]` with `down_proj_bias`, or in mlx-lm's, `mlp.experts.{gate,up,down}_proj`
-//! stacked `[experts, out, in]` with `.bias` (quantized or not).
+//! `[experts, inter, hidden]` with `down_proj_bias`, in OpenAI's MXFP4 layout as published
+//! (`gate_up_proj_blocks` / `_scales`, rows `[experts, 2 * inter]` interleaved, `down_proj_blocks` /
+//! `_scales`, config.json `quantization_config.quant_method` "mxfp4"), or in mlx-lm's,
+//! `mlp.experts.{gate,up,down}_proj` stacked `[experts, out, in]` with `.bias` (quantized or not).
 
 use anyhow::{ensure, Context, Result};
 use mlx_rs::Array;
 
 use crate::config::ModelConfig;
-use crate::layers::linear::Linear;
+use crate::layers::linear::{Linear, Quantization};
 use crate::layers::mlp::Activation;
 use crate::layers::moe::{check_expert_counts, Routing, SparseMoe};
 use crate::models::llama::{attention, AttnOptions, FeedForward, Model};
@@ -58,7 +60,22 @@ pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Model> {
 fn experts(config: &ModelConfig, w: &mut Weights, prefix: &str, act: Activation) -> Result<SparseMoe> {
     let n = config.num_experts.context("num_local_experts")? as i32;
     let p = format!("{prefix}.experts");
-    let [gate_proj, up_proj, down_proj] = if w.contains(&format!("{p}.gate_up_proj")) {
+    let [gate_proj, up_proj, down_proj] = if w.contains(&format!("{p}.gate_up_proj_blocks")) {
+        let gate_up = w.mxfp4_experts(&format!("{p}.gate_up_proj"))?; // rows [E, 2 * inter]
+        let gate_up_bias = w.take(&format!("{p}.gate_up_proj_bias"))?;
+        let rows = gate_up.weight.shape()[1];
+        let pick = |first: i32| -> Result<Linear> {
+            let idx = Array::from_iter((first..rows).step_by(2), &[rows / 2]);
+            let quant = match &gate_up.quant {
+                None => None,
+                Some(q) => Some(Quantization { scales: q.scales.take_axis(&idx, 1)?, ..q.clone() }),
+            };
+            Ok(Linear { weight: gate_up.weight.take_axis(&idx, 1)?, bias: Some(gate_up_bias.take_axis(&idx, 1)?), quant })
+        };
+        let mut down = w.mxfp4_experts(&format!("{p}.down_proj"))?;
+        down.bias = Some(w.take(&format!("{p}.down_proj_bias"))?);
+        [pick(0)?, pick(1)?, down]
+    } else if w.contains(&format!("{p}.gate_up_proj")) {
         let gate_up = w.take(&format!("{p}.gate_up_proj"))?.swap_axes(1, 2)?; // [E, 2 * inter, hidden]
         let gate_up_bias = w.take(&format!("{p}.gate_up_proj_bias"))?;
         let rows = gate_up.shape()[1];
