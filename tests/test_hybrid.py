@@ -1,10 +1,11 @@
-"""Hybrid linear-attention models (Qwen3-Next) through vLLM's hybrid KV-cache manager.
+"""Hybrid linear-attention models (Qwen3.5, Qwen3-Next) through vLLM's hybrid KV-cache manager.
 
 The linear-attention states live in blocks vLLM's manager places (its Mamba-style spec). With
 prefix caching vLLM keeps a state per block ("align" mode): a request whose prompt shares a
 cached prefix starts from the cached state; without it each request has one state block
-("none" mode). Both against transformers' greedy on the tiny Qwen3-Next checkpoint, with
-prefills split into chunks across steps and a second request hitting the first one's prefix.
+("none" mode). Both against transformers' greedy (Qwen3.5 with prefix caching, Qwen3-Next
+without), with prefills split into chunks across steps and a later request sharing the first
+one's prefix.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import pytest
 import reference as R
 from conftest import shutdown_llm
 
-FAMILY = "qwen3_next"
 GEN_TOKENS = 8
 
 
@@ -30,18 +30,20 @@ def _metric(llm, name: str) -> float:
 
 
 @pytest.mark.vllm
-@pytest.mark.parametrize("prefix_caching", [True, False], ids=["align", "none"])
-def test_hybrid_prefix_and_chunks_match_transformers(tiny_models, prefix_caching):
+@pytest.mark.parametrize(
+    ("family", "prefix_caching"), [("qwen3_5", True), ("qwen3_next", False)], ids=["qwen3_5-align", "qwen3_next-none"]
+)
+def test_hybrid_prefix_and_chunks_match_transformers(tiny_models, family, prefix_caching):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    spec = R.TINY_VARIANTS[FAMILY]
-    hf = tiny_models.hf(FAMILY)
+    spec = R.TINY_VARIANTS[family]
+    hf = tiny_models.hf(family)
     shared = _ids(1, 53, spec.vocab_size)
     prompts = [shared + _ids(2, 11, spec.vocab_size), shared + _ids(3, 6, spec.vocab_size), _ids(4, 40, spec.vocab_size)]
     refs = [R.hf_greedy(hf, p, GEN_TOKENS) for p in prompts]
     llm = LLM(
-        model=str(tiny_models.path(FAMILY)),
+        model=str(tiny_models.path(family)),
         dtype="float32",
         max_model_len=128,
         block_size=16,
@@ -71,20 +73,6 @@ def test_hybrid_prefix_and_chunks_match_transformers(tiny_models, prefix_caching
         note = R.check_greedy_match(list(o.outputs[0].token_ids), ref, logits, what=f"{mode} prompt {i}")
         if note:
             print(note)
-
-
-@pytest.mark.vllm
-def test_hybrid_state_dtype_we_cannot_keep_is_refused(tiny_models):
-    from vllm import LLM
-
-    with pytest.raises(Exception, match="mamba_cache_dtype='float16' is not supported"):
-        LLM(
-            model=str(tiny_models.path(FAMILY)),
-            dtype="float32",
-            max_model_len=64,
-            kv_cache_memory_bytes=1 << 20,
-            mamba_cache_dtype="float16",
-        )
 
 
 def _vision_language_checkpoint(root):
