@@ -353,3 +353,135 @@ def test_extreme_values_never_take_the_server_down(server, check_alive):
             assert http_get(base + "/health")[0] == 200, f"{what}: unhealthy afterwards"
             assert _reference_text(base) == reference, f"{what}: the reference answer changed"
     print(f"{sum(s == 200 for s in answers.values())} served, {sum(s == 400 for s in answers.values())} refused")
+
+
+# --------------------------------------------------------------------------------------------------
+# Fuzz: a few hundred seeded random requests, valid and invalid, concurrently. None may answer 5xx
+# (that would be the server's fault, not the request's); afterwards the server is healthy and the
+# reference greedy answer is unchanged.
+# --------------------------------------------------------------------------------------------------
+
+FUZZ_REQUESTS = 300
+#: Chance that a field (or the prompt) takes one of its invalid values.
+FUZZ_INVALID = 0.12
+_TEXT = (
+    [
+        "Hi",
+        "The capital of France is",
+        "\u00e9t\u00e9 \u4f60\u597d \U0001f600\U0001f468\u200d\U0001f469\u200d\U0001f467 \u0645\u0631\u062d\u0628\u0627",
+        "a\u0301\u0301\u0301 \u200b\u200e\u2066x\u2069 \ufeff",
+        "\x00\x01\x7f tab\there\r\nnewline",
+        "{" * 50 + "}" * 49,
+        " ",
+    ],
+    ["", "\ud800 lone surrogate", "word " * 3000],  # empty, not UTF-8, beyond max_model_len
+)
+#: name -> (valid values, invalid values)
+_FIELDS = {
+    "max_tokens": ([1, 2, 3, 4], [0, -3, 10**6]),
+    "temperature": ([0.0, 0.7, 1.5], [-1.0, "hot"]),
+    "top_p": ([0.1, 0.9, 1.0], [0.0, 1.5]),
+    "top_k": ([-1, 0, 1, 5, 10**6], [-7]),
+    "min_p": ([0.0, 0.05, 0.9], [1.5, -0.1]),
+    "seed": ([0, 7, 2**62], [2**64, "s"]),
+    "presence_penalty": ([0.0, 1.0, -2.0], [5.0]),
+    "frequency_penalty": ([0.0, 0.5, -1.5], [-2.5]),
+    "repetition_penalty": ([1.0, 1.3, 0.5], [0.0, -1.0]),
+    "n": ([1, 2, 3], [0, -1]),
+    "stop": ([["\n"], ["x" * 500], ".", ["the", "a"]], [[1]]),
+    "stop_token_ids": ([[2], [5, 6]], [[-1], [10**9]]),
+    "min_tokens": ([0, 1, 3], [-2, 10**6]),
+    "logit_bias": ([{"5": 100}, {"8": -100}, {"7": 3.5}], [{"-1": 1.0}, {"999999999": 2.0}, {"abc": 1.0}, {"7": 1e30}]),
+    "allowed_token_ids": ([[5, 6, 7], [100]], [[], [-3], [10**9]]),
+    "ignore_eos": ([True, False], ["yes"]),
+    "stream": ([True, False], [3]),
+    "response_format": (
+        [
+            {"type": "json_object"},
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}},
+            {"type": "text"},
+        ],
+        [
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}},
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": "not a schema"}},
+            {"type": "bogus"},
+        ],
+    ),
+    "structured_outputs": ([{"regex": "[a-c]+"}, {"choice": ["yes", "no"]}], [{"regex": "("}, {"choice": []}, {"grammar": "root ::="}]),
+}
+_CHAT_FIELDS = {"logprobs": ([True, False], ["maybe"]), "top_logprobs": ([0, 3, 20], [21, -1])}
+_COMPLETION_FIELDS = {"logprobs": ([0, 2, 5], [21, -1]), "echo": ([True, False], [2]), "prompt_logprobs": ([0, 1, 5], [-1])}
+
+
+def _fuzz_pick(rng, valid_invalid):
+    valid, invalid = valid_invalid
+    pool = invalid if invalid and rng.random() < FUZZ_INVALID else valid
+    return pool[rng.randrange(len(pool))]
+
+
+def _fuzz_request(rng) -> tuple[str, dict]:
+    chat = rng.random() < 0.5
+    body: dict = {"model": MODEL_NAME, "max_tokens": _fuzz_pick(rng, _FIELDS["max_tokens"])}
+    text = _fuzz_pick(rng, _TEXT)
+    if chat:
+        body["messages"] = _fuzz_pick(
+            rng,
+            (
+                [
+                    [{"role": "user", "content": text}],
+                    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": text}],
+                    [{"role": "user", "content": [{"type": "text", "text": text}]}],
+                ],
+                [[], [{"role": "nobody", "content": text}]],
+            ),
+        )
+    else:
+        ids = [rng.randrange(3, 40000) for _ in range(rng.randrange(1, 6))]
+        body["prompt"] = _fuzz_pick(rng, ([text, [text, "Hi"], ids], [[], 7, [-5, 3], [10**6]]))
+    fields = dict(_FIELDS, **(_CHAT_FIELDS if chat else _COMPLETION_FIELDS))
+    del fields["max_tokens"]
+    for name in rng.sample(sorted(fields), rng.randrange(0, 5)):
+        body[name] = _fuzz_pick(rng, fields[name])
+    if "structured_outputs" in body or "response_format" in body:
+        # allowed_token_ids that the grammar never allows leave no token to sample: vLLM's own
+        # scheduler then terminates the request ("grammar rejected tokens"), HTTP 500 as on CUDA.
+        body.pop("allowed_token_ids", None)
+    return ("chat/completions" if chat else "completions"), body
+
+
+def _fuzz_post(base: str, endpoint: str, body: dict) -> tuple[int, str]:
+    """HTTP status and, for streams, any error event's code inside a 200 (as the status)."""
+    import json
+
+    data = json.dumps(body, allow_nan=True).encode("utf-8", errors="surrogatepass")
+    req = urllib.request.Request(f"{base}/v1/{endpoint}", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=300) as r:
+            raw = r.read().decode("utf-8", errors="replace")
+            status = r.status
+    except urllib.error.HTTPError as e:
+        return e.code, (e.read() or b"").decode("utf-8", errors="replace")[:300]
+    if body.get("stream"):
+        for line in raw.splitlines():
+            if line.startswith("data: {") and '"error"' in line:
+                code = json.loads(line[6:]).get("error", {}).get("code", 500)
+                return int(code) if str(code).isdigit() else 500, line[:300]
+    return status, raw[:300]
+
+
+def test_fuzz_requests_never_fail_the_server(server, check_alive):
+    import random
+
+    base = server["base"]
+    reference = _reference_text(base)
+    rng = random.Random(1234)
+    requests = [_fuzz_request(rng) for _ in range(FUZZ_REQUESTS)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(lambda r: _fuzz_post(base, *r), requests))
+    server_errors = [(r, s, t) for r, (s, t) in zip(requests, results) if s >= 500]
+    counts = {s: sum(1 for x, _ in results if x == s) for s in sorted({x for x, _ in results})}
+    print(f"fuzz: {len(requests)} requests, status counts {counts}")
+    assert not server_errors, "server errors:\n" + "\n".join(f"{s} {r!r:.400} -> {t}" for r, s, t in server_errors[:5])
+    assert server["proc"].poll() is None, f"the fuzz took the server down:\n{tail(server['log'])}"
+    assert http_get(base + "/health")[0] == 200
+    assert _reference_text(base) == reference

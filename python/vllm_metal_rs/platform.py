@@ -362,6 +362,30 @@ class MetalPlatform(Platform):
             raise _UnsupportedRequest(
                 "vllm-metal-rs: logit_bias values must be finite numbers", parameter="logit_bias"
             )
+        _check_grammar(getattr(params, "structured_outputs", None))
+
+
+def _check_grammar(structured: Any) -> None:
+    """A grammar the engine core's grammar compiler (xgrammar, which vLLM's "auto" backend ends
+    up compiling with) cannot parse is a bad request. vLLM's own check can let such a grammar
+    through to the engine core, where it fails the request with HTTP 500."""
+    grammar = getattr(structured, "grammar", None)
+    if not grammar:
+        return
+    import xgrammar as xgr
+    from vllm.v1.structured_output.utils import grammar_is_likely_lark
+
+    try:
+        if grammar_is_likely_lark(grammar):
+            xgr.Grammar.from_lark(grammar)
+        else:
+            xgr.Grammar.from_ebnf(grammar)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _UnsupportedRequest(
+            f"vllm-metal-rs: structured_outputs.grammar is not a valid grammar: {reason}",
+            parameter="structured_outputs",
+        ) from None
 
 
 def _architecture(mc: Any) -> str:
