@@ -10,9 +10,10 @@
 //! plans it: the groups draw their block ids from one pool, so they never write the same block.
 
 use anyhow::{ensure, Result};
-use mlx_rs::{ops, transforms::eval, Array, Dtype};
+use mlx_rs::{ops, Array, Dtype};
 
 use crate::dtype::dtype_size;
+use crate::mlx_ext::alloc;
 
 pub struct PagedKvCache {
     pub block_size: usize,
@@ -65,11 +66,12 @@ impl PagedKvCache {
         let shape = [(num_blocks * block_size) as i32, kv_heads as i32, head_dim as i32];
         let mut keys = Vec::with_capacity(storages);
         let mut values = Vec::with_capacity(storages);
+        // Zeros (padded attention reads unwritten slots, masked out), written only where the
+        // backend cannot map them untouched (see mlx_ext::alloc).
         for _ in 0..storages {
-            keys.push(ops::zeros_dtype(&shape, dtype)?);
-            values.push(ops::zeros_dtype(&shape, dtype)?);
+            keys.push(alloc::zeros(&shape, dtype)?);
+            values.push(alloc::zeros(&shape, dtype)?);
         }
-        eval(keys.iter().chain(values.iter()))?;
         Ok(Self {
             block_size,
             num_blocks,
