@@ -274,7 +274,11 @@ class MetalWorker(WorkerBase):
         r.allocate_kv_cache(num_blocks, layer_group, [storage_of[s] for s in starts])
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
-        # Nothing is compiled ahead of time; MLX builds its kernels on first use.
+        # Nothing is compiled ahead of time, but MLX does first-use work (the CPU backend builds
+        # its fused kernels) that the first request would otherwise pay: a few tokens run now.
+        r = self._runner()
+        if r.pooling_task is None:
+            r.warm_up()
         return CompilationTimes(language_model=0.0, encoder=0.0)
 
     def get_supported_tasks(self) -> tuple[str, ...]:

@@ -177,8 +177,14 @@ impl PyModelRunner {
         self.lock().set_seed(seed)
     }
 
+    /// Bytes a forward of `num_tokens` allocates beyond the weights, measured on that forward.
     fn profile_peak_memory(&self, py: Python<'_>, num_tokens: usize) -> PyResult<usize> {
         py.detach(|| self.lock().profile_peak_memory(num_tokens)).map_err(engine_err)
+    }
+
+    /// The KV budget's bound of `profile_peak_memory(num_tokens)`, from small measurements.
+    fn activation_peak(&self, py: Python<'_>, num_tokens: usize) -> PyResult<usize> {
+        py.detach(|| self.lock().activation_peak(num_tokens)).map(|p| p.bytes).map_err(engine_err)
     }
 
     /// Bytes vLLM may give to the KV cache (see the engine's `kv_cache_budget`); max_model_len
@@ -364,6 +370,12 @@ impl PyModelRunner {
             })
             .map_err(engine_err)?;
         to_numpy_f32(py, &logits)
+    }
+
+    /// A few tokens through prefill, decode and sampling on the allocated cache, so that the
+    /// first request does not pay MLX's first-use work; leaves no request, draw or timing behind.
+    fn warm_up(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.lock().warm_up()).map_err(engine_err)
     }
 
     /// Engine-alone generation (no vLLM): all prompts batched; greedy when temperature == 0.

@@ -28,7 +28,7 @@ use mlx_rs::{
 };
 
 pub use logprobs::Logprobs;
-pub use memory::KvBudgetRequest;
+pub use memory::{ActivationPeak, KvBudgetRequest};
 pub use pipeline::{StepId, StepTiming};
 pub use pooling::{DecoderHead, DecoderPooling};
 pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
