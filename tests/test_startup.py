@@ -47,3 +47,20 @@ def test_activation_bound_holds_on_default_model(core, default_model_dir):
     bound, measured = _check(runner, 512)
     # The default model's attention is a small share at 512 tokens; the bound stays close.
     assert bound <= 1.5 * measured
+
+
+def test_weight_loading_reports_progress(core, tiny_models):
+    calls: list[tuple[int, int]] = []
+    runner = core.ModelRunner(
+        str(tiny_models.path("sharded")), block_size=BLOCK_SIZE, progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls[0] == (0, runner.weights_nbytes) and calls[-1] == (runner.weights_nbytes,) * 2
+    done = [d for d, _ in calls]
+    assert done == sorted(done) and {t for _, t in calls} == {runner.weights_nbytes}
+
+    def fails(done: int, total: int) -> None:
+        raise RuntimeError("progress bar broke")
+
+    # A failing callback is logged; the model still loads.
+    again = core.ModelRunner(str(tiny_models.path("sharded")), block_size=BLOCK_SIZE, progress=fails)
+    assert again.weights_nbytes == runner.weights_nbytes

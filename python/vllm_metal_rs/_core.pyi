@@ -1,7 +1,7 @@
 """Types of `vllm_metal_rs._core`, the engine's PyO3 module (rust/python/src)."""
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypedDict
 
 import numpy as np
@@ -64,7 +64,9 @@ class ModelRunner:
         device: Literal["cpu", "gpu"] | None = None,
         dtype: str | None = None,
         gather_attention: bool = False,
-    ) -> None: ...
+        progress: Callable[[int, int], object] | None = None,
+    ) -> None:
+        """progress(done, total): bytes of weights materialized so far, as loading goes."""
     @property
     def num_layers(self) -> int: ...
     @property

@@ -120,6 +120,34 @@ def _resolve_model_path(model: str, revision: str | None, download_dir: str | No
         ) from e
 
 
+class _WeightsProgress:
+    """vLLM's loading progress bar (its format) over the engine's progress in bytes; off when
+    vLLM's use_tqdm_on_load is."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._bar: Any = None
+
+    def __enter__(self) -> _WeightsProgress | None:
+        return self if self._enabled else None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm.auto import tqdm
+            from vllm.model_executor.model_loader.weight_utils import _BAR_FORMAT
+
+            self._bar = tqdm(
+                total=max(1, round(total / 2**20)),
+                desc="Loading weights (MiB)",
+                bar_format=_BAR_FORMAT,
+            )
+        self._bar.update(round(done / 2**20) - self._bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 class MetalWorker(WorkerBase):
     """One worker per engine; the Rust runner holds the weights and the KV cache."""
 
@@ -176,12 +204,14 @@ class MetalWorker(WorkerBase):
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
         mc = self.model_config
         path, dtype = self._checkpoint(load_dummy_weights)
-        self.model_runner = _core().ModelRunner(
-            path,
-            block_size=self.cache_config.block_size,
-            device=self.mlx_device,
-            dtype=dtype,
-        )
+        with _WeightsProgress(self.load_config.use_tqdm_on_load) as progress:
+            self.model_runner = _core().ModelRunner(
+                path,
+                block_size=self.cache_config.block_size,
+                device=self.mlx_device,
+                dtype=dtype,
+                progress=progress,
+            )
         r = self.model_runner
         # Draws of requests without their own seed follow the engine seed, as on other platforms.
         r.set_seed(mc.seed or 0)

@@ -95,7 +95,9 @@ impl PyModelRunner {
 #[pymethods]
 impl PyModelRunner {
     #[new]
-    #[pyo3(signature = (model_path, *, block_size = 16, device = None, dtype = None, gather_attention = false))]
+    /// `progress(done, total)`: called with the bytes of weights materialized so far (a
+    /// progress bar); an exception it raises is logged and loading goes on.
+    #[pyo3(signature = (model_path, *, block_size = 16, device = None, dtype = None, gather_attention = false, progress = None))]
     fn new(
         py: Python<'_>,
         model_path: PathBuf,
@@ -103,11 +105,21 @@ impl PyModelRunner {
         device: Option<String>,
         dtype: Option<String>,
         gather_attention: bool,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let device = device.map(|d| d.parse::<DeviceKind>()).transpose().map_err(engine_err)?;
         let opts = RunnerOptions { block_size, device, dtype, gather_attention };
+        let mut report = |done: usize, total: usize| {
+            if let Some(cb) = &progress {
+                Python::attach(|py| {
+                    if let Err(e) = cb.call1(py, (done, total)) {
+                        log::warn!("weight loading progress callback failed: {e}");
+                    }
+                });
+            }
+        };
         let r = py
-            .detach(|| runner::ModelRunner::load(&model_path, &opts))
+            .detach(|| runner::ModelRunner::load_with_progress(&model_path, &opts, &mut report))
             .map_err(engine_err)?;
         Ok(Self {
             num_layers: r.num_layers(),
