@@ -1,7 +1,7 @@
 """Types of `vllm_metal_rs._core`, the engine's PyO3 module (rust/python/src)."""
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypedDict
 
 import numpy as np
@@ -65,7 +65,9 @@ class ModelRunner:
         dtype: str | None = None,
         gather_attention: bool = False,
         ssm_dtype: Literal["float32", "float16", "bfloat16"] | None = None,
-    ) -> None: ...
+        progress: Callable[[int, int], object] | None = None,
+    ) -> None:
+        """progress(done, total): bytes of weights materialized so far, as loading goes."""
     @property
     def num_layers(self) -> int: ...
     @property
@@ -101,7 +103,11 @@ class ModelRunner:
     def num_blocks(self) -> int: ...
     def kv_bytes_per_block(self) -> int: ...
     def set_seed(self, seed: int) -> None: ...
-    def profile_peak_memory(self, num_tokens: int) -> int: ...
+    def profile_peak_memory(self, num_tokens: int) -> int:
+        """Bytes a forward of num_tokens allocates beyond the weights, measured on it."""
+    def activation_peak(self, num_tokens: int) -> int:
+        """The KV budget's upper bound of profile_peak_memory(num_tokens), from a forward of a
+        few tokens and one layer's attention."""
     def kv_cache_budget(
         self,
         memory_fraction: float,
@@ -121,6 +127,9 @@ class ModelRunner:
         """vLLM's plan (each KV layer's group and storage, each group's block size), or one
         group and one storage per KV layer; `state_block_size`: tokens per linear-attention
         state block (vLLM's mamba_block_size; None: one state block per request)."""
+    def warm_up(self) -> None:
+        """A few tokens through prefill, decode and sampling on the allocated cache, so that the
+        first request does not pay MLX's first-use work; leaves no request, draw or timing."""
     def take_step_profile(self) -> list[StepTimingDict]: ...
     def inject_fault(self, stage: Literal["forward", "sample", "device"]) -> None: ...
     def set_logprobs_mode(self, mode: str) -> None: ...

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from vllm.v1.kv_cache_interface import KVCacheSpec
 from vllm.v1.outputs import ModelRunnerOutput
+from vllm.v1.worker.worker_base import CompilationTimes
 
 from vllm_metal_rs.scheduler import MetalModelRunnerOutput
 from vllm_metal_rs.worker import MetalWorker, _core, logger
@@ -139,6 +140,10 @@ class MetalEncoderWorker(MetalWorker):
     def initialize_from_config(self, kv_cache_config: KVCacheConfig) -> None:
         if kv_cache_config.kv_cache_groups:
             raise ValueError("vllm-metal-rs: vLLM planned a KV cache for an encoder model")
+
+    def compile_or_warm_up_model(self) -> CompilationTimes:
+        # The generation warm-up needs a KV cache; encoders have none.
+        return CompilationTimes(language_model=0.0, encoder=0.0)
 
     def get_supported_tasks(self) -> tuple[str, ...]:
         return (self._encoder().task,)

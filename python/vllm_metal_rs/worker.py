@@ -131,6 +131,34 @@ def _resolve_model_path(model: str, revision: str | None, download_dir: str | No
         ) from e
 
 
+class _WeightsProgress:
+    """vLLM's loading progress bar (its format) over the engine's progress in bytes; off when
+    vLLM's use_tqdm_on_load is."""
+
+    def __init__(self, enabled: bool) -> None:
+        self._enabled = enabled
+        self._bar: Any = None
+
+    def __enter__(self) -> _WeightsProgress | None:
+        return self if self._enabled else None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm.auto import tqdm
+            from vllm.model_executor.model_loader.weight_utils import _BAR_FORMAT
+
+            self._bar = tqdm(
+                total=max(1, round(total / 2**20)),
+                desc="Loading weights (MiB)",
+                bar_format=_BAR_FORMAT,
+            )
+        self._bar.update(round(done / 2**20) - self._bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 class MetalWorker(WorkerBase):
     """One worker per engine; the Rust runner holds the weights and the KV cache."""
 
@@ -210,13 +238,15 @@ class MetalWorker(WorkerBase):
         ssm_dtype = None if ssm == "auto" else str(ssm)
         if mc.runner_type != "pooling":
             self._state_block_sizes(path, dtype, ssm_dtype)
-        self.model_runner = _core().ModelRunner(
-            path,
-            block_size=cc.block_size,
-            device=self.mlx_device,
-            dtype=dtype,
-            ssm_dtype=ssm_dtype,
-        )
+        with _WeightsProgress(self.load_config.use_tqdm_on_load) as progress:
+            self.model_runner = _core().ModelRunner(
+                path,
+                block_size=cc.block_size,
+                device=self.mlx_device,
+                dtype=dtype,
+                ssm_dtype=ssm_dtype,
+                progress=progress,
+            )
         r = self.model_runner
         # Draws of requests without their own seed follow the engine seed, as on other platforms.
         r.set_seed(mc.seed or 0)
@@ -341,7 +371,11 @@ class MetalWorker(WorkerBase):
         )
 
     def compile_or_warm_up_model(self) -> CompilationTimes:
-        # Nothing is compiled ahead of time; MLX builds its kernels on first use.
+        # Nothing is compiled ahead of time, but MLX does first-use work (the CPU backend builds
+        # its fused kernels) that the first request would otherwise pay: a few tokens run now.
+        r = self._runner()
+        if r.pooling_task is None:
+            r.warm_up()
         return CompilationTimes(language_model=0.0, encoder=0.0)
 
     def get_supported_tasks(self) -> tuple[str, ...]:

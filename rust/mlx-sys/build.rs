@@ -62,6 +62,8 @@ fn main() {
         .collect();
     sources.sort();
     build.files(&sources);
+    // Engine helpers beyond mlx-c, declared in src/lib.rs.
+    build.file(csrc.join("host_zeros.cpp"));
     build.compile("mlxc");
 
     if target_os != "macos" {

@@ -14,9 +14,10 @@
 //! storage's page holds `block_size * kv_heads * head_dim` elements whichever layer views it.
 
 use anyhow::{ensure, Result};
-use mlx_rs::{ops, transforms::eval, Array, Dtype};
+use mlx_rs::{ops, Array, Dtype};
 
 use crate::dtype::dtype_size;
+use crate::mlx_ext::alloc;
 
 /// The K (and V) row shape of one cache layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,10 +92,11 @@ impl PagedKvCache {
             let first = layers[0];
             let bs = group_block_size[layer_group[first]];
             let shape = [(num_blocks * bs) as i32, shapes[first].kv_heads as i32, shapes[first].head_dim as i32];
-            keys.push(ops::zeros_dtype(&shape, dtype)?);
-            values.push(ops::zeros_dtype(&shape, dtype)?);
+            // Zeros (padded attention reads unwritten slots, masked out), written only where the
+            // backend cannot map them untouched (see mlx_ext::alloc).
+            keys.push(alloc::zeros(&shape, dtype)?);
+            values.push(alloc::zeros(&shape, dtype)?);
         }
-        eval(keys.iter().chain(values.iter()))?;
         Ok(Self { num_blocks, dtype, shapes, group_block_size, keys, values, layer_group, layer_storage })
     }
 

@@ -360,4 +360,25 @@ impl Weights {
     }
 }
 
+/// Evaluate the model's weight arrays (reading, converting, stacking them) in slices of about
+/// 1% of their bytes (at least 16 MiB), calling `progress(done, total)` in bytes after each:
+/// a multi-GB checkpoint shows its progress, at the cost of a few more evaluations.
+pub fn materialize(arrays: &[&Array], progress: &mut dyn FnMut(usize, usize)) -> Result<()> {
+    let total: usize = arrays.iter().map(|a| a.nbytes()).sum();
+    let slice = (total / 100).max(16 << 20);
+    let (mut done, mut pending, mut start) = (0, 0, 0);
+    progress(0, total);
+    for (i, a) in arrays.iter().enumerate() {
+        pending += a.nbytes();
+        if pending >= slice || i + 1 == arrays.len() {
+            mlx_rs::transforms::eval(arrays[start..=i].iter().copied()).context("materialising weights")?;
+            done += pending;
+            pending = 0;
+            start = i + 1;
+            progress(done, total);
+        }
+    }
+    Ok(())
+}
+
 // GGUF names, row order and supported types: crate::gguf.

@@ -95,7 +95,9 @@ impl PyModelRunner {
 #[pymethods]
 impl PyModelRunner {
     #[new]
-    #[pyo3(signature = (model_path, *, block_size = 16, device = None, dtype = None, gather_attention = false, ssm_dtype = None))]
+    /// `progress(done, total)`: called with the bytes of weights materialized so far (a
+    /// progress bar); an exception it raises is logged and loading goes on.
+    #[pyo3(signature = (model_path, *, block_size = 16, device = None, dtype = None, gather_attention = false, ssm_dtype = None, progress = None))]
     fn new(
         py: Python<'_>,
         model_path: PathBuf,
@@ -104,11 +106,21 @@ impl PyModelRunner {
         dtype: Option<String>,
         gather_attention: bool,
         ssm_dtype: Option<String>,
+        progress: Option<Py<PyAny>>,
     ) -> PyResult<Self> {
         let device = device.map(|d| d.parse::<DeviceKind>()).transpose().map_err(engine_err)?;
         let opts = RunnerOptions { block_size, device, dtype, gather_attention, ssm_dtype };
+        let mut report = |done: usize, total: usize| {
+            if let Some(cb) = &progress {
+                Python::attach(|py| {
+                    if let Err(e) = cb.call1(py, (done, total)) {
+                        log::warn!("weight loading progress callback failed: {e}");
+                    }
+                });
+            }
+        };
         let r = py
-            .detach(|| runner::ModelRunner::load(&model_path, &opts))
+            .detach(|| runner::ModelRunner::load_with_progress(&model_path, &opts, &mut report))
             .map_err(engine_err)?;
         Ok(Self {
             num_layers: r.num_layers(),
@@ -192,8 +204,14 @@ impl PyModelRunner {
         self.lock().set_seed(seed)
     }
 
+    /// Bytes a forward of `num_tokens` allocates beyond the weights, measured on that forward.
     fn profile_peak_memory(&self, py: Python<'_>, num_tokens: usize) -> PyResult<usize> {
         py.detach(|| self.lock().profile_peak_memory(num_tokens)).map_err(engine_err)
+    }
+
+    /// The KV budget's bound of `profile_peak_memory(num_tokens)`, from small measurements.
+    fn activation_peak(&self, py: Python<'_>, num_tokens: usize) -> PyResult<usize> {
+        py.detach(|| self.lock().activation_peak(num_tokens)).map(|p| p.bytes).map_err(engine_err)
     }
 
     /// Bytes vLLM may give to the KV cache (see the engine's `kv_cache_budget`); max_model_len
@@ -383,6 +401,12 @@ impl PyModelRunner {
             })
             .map_err(engine_err)?;
         to_numpy_f32(py, &logits)
+    }
+
+    /// A few tokens through prefill, decode and sampling on the allocated cache, so that the
+    /// first request does not pay MLX's first-use work; leaves no request, draw or timing behind.
+    fn warm_up(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.lock().warm_up()).map_err(engine_err)
     }
 
     /// Engine-alone generation (no vLLM): all prompts batched; greedy when temperature == 0.

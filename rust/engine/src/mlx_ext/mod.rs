@@ -3,6 +3,7 @@
 //! modes mlx-rs does not pass (MXFP4). The only module of
 //! the engine that calls `mlx_sys` or other C functions directly.
 
+pub mod alloc;
 pub mod blas;
 pub mod custom_kernel;
 pub mod device;

@@ -25,7 +25,7 @@ impl ModelRunner {
         let depth = if pipeline { 2 } else { 1 };
         let bs = self.block_size;
         let (num_blocks, num_groups) = self.cache.as_ref().map_or((0, 0), |c| (c.num_blocks, c.num_groups()));
-        ensure!(num_groups == 1, "generate runs on an allocated KV cache of one group");
+        ensure!(num_groups > 0, "generate runs on an allocated KV cache");
         ensure!(self.pipeline.is_idle(), "generate while a step is in flight");
         let n = prompts.len();
         let ids: Vec<String> = (0..n).map(|i| format!("generate-{i}")).collect();
@@ -35,14 +35,16 @@ impl ModelRunner {
         for (i, p) in prompts.iter().enumerate() {
             ensure!(!p.is_empty(), "prompt {i} is empty");
             let need = (p.len() + max_tokens).div_ceil(bs) as i32;
+            // Each KV-cache group its own blocks, as vLLM draws them from one pool.
             ensure!(
-                (next_block + need) as usize <= num_blocks,
+                (next_block + need * num_groups as i32) as usize <= num_blocks,
                 "generate: the KV cache has {num_blocks} blocks, too few for these prompts and max_tokens"
             );
+            let block_ids = (0..num_groups as i32).map(|g| (next_block + g * need..next_block + (g + 1) * need).collect()).collect();
             step.new_requests.push(NewRequest {
                 req_id: ids[i].clone(),
                 prompt_token_ids: p.clone(),
-                block_ids: vec![(next_block..next_block + need).collect()],
+                block_ids,
                 num_computed_tokens: 0,
                 sampling: sampling.clone(),
                 pooling: None,
@@ -50,7 +52,7 @@ impl ModelRunner {
             if max_tokens > 0 {
                 step.num_scheduled_tokens.push((ids[i].clone(), p.len()));
             }
-            next_block += need;
+            next_block += need * num_groups as i32;
         }
         let mut outputs: Vec<Vec<i32>> = vec![Vec::new(); n];
         let mut done = vec![max_tokens == 0; n];
@@ -108,5 +110,35 @@ impl ModelRunner {
             step = next;
         }
         Ok(outputs)
+    }
+
+    /// A short prompt through prefill, decode and both kinds of draw (greedy; temperature with
+    /// top-k and top-p), so that the first request does not pay MLX's first-use work (kernel
+    /// builds on GPU backends; the CPU backend's fused kernels are built by the memory profile's
+    /// forward already). Leaves no trace: the requests finish, and the
+    /// draw counter and step timings are as before. The blocks it writes are free in vLLM's pool
+    /// and rewritten before any request reads them.
+    pub fn warm_up(&mut self) -> Result<()> {
+        const PROMPT: usize = 4;
+        const NEW_TOKENS: usize = 2;
+        let start = std::time::Instant::now();
+        let (num_blocks, num_groups) = self.cache.as_ref().map_or((0, 1), |c| (c.num_blocks, c.num_groups()));
+        let needed = num_groups * (PROMPT + NEW_TOKENS).div_ceil(self.block_size);
+        if num_blocks < needed {
+            log::info!("warm-up skipped: the KV cache has {num_blocks} blocks, it needs {needed}");
+            return Ok(());
+        }
+        let (draws, timings) = (self.draws, std::mem::take(&mut self.timings));
+        let vocab = self.config.vocab_size.max(1) as i32;
+        let prompt: Vec<i32> = (0..PROMPT as i32).map(|i| (i * 7 + 1) % vocab).collect();
+        let sampled = SamplingParams { temperature: 0.8, top_k: 20, top_p: 0.9, ..Default::default() };
+        let result = self
+            .generate(std::slice::from_ref(&prompt), NEW_TOKENS, &SamplingParams::default(), &[], true)
+            .and_then(|_| self.generate(std::slice::from_ref(&prompt), NEW_TOKENS, &sampled, &[], true));
+        self.draws = draws;
+        self.timings = timings;
+        result?;
+        log::info!("warm-up: prefill, decode and sampling ran in {:.2}s", start.elapsed().as_secs_f64());
+        Ok(())
     }
 }

@@ -1,22 +1,55 @@
 //! The engine's memory facts: KV bytes per block, the activation peak of a forward, and the
 //! KV-cache budget vLLM is given (all decided here; the worker only asks).
+//!
+//! The activation peak of the largest step is not measured on a forward of that size (47 s for
+//! 2,048 tokens of SmolLM2 on two CPU cores) but bounded from two small measurements: a forward
+//! of a few tokens, whose peak grows at most linearly with the tokens outside attention, and the
+//! attention of one layer alone, whose scores may grow with the square of the tokens (MLX's
+//! CPU attention materializes them; fused GPU kernels do not, and the measurement shows it).
 
-use anyhow::{bail, ensure, Result};
-use mlx_rs::{transforms::eval, Array};
+use anyhow::{bail, ensure, Context, Result};
+use mlx_rs::{ops, transforms::eval, Array};
 
 use super::ModelRunner;
 use crate::batch::SeqChunk;
 use crate::kv_cache::PagedKvCache;
-use crate::mlx_ext::device;
+use crate::mlx_ext::device::{self, DeviceKind};
+use crate::paged_attention::{paged_attention, Scores};
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// Tokens of the forward whose peak is scaled up to the largest step.
+const PROFILE_TOKENS: usize = 64;
+/// Queries of the attention measurement on the CPU, where attention over N tokens costs O(N²)
+/// to run; GPUs measure at the full size.
+const CPU_ATTENTION_TOKENS: usize = 1024;
+
+/// Headroom over the measurements: MLX's allocations differ a little from run to run of the
+/// same forward (a few KiB on tiny models, well under 5% on real ones).
+const PEAK_HEADROOM: f64 = 1.05;
+const PEAK_SLACK: usize = 1 << 20;
+
+/// How the activation peak of a step was bounded (for the log and the tests).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActivationPeak {
+    /// Upper bound of the bytes a forward of `num_tokens` allocates beyond the weights.
+    pub bytes: usize,
+    pub num_tokens: usize,
+    /// Peak of the measured forward and its tokens.
+    pub forward_bytes: usize,
+    pub forward_tokens: usize,
+    /// Peak of one layer's attention alone and its queries (0, 0: not needed, the forward was
+    /// measured at full size).
+    pub attention_bytes: usize,
+    pub attention_tokens: usize,
+}
 
 /// What vLLM's configuration asks of the KV cache.
 #[derive(Debug, Clone, Copy)]
 pub struct KvBudgetRequest {
     /// Share of device memory the engine may use (weights, activations and KV cache).
     pub memory_fraction: f64,
-    /// Tokens of the largest step (the activation peak is measured at this size).
+    /// Tokens of the largest step (the activation peak is bounded at this size).
     pub max_num_batched_tokens: usize,
     /// One sequence of this length must fit; None: vLLM fits the length to the cache itself.
     pub max_model_len: Option<usize>,
@@ -28,7 +61,84 @@ impl ModelRunner {
         PagedKvCache::bytes_per_block(&shapes, self.block_size, self.dtype)
     }
 
-    /// Bytes MLX allocates beyond the weights for one forward of `num_tokens` tokens (one request).
+    /// An upper bound of `profile_peak_memory(num_tokens)` from a forward of at most
+    /// `PROFILE_TOKENS` tokens and one layer's attention: `forward * N / n + attention * (N / m)²`
+    /// (plus `PEAK_HEADROOM` and `PEAK_SLACK`). Outside attention every buffer of a forward grows at most linearly with the tokens (a
+    /// fixed part scaled up only overestimates); attention adds its scores, at most quadratic.
+    pub fn activation_peak(&mut self, num_tokens: usize) -> Result<ActivationPeak> {
+        ensure!(num_tokens > 0, "profile needs at least one token");
+        let n = num_tokens.min(PROFILE_TOKENS);
+        let forward = self.profile_peak_memory(n)?;
+        let mut raw = forward as f64;
+        let mut peak = ActivationPeak {
+            bytes: 0,
+            num_tokens,
+            forward_bytes: forward,
+            forward_tokens: n,
+            attention_bytes: 0,
+            attention_tokens: 0,
+        };
+        if n < num_tokens {
+            let m = match self.device {
+                DeviceKind::Cpu => num_tokens.min(CPU_ATTENTION_TOKENS),
+                DeviceKind::Gpu => num_tokens,
+            };
+            let attention = self.attention_peak(m)?;
+            let big = num_tokens as f64;
+            raw = forward as f64 * big / n as f64 + attention as f64 * (big / m as f64).powi(2);
+            peak.attention_bytes = attention;
+            peak.attention_tokens = m;
+        }
+        peak.bytes = (raw * PEAK_HEADROOM).ceil() as usize + PEAK_SLACK;
+        Ok(peak)
+    }
+
+    /// Peak bytes of one layer's attention (each kind of layer the model has: full, windowed)
+    /// over `num_tokens` queries of one request, beyond its inputs.
+    fn attention_peak(&mut self, num_tokens: usize) -> Result<usize> {
+        let saved = self.cache.take();
+        // One group of attention pages for the batch below, whatever the cache was planned as.
+        let saved_groups = std::mem::take(&mut self.kv_groups);
+        let result = (|| -> Result<usize> {
+            // The layer kind with the largest rows (Gemma 4's global layers) bounds the others.
+            let shape = self.kv_layers().iter().map(|l| l.shape).max_by_key(|s| s.row_elements()).context("the model keeps no K/V")?;
+            let (heads, head_dim) = (self.config.num_attention_heads as i32, shape.head_dim);
+            let blocks = num_tokens.div_ceil(self.block_size);
+            let cache = PagedKvCache::new(vec![shape], blocks, self.block_size, self.dtype)?;
+            let tokens = vec![0i32; num_tokens];
+            let block_ids = [(0..blocks as i32).collect::<Vec<i32>>()];
+            let batch = self.build_batch(&[SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids }])?;
+            let q = ops::zeros_dtype(&[num_tokens as i32, heads, head_dim as i32], self.dtype)?;
+            let sinks = self.model.attention_features().sinks.then(|| ops::zeros_dtype(&[heads], self.dtype)).transpose()?;
+            eval([&q].into_iter().chain(sinks.as_ref()))?;
+            let mut windows = self.config.layer_windows();
+            windows.sort();
+            windows.dedup();
+            let mut peak = 0;
+            for window in windows {
+                mlx_rs::memory::clear_cache()?;
+                mlx_rs::memory::reset_peak_memory()?;
+                let base = mlx_rs::memory::active_memory()?;
+                let scores = Scores {
+                    scale: (head_dim as f32).powf(-0.5),
+                    window,
+                    softcap: self.config.attn_logit_softcapping,
+                    sinks: sinks.as_ref(),
+                };
+                let o = paged_attention(&q, &cache, 0, &batch, scores)?;
+                eval([&o])?;
+                peak = peak.max(mlx_rs::memory::peak_memory()?.saturating_sub(base));
+            }
+            Ok(peak)
+        })();
+        self.cache = saved;
+        self.kv_groups = saved_groups;
+        mlx_rs::memory::clear_cache()?;
+        result
+    }
+
+    /// Bytes MLX allocates beyond the weights for one forward of `num_tokens` tokens (one
+    /// request), measured on such a forward.
     pub fn profile_peak_memory(&mut self, num_tokens: usize) -> Result<usize> {
         ensure!(num_tokens > 0, "profile needs at least one token");
         let saved = self.cache.take();
@@ -66,7 +176,8 @@ impl ModelRunner {
         );
         let total = device::total_memory(self.device);
         let usable = (total as f64 * req.memory_fraction) as usize;
-        let peak = self.profile_peak_memory(req.max_num_batched_tokens)?;
+        let activation = self.activation_peak(req.max_num_batched_tokens)?;
+        let peak = activation.bytes;
         let budget = usable.saturating_sub(self.weights_nbytes + peak);
         let per_block = self.kv_bytes_per_block();
         // vLLM keeps one block back (the null block) and wants one full-length sequence to fit.
@@ -93,7 +204,8 @@ impl ModelRunner {
             );
         }
         log::info!(
-            "memory: device {} {:.2} GiB x {}, weights {:.2} GiB, activation peak {:.2} GiB ({} tokens), \
+            "memory: device {} {:.2} GiB x {}, weights {:.2} GiB, activation peak {:.2} GiB ({} tokens; \
+             bound from a forward of {} tokens, {:.3} GiB, and attention over {}, {:.3} GiB), \
              KV cache {:.2} GiB ({} blocks of {} tokens)",
             self.device.name(),
             gib(total),
@@ -101,6 +213,10 @@ impl ModelRunner {
             gib(self.weights_nbytes),
             gib(peak),
             req.max_num_batched_tokens,
+            activation.forward_tokens,
+            gib(activation.forward_bytes),
+            activation.attention_tokens,
+            gib(activation.attention_bytes),
             gib(budget),
             budget / per_block,
             self.block_size

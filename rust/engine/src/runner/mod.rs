@@ -28,7 +28,7 @@ use mlx_rs::{
 };
 
 pub use logprobs::Logprobs;
-pub use memory::KvBudgetRequest;
+pub use memory::{ActivationPeak, KvBudgetRequest};
 pub use pipeline::{StepId, StepTiming};
 pub use pooling::{DecoderHead, DecoderPooling};
 pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
@@ -129,6 +129,11 @@ pub struct ModelRunner {
 
 impl ModelRunner {
     pub fn load(model_path: &Path, opts: &RunnerOptions) -> Result<Self> {
+        Self::load_with_progress(model_path, opts, &mut |_, _| {})
+    }
+
+    /// `load`, calling `progress(done, total)` (bytes of weights materialized) as it goes.
+    pub fn load_with_progress(model_path: &Path, opts: &RunnerOptions, progress: &mut dyn FnMut(usize, usize)) -> Result<Self> {
         let start = std::time::Instant::now();
         ensure!(opts.block_size > 0, "block_size must be positive");
         let device = device::select(opts.device)?;
@@ -149,7 +154,7 @@ impl ModelRunner {
         }
         drop(weights);
         let arrays = model.weights();
-        eval(arrays.iter().copied()).context("materialising weights")?;
+        crate::weights::materialize(&arrays, progress)?;
         let weights_nbytes = arrays.iter().map(|a| a.nbytes()).sum::<usize>();
         log::info!(
             "loaded {} from {} ({}) on {:?}: {} layers, {} in {}, {:.1} MiB, {:.2}s",
