@@ -577,7 +577,8 @@ class Ours:
         t0 = time.perf_counter()
         out = self.runner.generate(prompts, steps + 1, **self.kw)
         total = time.perf_counter() - t0
-        prefill = sum(self.runner.take_step_profile()[0][k] for k in ("build", "submit", "sample_build", "wait"))
+        first = self.runner.take_step_profile()[0]
+        prefill = sum(first[k] for k in ("build", "submit", "sample_build", "wait"))
         peak = max(0, self.mx.get_peak_memory() - base)
         self.runner.allocate_kv_cache(1)
         return {"step_s": (total - prefill) / steps, "ttft_s": prefill, "peak_run_bytes": peak, "tokens": out[0]}
@@ -858,7 +859,7 @@ def markdown(result: dict) -> str:
     if ctx:
         lines += [
             "",
-            f"Decode step after a prompt of each length (batch {ctx[0]['batch']}, median of {m['reps']} runs of "
+            f"Decode step after a prompt of each length (batch {ctx[0]['batch']}, median of {m.get('context_reps') or m['reps']} runs of "
             f"{ctx[0]['steps']} steps; ours: one generate less its prefill step).",
             "",
             "| model | weights | context | ours ms/step | mlx-lm ms/step | ours / mlx-lm (speed) | ours peak MiB | mlx-lm peak MiB |",
@@ -969,6 +970,7 @@ def main() -> None:
             "note": note,
             "steps": args.steps,
             "reps": args.reps,
+            "context_reps": args.context_reps or args.reps,
             "load_before": load_before,
             "load_after": _load(),
             "command": " ".join(["python", "benchmarks/engine_bench.py", *sys.argv[1:]]),
