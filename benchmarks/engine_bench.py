@@ -9,8 +9,10 @@ For every model and weight format this measures, for our engine and for mlx-lm i
 Models: `smollm2` (the real SmolLM2-135M weights of `--smollm2-dir`; a GGUF is dequantized),
 `llama1b` (random weights of the Llama-3.2-1B shape: decode speed does not depend on the values)
 and `moe` (random weights of a tiny-but-wide Qwen3-MoE: 64 experts, 8 active, experts stacked as
-mlx-lm's `switch_mlp`).
-Both are written once as safetensors directories under `--cache-dir` (outside the repository) and
+mlx-lm's `switch_mlp`), `qwen35` (a Qwen3.5-shaped hybrid: Gated DeltaNet and gated full attention)
+and `gptoss` (a gpt-oss-shaped model: sinks, sliding / full layers, experts with biases); see their
+configs below.
+All are written once as safetensors directories under `--cache-dir` (outside the repository) and
 then loaded by both engines, so both run the very same tensors:
 - `f32`: float32, the only format the CPU backend runs fast (BLAS); used on `--device cpu`;
 - `bf16`: bfloat16; `q4`: MLX affine 4-bit (group 64) quantization of the bf16 weights, as
