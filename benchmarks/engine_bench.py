@@ -9,8 +9,10 @@ For every model and weight format this measures, for our engine and for mlx-lm i
 Models: `smollm2` (the real SmolLM2-135M weights of `--smollm2-dir`; a GGUF is dequantized),
 `llama1b` (random weights of the Llama-3.2-1B shape: decode speed does not depend on the values)
 and `moe` (random weights of a tiny-but-wide Qwen3-MoE: 64 experts, 8 active, experts stacked as
-mlx-lm's `switch_mlp`).
-Both are written once as safetensors directories under `--cache-dir` (outside the repository) and
+mlx-lm's `switch_mlp`), `qwen35` (a Qwen3.5-shaped hybrid: Gated DeltaNet and gated full attention)
+and `gptoss` (a gpt-oss-shaped model: sinks, sliding / full layers, experts with biases); see their
+configs below.
+All are written once as safetensors directories under `--cache-dir` (outside the repository) and
 then loaded by both engines, so both run the very same tensors:
 - `f32`: float32, the only format the CPU backend runs fast (BLAS); used on `--device cpu`;
 - `bf16`: bfloat16; `q4`: MLX affine 4-bit (group 64) quantization of the bf16 weights, as
@@ -115,6 +117,86 @@ MOE_CONFIG = {
     "eos_token_id": 2,
 }
 
+# A Qwen3.5-shaped hybrid, as transformers 5 writes a `Qwen3_5ForCausalLM` text config: the
+# per-layer shapes of Qwen3.5-0.8B (hidden 1024, gated full attention with 8 query / 2 KV heads of
+# 256, RoPE on a quarter of each head; Gated DeltaNet with 16 key and 16 value heads of 128 and a
+# 4-tap convolution; SwiGLU 3584; tied embeddings), 8 layers instead of 24 (full attention every
+# 4th: layers 3 and 7) and a 32000-token vocabulary instead of 248320, so that the float32 copy
+# fits the CPU runs. `model_type` is mlx-lm's module name (it has none for `qwen3_5_text`).
+QWEN35_CONFIG = {
+    "architectures": ["Qwen3_5ForCausalLM"],
+    "model_type": "qwen3_5",
+    "hidden_size": 1024,
+    "intermediate_size": 3584,
+    "num_hidden_layers": 8,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3 + ["full_attention"],
+    "full_attention_interval": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 16,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_conv_kernel_dim": 4,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000000,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [11, 11, 10],
+        "mrope_interleaved": True,
+    },
+    "vocab_size": 32000,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 262144,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+# A gpt-oss-shaped model: gpt-oss-20b's attention (64 query / 8 KV heads of 64, q/k/v/o biases, a
+# sink per head, sliding-window-128 and full layers alternating, YaRN x32 over 4096 positions) and
+# routing (32 experts with biases, 4 active, softmax over the top-4 router logits, clamped SwiGLU),
+# with hidden and expert width 1024 instead of 2880, 4 layers instead of 24 and a 32000-token
+# vocabulary. `truncate: true`: mlx-lm's YaRN always rounds the correction range (gpt-oss's config
+# says false), so both sides rotate alike.
+GPTOSS_CONFIG = {
+    "architectures": ["GptOssForCausalLM"],
+    "model_type": "gpt_oss",
+    "hidden_size": 1024,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 4,
+    "layer_types": ["sliding_attention", "full_attention"] * 2,
+    "sliding_window": 128,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "num_local_experts": 32,
+    "num_experts_per_tok": 4,
+    "experts_per_token": 4,
+    "swiglu_limit": 7.0,
+    "attention_bias": True,
+    "rope_theta": 150000,
+    "rope_scaling": {
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": True,
+        "original_max_position_embeddings": 4096,
+    },
+    "max_position_embeddings": 131072,
+    "initial_context_length": 4096,
+    "vocab_size": 32000,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
 VARIANT_DTYPE = {"f32": "float32", "bf16": "bfloat16", "q4": "bfloat16"}
 
 
@@ -176,14 +258,19 @@ def float32_from_safetensors(mx, model_dir: Path) -> dict:
     return out
 
 
-def _random_bf16(mx, shapes: dict, seed: int) -> dict:
-    """bfloat16 tensors of these shapes: norms (1-D) at 1, the rest N(0, 0.02), seeded per name."""
+def _random_bf16(mx, shapes: dict, seed: int, special=None) -> dict:
+    """bfloat16 tensors of these shapes: norms (1-D) at 1, the rest N(0, 0.02), seeded per name;
+    `special(name, shape, key)` may return another value for a name (None: the default)."""
     out = {}
     for i, (name, shape) in enumerate(sorted(shapes.items())):
-        if len(shape) == 1:
+        key = mx.random.key(seed * 100003 + i)
+        value = special(name, shape, key) if special else None
+        if value is not None:
+            out[name] = value
+        elif len(shape) == 1:
             out[name] = mx.ones(shape, dtype=mx.bfloat16)
         else:
-            out[name] = mx.random.normal(shape, dtype=mx.bfloat16, scale=0.02, key=mx.random.key(seed * 100003 + i))
+            out[name] = mx.random.normal(shape, dtype=mx.bfloat16, scale=0.02, key=key)
         mx.eval(out[name])
     return out
 
@@ -240,21 +327,135 @@ def random_moe_bf16(mx, config: dict, seed: int = 0) -> dict:
     return _random_bf16(mx, shapes, seed)
 
 
-RANDOM_MODELS = {"llama1b": (LLAMA1B_CONFIG, random_llama_bf16), "moe": (MOE_CONFIG, random_moe_bf16)}
+# The norms Qwen3.5 applies as (1 + weight); mlx-lm's converter stores them with the 1 added.
+QWEN35_PLUS_ONE_NORMS = (".input_layernorm.weight", ".post_attention_layernorm.weight", "model.norm.weight",
+                         ".q_norm.weight", ".k_norm.weight")
 
 
-def write_variant(mx, dest: Path, config: dict, weights: dict, variant: str, source: dict) -> None:
-    """Write `weights` (float) as `variant` into `dest`: config.json, model.safetensors, bench.json."""
+def random_qwen35_bf16(mx, config: dict, seed: int = 0) -> dict:
+    """Random weights of a Qwen3.5 text config in transformers' layout: convolution `[C, 1, K]`,
+    the (1 + weight) norms' bare weights at 0 (gain 1, as transformers initialises them), the
+    DeltaNet's gated norm at 1, `A_log` = log(1..16) (float32), `dt_bias` at 1."""
+    d, f, hd = config["hidden_size"], config["intermediate_size"], config["head_dim"]
+    hk, hv = config["linear_num_key_heads"], config["linear_num_value_heads"]
+    dk, dv, kern = config["linear_key_head_dim"], config["linear_value_head_dim"], config["linear_conv_kernel_dim"]
+    conv_dim = 2 * hk * dk + hv * dv
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], d), "model.norm.weight": (d,)}
+    for i, kind in enumerate(config["layer_types"]):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.input_layernorm.weight": (d,), f"{p}.post_attention_layernorm.weight": (d,),
+                       f"{p}.mlp.gate_proj.weight": (f, d), f"{p}.mlp.up_proj.weight": (f, d), f"{p}.mlp.down_proj.weight": (d, f)})
+        if kind == "linear_attention":
+            a = f"{p}.linear_attn"
+            shapes.update({
+                f"{a}.in_proj_qkv.weight": (conv_dim, d), f"{a}.in_proj_z.weight": (hv * dv, d),
+                f"{a}.in_proj_b.weight": (hv, d), f"{a}.in_proj_a.weight": (hv, d),
+                f"{a}.conv1d.weight": (conv_dim, 1, kern), f"{a}.dt_bias": (hv,), f"{a}.A_log": (hv,),
+                f"{a}.norm.weight": (dv,), f"{a}.out_proj.weight": (d, hv * dv),
+            })
+        else:
+            q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+            shapes.update({
+                f"{p}.self_attn.q_proj.weight": (2 * q, d), f"{p}.self_attn.k_proj.weight": (kv, d),
+                f"{p}.self_attn.v_proj.weight": (kv, d), f"{p}.self_attn.o_proj.weight": (d, q),
+                f"{p}.self_attn.q_norm.weight": (hd,), f"{p}.self_attn.k_norm.weight": (hd,),
+            })
+    if not config.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (config["vocab_size"], d)
+
+    def special(name, shape, key):
+        if name.endswith(QWEN35_PLUS_ONE_NORMS):
+            return mx.zeros(shape, dtype=mx.bfloat16)
+        if name.endswith("A_log"):
+            return mx.log(mx.linspace(1, 16, shape[0], dtype=mx.float32))
+        if name.endswith("conv1d.weight"):
+            return mx.random.normal(shape, dtype=mx.bfloat16, scale=0.3, key=key)
+        return None
+
+    return _random_bf16(mx, shapes, seed, special)
+
+
+def qwen35_layout(mx, weights: dict, variant: str) -> dict:
+    """f32 / bf16: transformers' layout as written. q4: mlx-lm's converter's (the text stack under
+    `language_model.`, convolution `[C, K, 1]`, the 1 of the (1 + weight) norms added in)."""
+    if variant != "q4":
+        return weights
+    out = {}
+    for name, w in weights.items():
+        if name.endswith("conv1d.weight"):
+            w = w.moveaxis(2, 1)
+        elif name.endswith(QWEN35_PLUS_ONE_NORMS):
+            w = w + 1.0
+        out["language_model." + name] = w
+    return out
+
+
+def random_gptoss_bf16(mx, config: dict, seed: int = 0) -> dict:
+    """Random weights of a gpt-oss config in mlx-lm's layout (experts stacked `[E, out, in]` as
+    `mlp.experts.{gate,up,down}_proj` with `.bias`, which both engines read; transformers' fused
+    `gate_up_proj` `[E, in, 2 * out]` is what mlx-lm's sanitize cannot split). Biases N(0, 0.02),
+    sinks N(0, 1), router N(0, 0.1) (logits of order one: few near-ties between experts)."""
+    d, hd, e, f = config["hidden_size"], config["head_dim"], config["num_local_experts"], config["intermediate_size"]
+    q, kv = config["num_attention_heads"] * hd, config["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (config["vocab_size"], d), "model.norm.weight": (d,),
+              "lm_head.weight": (config["vocab_size"], d)}
+    for i in range(config["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        shapes.update(_attention_shapes(p, d, q, kv))
+        shapes.update({
+            f"{p}.self_attn.q_proj.bias": (q,), f"{p}.self_attn.k_proj.bias": (kv,),
+            f"{p}.self_attn.v_proj.bias": (kv,), f"{p}.self_attn.o_proj.bias": (d,),
+            f"{p}.self_attn.sinks": (config["num_attention_heads"],),
+            f"{p}.mlp.router.weight": (e, d), f"{p}.mlp.router.bias": (e,),
+            f"{p}.mlp.experts.gate_proj.weight": (e, f, d), f"{p}.mlp.experts.gate_proj.bias": (e, f),
+            f"{p}.mlp.experts.up_proj.weight": (e, f, d), f"{p}.mlp.experts.up_proj.bias": (e, f),
+            f"{p}.mlp.experts.down_proj.weight": (e, d, f), f"{p}.mlp.experts.down_proj.bias": (e, d),
+        })
+
+    def special(name, shape, key):
+        if name.endswith(".bias"):
+            return mx.random.normal(shape, dtype=mx.bfloat16, scale=0.02, key=key)
+        if name.endswith("sinks"):
+            return mx.random.normal(shape, dtype=mx.bfloat16, key=key)
+        if name.endswith("router.weight"):
+            return mx.random.normal(shape, dtype=mx.bfloat16, scale=0.1, key=key)
+        return None
+
+    return _random_bf16(mx, shapes, seed, special)
+
+
+def _as_written(mx, weights: dict, variant: str) -> dict:
+    return weights
+
+
+# name: (config, random bfloat16 weights, the layout each variant is written in)
+RANDOM_MODELS = {
+    "llama1b": (LLAMA1B_CONFIG, random_llama_bf16, _as_written),
+    "moe": (MOE_CONFIG, random_moe_bf16, _as_written),
+    "qwen35": (QWEN35_CONFIG, random_qwen35_bf16, qwen35_layout),
+    "gptoss": (GPTOSS_CONFIG, random_gptoss_bf16, _as_written),
+}
+MODELS = ("smollm2", *RANDOM_MODELS)
+
+
+def _quantizable(name: str, w) -> bool:
+    """What mlx-lm's quantizer converts: the weights of linear layers, embeddings and stacked
+    experts whose rows split into whole groups (not biases, norms, convolutions or `A_log`)."""
+    return name.endswith(".weight") and "conv1d" not in name and w.ndim >= 2 and w.shape[-1] % Q_GROUP == 0
+
+
+def write_variant(mx, dest: Path, config: dict, weights: dict, variant: str, source: dict, layout=_as_written) -> None:
+    """Write `weights` (float) as `variant` into `dest`: config.json, model.safetensors, bench.json;
+    `layout(mx, weights, variant)` renames / reshapes them first."""
     tmp = dest.with_name(dest.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config", "torch_dtype", "dtype")}
     cfg["torch_dtype"] = VARIANT_DTYPE[variant]
     tensors = {}
-    for name, w in weights.items():
-        w = w.astype(mx.float32 if variant == "f32" else mx.bfloat16)
-        # Every 2-D weight is a linear layer or the embedding, every 3-D one stacked experts: what
-        # mlx-lm's quantizer converts.
-        if variant == "q4" and w.ndim >= 2:
+    for name, w in layout(mx, weights, variant).items():
+        if not name.endswith("A_log"):  # kept float32, as mlx-lm keeps it
+            w = w.astype(mx.float32 if variant == "f32" else mx.bfloat16)
+        if variant == "q4" and _quantizable(name, w):
             wq, scales, biases = mx.quantize(w, group_size=Q_GROUP, bits=Q_BITS)
             base = name[: -len(".weight")]
             tensors.update({name: wq, f"{base}.scales": scales, f"{base}.biases": biases})
@@ -302,9 +503,10 @@ def prepare(mx, model: str, variants: list[str], cache_dir: Path, smollm2_dir: P
         else:
             config = dict(RANDOM_MODELS[model][0])
             weights = RANDOM_MODELS[model][1](mx, config)
+        layout = RANDOM_MODELS[model][2] if model in RANDOM_MODELS else _as_written
         for v in todo:
             print(f"writing {model} {v} weights to {dirs[v]}", file=sys.stderr, flush=True)
-            write_variant(mx, dirs[v], config, weights, v, source)
+            write_variant(mx, dirs[v], config, weights, v, source, layout)
         del weights
         gc.collect()
         mx.clear_cache()
@@ -324,8 +526,24 @@ class Ours:
         self.kw = {} if pipeline else {"pipeline": False}
         extra = {"gather_attention": True} if gather else {}
         self.runner = core.ModelRunner(str(path), block_size=16, device=device, dtype=dtype, **extra)
+        self.bs = 16
+        if self.runner.state_geometry is not None:
+            # A linear-attention state lives in one block's page, as under vLLM, which raises the
+            # attention block size of hybrids until it fits (to a multiple of 16 here).
+            self.bs = self.state_block_size(self.runner)
+            del self.runner
+            gc.collect()
+            self.runner = core.ModelRunner(str(path), block_size=self.bs, device=device, dtype=dtype, **extra)
         self.weights_nbytes = self.runner.weights_nbytes
         self.dtype = self.runner.kv_cache_dtype
+
+    @staticmethod
+    def state_block_size(runner) -> int:
+        size = {"float32": 4, "float16": 2, "bfloat16": 2}
+        (cw, cc), (h, dk, dv), ssm_dtype = runner.state_geometry
+        state = cw * cc * size[runner.kv_cache_dtype] + h * dk * dv * size[ssm_dtype]
+        per_token = runner.kv_bytes_per_block() / runner.num_layers / runner.block_size
+        return 16 * math.ceil(state / per_token / 16)
 
     def _window(self, blocks: int):
         mx = self.mx
@@ -338,7 +556,7 @@ class Ours:
         return base
 
     def _blocks(self, prompts, max_tokens: int) -> int:
-        return sum(math.ceil((len(p) + max_tokens) / 16) for p in prompts)
+        return sum(math.ceil((len(p) + max_tokens) / self.bs) for p in prompts)
 
     def decode(self, prompts: list[list[int]], steps: int) -> dict:
         base = self._window(self._blocks(prompts, steps + 1))
@@ -351,6 +569,27 @@ class Ours:
         peak = max(0, self.mx.get_peak_memory() - base)
         self.runner.allocate_kv_cache(1)
         return {"step_s": (total - first) / steps, "ttft_s": first, "peak_run_bytes": peak, "tokens": out[0]}
+
+    def decode_after_prefill(self, prompts: list[list[int]], steps: int) -> dict:
+        """Decode steps after long prompts, from one `generate`: its wall time less the prefill
+        step's own timed parts (the runner's step profile), over the steps. Two generate calls
+        (`decode`) would subtract two long prefills of their own noise from each other."""
+        base = self._window(self._blocks(prompts, steps + 1))
+        self.runner.take_step_profile()
+        t0 = time.perf_counter()
+        out = self.runner.generate(prompts, steps + 1, **self.kw)
+        total = time.perf_counter() - t0
+        first = self.runner.take_step_profile()[0]
+        prefill = sum(first[k] for k in ("build", "submit", "sample_build", "wait"))
+        peak = max(0, self.mx.get_peak_memory() - base)
+        self.runner.allocate_kv_cache(1)
+        return {"step_s": (total - prefill) / steps, "ttft_s": prefill, "peak_run_bytes": peak, "tokens": out[0]}
+
+    def prompt_logits(self, prompt: list[int]):
+        self.runner.allocate_kv_cache(self._blocks([prompt], 0) + 4)
+        logits = self.runner.step_logits([("check", prompt, 0, list(range(self._blocks([prompt], 0))))])
+        self.runner.allocate_kv_cache(1)
+        return logits
 
     def first_token(self, prompt: list[int]) -> dict:
         base = self._window(self._blocks([prompt], 1))
@@ -416,6 +655,14 @@ class MlxLm:
         del cache
         return {"step_s": total / steps, "ttft_s": first, "peak_run_bytes": peak, "tokens": [r[0] for r in rows]}
 
+    decode_after_prefill = decode  # prefill and steps are timed apart already
+
+    def prompt_logits(self, prompt: list[int]):
+        import numpy as np
+
+        logits = self.model(self.mx.array([prompt], dtype=self.mx.int32))[0].astype(self.mx.float32)
+        return np.array(logits)
+
     def first_token(self, prompt: list[int]) -> dict:
         mx = self.mx
         base = self._window()
@@ -480,6 +727,8 @@ def bench_variant(mx, core, mlx_lm, model: str, variant: str, path: Path, args) 
     for s in sides:
         print(f"{model} {variant}: {s.name} weights {s.weights_nbytes / 2**20:.1f} MiB, computes {s.dtype}", file=sys.stderr, flush=True)
     rows = []
+    if mlx_lm is not None:
+        rows.append(logits_check(sides, label, vocab))
     for b in args.batches:
         prompts = prompts_for(b, args.prompt_len, vocab, seed=b)
         # Warm-up: allocator, and on a GPU the kernels of every shape the timed runs meet.
@@ -494,24 +743,54 @@ def bench_variant(mx, core, mlx_lm, model: str, variant: str, path: Path, args) 
             row["greedy_agree"] = f"{agree(got['ours'][0]['tokens'], got['mlx-lm'][0]['tokens'])}/{args.steps + 1}"
         rows.append(row)
         print_progress(row)
-    if args.prefill_len > 0:
-        prompt = prompts_for(1, args.prefill_len, vocab, seed=1000)[0]
-        for s in sides:
-            s.first_token(prompt)
+    for length in (n for n in args.prefill_len if n > 0):
+        prompt = prompts_for(1, length, vocab, seed=1000)[0]
+        if device == "gpu" or length <= 1024:  # a CPU warm-up of a long prompt only costs time
+            for s in sides:
+                s.first_token(prompt)
         got = alternate(sides, lambda s: s.first_token(prompt), args.reps)
-        row = {**label, "kind": "prefill", "batch": 1, "prompt_len": args.prefill_len}
+        row = {**label, "kind": "prefill", "batch": 1, "prompt_len": length}
         for s in sides:
             row[s.name] = summarize(s, got[s.name], None)
-            row[s.name]["tok_s"] = args.prefill_len / (row[s.name]["ttft_ms"] / 1e3)
+            row[s.name]["tok_s"] = length / (row[s.name]["ttft_ms"] / 1e3)
         if mlx_lm is not None:
             row["ratio"] = row["ours"]["tok_s"] / row["mlx-lm"]["tok_s"]
             row["greedy_agree"] = f"{agree(got['ours'][0]['tokens'], got['mlx-lm'][0]['tokens'])}/1"
+        rows.append(row)
+        print_progress(row)
+    for length in args.context_lens:
+        # Decode step time after a prompt of `length` tokens: what grows with the context.
+        prompts = prompts_for(args.context_batch, length, vocab, seed=2000 + length)
+        if device == "gpu":
+            for s in sides:
+                s.decode_after_prefill(prompts, 4)
+        got = alternate(sides, lambda s: s.decode_after_prefill(prompts, args.context_steps), args.context_reps or args.reps)
+        row = {**label, "kind": "context", "batch": args.context_batch, "prompt_len": length, "steps": args.context_steps}
+        for s in sides:
+            row[s.name] = summarize(s, got[s.name], args.context_batch)
+        if mlx_lm is not None:
+            row["ratio"] = row["ours"]["tok_s"] / row["mlx-lm"]["tok_s"]
+            row["greedy_agree"] = f"{agree(got['ours'][0]['tokens'], got['mlx-lm'][0]['tokens'])}/{args.context_steps + 1}"
         rows.append(row)
         print_progress(row)
     del sides
     gc.collect()
     mx.clear_cache()
     return rows
+
+
+def logits_check(sides, label: dict, vocab: int) -> dict:
+    """Both sides' logits at every position of one 64-token prompt: the largest difference
+    relative to the row's largest logit (mlx-lm's), and the positions whose argmax agrees."""
+    import numpy as np
+
+    prompt = prompts_for(1, 64, vocab, seed=3000)[0]
+    ours, ref = (np.asarray(s.prompt_logits(prompt), dtype=np.float32) for s in sides)
+    err = float((np.abs(ours - ref).max(axis=-1) / np.abs(ref).max(axis=-1)).max())
+    same = int((ours.argmax(-1) == ref.argmax(-1)).sum())
+    row = {**label, "kind": "logits", "prompt_len": len(prompt), "max_rel_err": err, "argmax_agree": f"{same}/{len(prompt)}"}
+    print(f"{label['model']} {label['weights']} prompt logits: max rel err {err:.2e}, argmax agree {same}/{len(prompt)}", file=sys.stderr, flush=True)
+    return row
 
 
 def print_progress(row: dict) -> None:
@@ -539,6 +818,7 @@ def _cell(row: dict, side: str, key: str, scale: float = 1.0) -> str:
 
 def markdown(result: dict) -> str:
     rows = result["rows"]
+    dec = [r for r in rows if r["kind"] == "decode"]
     mib = 1 / 2**20
     m = result["meta"]
     lines = [
@@ -548,7 +828,7 @@ def markdown(result: dict) -> str:
         f"mlx-lm {m['mlx_lm'] or 'not installed'}; {m['note']}",
         f"Load average before / after: {m['load_before']} / {m['load_after']}; command: `{m['command']}`",
         "",
-        f"Decode after a {rows[0]['prompt_len'] if rows else '?'}-token prompt, greedy "
+        f"Decode after a {dec[0]['prompt_len'] if dec else '?'}-token prompt, greedy "
         f"(median of {m['reps']} runs of {m['steps']} steps). Peak = weights + peak MLX allocation of the run.",
         "",
         "| model | weights | batch | ours tok/s | mlx-lm tok/s | ours / mlx-lm | ours ms/step | mlx-lm ms/step | ours peak MiB | mlx-lm peak MiB |",
@@ -565,7 +845,7 @@ def markdown(result: dict) -> str:
     if pre:
         lines += [
             "",
-            f"Prefill of one {pre[0]['prompt_len']}-token prompt: tok/s = prompt length / time to first token.",
+            "Prefill of one prompt: tok/s = prompt length / time to first token.",
             "",
             "| model | weights | prompt | ours tok/s | mlx-lm tok/s | ours / mlx-lm | ours TTFT ms | mlx-lm TTFT ms | ours peak MiB | mlx-lm peak MiB |",
             "|---|---|---|---|---|---|---|---|---|---|",
@@ -577,6 +857,27 @@ def markdown(result: dict) -> str:
                 f"{ratio} | {_cell(r, 'ours', 'ttft_ms')} | {_cell(r, 'mlx-lm', 'ttft_ms')} | "
                 f"{_cell(r, 'ours', 'peak_bytes', mib)} | {_cell(r, 'mlx-lm', 'peak_bytes', mib)} |"
             )
+    ctx = [r for r in rows if r["kind"] == "context"]
+    if ctx:
+        lines += [
+            "",
+            f"Decode step after a prompt of each length (batch {ctx[0]['batch']}, median of {m.get('context_reps') or m['reps']} runs of "
+            f"{ctx[0]['steps']} steps; ours: one generate less its prefill step).",
+            "",
+            "| model | weights | context | ours ms/step | mlx-lm ms/step | ours / mlx-lm (speed) | ours peak MiB | mlx-lm peak MiB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in ctx:
+            ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+            lines.append(
+                f"| {r['model']} | {r['weights']} | {r['prompt_len']} | {_cell(r, 'ours', 'step_ms')} | {_cell(r, 'mlx-lm', 'step_ms')} | "
+                f"{ratio} | {_cell(r, 'ours', 'peak_bytes', mib)} | {_cell(r, 'mlx-lm', 'peak_bytes', mib)} |"
+            )
+    chk = [r for r in rows if r["kind"] == "logits"]
+    if chk:
+        lines += ["", "Same weights, same function: prompt logits of a 64-token prompt, ours vs mlx-lm.", "",
+                  "| model | weights | max rel err | argmax agree |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['weights']} | {r['max_rel_err']:.1e} | {r['argmax_agree']} |" for r in chk]
     return "\n".join(lines)
 
 
@@ -602,12 +903,16 @@ def _device_name(mx, device: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "gpu"], help="MLX device (default: the GPU when MLX has one)")
-    ap.add_argument("--models", default="smollm2,llama1b", help="comma-separated: smollm2, llama1b, moe")
+    ap.add_argument("--models", default="smollm2,llama1b", help=f"comma-separated: {', '.join(MODELS)}")
     ap.add_argument("--variants", help="comma-separated weight formats: f32, bf16, q4 (default: f32 on cpu, bf16,q4 on gpu)")
     ap.add_argument("--batches", type=_ints, help="decode batch sizes (default 1,4,16,64)")
     ap.add_argument("--steps", type=int, help="decode steps per timed run (default 128)")
     ap.add_argument("--prompt-len", type=int, default=128, help="prompt length before decode (default 128)")
-    ap.add_argument("--prefill-len", type=int, help="prompt length of the prefill / TTFT run (default 1024; 0 skips)")
+    ap.add_argument("--prefill-len", type=_ints, help="prompt lengths of the prefill / TTFT runs (default 1024; 0 skips)")
+    ap.add_argument("--context-lens", type=_ints, default=[], help="decode step time after prompts of these lengths, e.g. 128,2048,8192")
+    ap.add_argument("--context-batch", type=int, default=1, help="batch of the --context-lens rows (default 1)")
+    ap.add_argument("--context-steps", type=int, default=32, help="decode steps of the --context-lens rows (default 32)")
+    ap.add_argument("--context-reps", type=int, help="timed runs per side of the --context-lens rows (default --reps)")
     ap.add_argument("--reps", type=int, help="timed runs per side and row, alternating (default 3)")
     ap.add_argument("--quick", action="store_true", help="smoke run: batches 1,4, 8 steps, prefill 256, 1 rep")
     ap.add_argument("--no-mlx-lm", action="store_true", help="measure our engine only")
@@ -617,8 +922,8 @@ def main() -> None:
     ap.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where prepared weights are kept (default %(default)s)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args()
-    quick = {"batches": [1, 4], "steps": 8, "prefill_len": 256, "reps": 1}
-    full = {"batches": [1, 4, 16, 64], "steps": 128, "prefill_len": 1024, "reps": 3}
+    quick = {"batches": [1, 4], "steps": 8, "prefill_len": [256], "reps": 1}
+    full = {"batches": [1, 4, 16, 64], "steps": 128, "prefill_len": [1024], "reps": 3}
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -636,8 +941,8 @@ def main() -> None:
             raise SystemExit(f"unknown weight format {v!r}: use f32, bf16, q4")
     models = args.models.split(",")
     for m in models:
-        if m not in ("smollm2", "llama1b", "moe"):
-            raise SystemExit(f"unknown model {m!r}: use smollm2, llama1b, moe")
+        if m not in MODELS:
+            raise SystemExit(f"unknown model {m!r}: use {', '.join(MODELS)}")
     mlx_lm = None if args.no_mlx_lm else import_mlx_lm()
 
     if args.device == "cpu":
@@ -667,6 +972,7 @@ def main() -> None:
             "note": note,
             "steps": args.steps,
             "reps": args.reps,
+            "context_reps": args.context_reps or args.reps,
             "load_before": load_before,
             "load_after": _load(),
             "command": " ".join(["python", "benchmarks/engine_bench.py", *sys.argv[1:]]),
