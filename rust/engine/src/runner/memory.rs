@@ -41,7 +41,7 @@ impl ModelRunner {
             let tokens = vec![0i32; num_tokens];
             let block_ids: Vec<i32> = (0..blocks as i32).collect();
             let block_ids = [block_ids];
-            let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
+            let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids, images: None };
             let batch = self.build_batch(&[chunk])?;
             let cache = self.cache.as_mut().unwrap();
             let hidden = self.model.forward(&batch, cache)?;
