@@ -1,7 +1,7 @@
 """Types of `vllm_metal_rs._core`, the engine's PyO3 module (rust/python/src)."""
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypedDict
 
 import numpy as np
@@ -52,6 +52,13 @@ class StepOutput:
     @property
     def pooled(self) -> list[npt.NDArray[np.float32] | None]:
         """Pooling models: per request, its vector (or scores) when its prompt ended."""
+
+class RequestImages:
+    """A request's images prepared by `ModelRunner.prepare_images`: the vision tower's rows and
+    the prompt's M-RoPE positions."""
+
+    @property
+    def num_placeholders(self) -> int: ...
 
 class ModelRunner:
     """Weights, the paged KV cache, the request table and the step."""
@@ -161,8 +168,21 @@ class ModelRunner:
         """Submits the step's tokens; returns the step id `collect` takes."""
     def collect(self, step_id: int) -> StepOutput: ...
     def step_logits(
-        self, batch: Sequence[tuple[str, Sequence[int], int, Sequence[int]]]
-    ) -> npt.NDArray[np.float32]: ...
+        self,
+        batch: Sequence[tuple[str, Sequence[int], int, Sequence[int]]],
+        images: Mapping[str, RequestImages] | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """Logits of every token of `(req_id, tokens, start, block_ids)` chunks; `images` gives a
+        request's prepared images (its placeholders take the tower's rows, its tokens M-RoPE)."""
+    def prepare_images(
+        self,
+        prompt: Sequence[int],
+        pixel_values: npt.NDArray[np.float32],
+        image_grid_thw: Sequence[Sequence[int]],
+    ) -> RequestImages:
+        """Runs the vision tower once over `[patches, patch features]` pixel values (as
+        transformers' image processor gives them, with `image_grid_thw`) for a prompt holding each
+        image's run of placeholder tokens."""
     def generate(
         self,
         prompts: Sequence[Sequence[int]],

@@ -297,8 +297,9 @@ class MetalPlatform(Platform):
             _check_pooling(vllm_config)
         mm = mc.multimodal_config
         if mm is not None and not getattr(mm, "language_model_only", False) and _architecture(mc) in _decoders():
-            # The engine runs the text stack of this multimodal checkpoint (Qwen3.5, Gemma 4);
-            # vLLM then refuses image, video and audio inputs itself.
+            # The engine runs the text stack of this multimodal checkpoint (Qwen3.5, Gemma 4,
+            # Qwen2-VL, whose images run in the engine alone so far); vLLM then refuses image,
+            # video and audio inputs itself.
             logger.info(
                 "vllm-metal-rs: %s runs its text stack here; image, video and audio inputs are refused",
                 _architecture(mc),
@@ -307,7 +308,7 @@ class MetalPlatform(Platform):
         _reject(
             mm is not None and not getattr(mm, "language_model_only", False),
             f"multimodal model {_architecture(mc)} is not supported; the engine runs the text "
-            "stack of the multimodal architectures it lists (Qwen3.5, Gemma 4)",
+            "stack of the multimodal architectures it lists (Qwen3.5, Gemma 4, Qwen2-VL)",
         )
         # gpt-oss as published: MXFP4 experts, which the engine reads itself.
         openai_mxfp4 = mc.quantization in ("mxfp4", "gpt_oss_mxfp4") and _architecture(mc) == "GptOssForCausalLM"

@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use mlx_rs::Array;
 
+use crate::multimodal::RequestImages;
 use crate::paged_attention::AttentionBackend;
 
 /// The tokens of one request that run this step.
@@ -14,6 +15,9 @@ pub struct SeqChunk<'a> {
     /// The request's whole block table, one per KV-cache group (vLLM gives layers of different
     /// attention types, e.g. Gemma's local and global layers, their own tables).
     pub block_ids: &'a [Vec<i32>],
+    /// The request's images (a multimodal model's request that has some): the rows its
+    /// placeholders in this chunk take and its M-RoPE positions.
+    pub images: Option<&'a RequestImages>,
 }
 
 /// The pages a group's queries read, and which of their keys each query sees.
@@ -109,7 +113,20 @@ pub struct StatePrefill {
     pub continues: bool,
 }
 
+/// Image rows that replace the token embeddings of the step's placeholder tokens.
+pub struct ImageRows {
+    /// `[K, hidden]`: the rows, in flat-token order.
+    pub rows: Array,
+    /// `[T]`: for each flat token, its row in `[token embeddings; rows]` (t, or T + k).
+    pub select: Array,
+}
+
 pub struct StepBatch {
+    /// Present when a chunk carries images.
+    pub images: Option<ImageRows>,
+    /// `[3, T]` M-RoPE positions (t, h, w) when a chunk carries images; absent, every row is
+    /// `positions`.
+    pub mrope_positions: Option<Array>,
     /// Present when the model has linear-attention layers.
     pub states: Option<StateBatch>,
     pub num_tokens: usize,
@@ -150,6 +167,10 @@ impl StepBatch {
         let mut seq_ends = Vec::new();
         let mut slots = vec![Vec::new(); num_kv_groups];
         let mut offsets = Vec::with_capacity(chunks.len());
+        let any_images = chunks.iter().any(|c| c.images.is_some());
+        let mut mrope: [Vec<i32>; 3] = Default::default();
+        let mut image_rows = Vec::new();
+        let mut image_select = Vec::new();
         for (r, c) in chunks.iter().enumerate() {
             if c.tokens.is_empty() {
                 bail!("batch entry {r} has no tokens");
@@ -173,8 +194,22 @@ impl StepBatch {
                     );
                 }
             }
+            if let Some(img) = c.images {
+                let rows = img.rows_in(c.start, end);
+                if !rows.is_empty() {
+                    let idx: Vec<i32> = rows.clone().map(|k| k as i32).collect();
+                    image_rows.push(img.embeds.take_axis(&Array::from_slice(&idx, &[idx.len() as i32]), 0)?);
+                    image_select.extend(rows.map(|k| token_ids.len() + img.positions.placeholders[k] - c.start));
+                }
+            }
             for (i, &t) in c.tokens.iter().enumerate() {
                 let p = c.start + i;
+                if any_images {
+                    let at = c.images.map_or([p as i32; 3], |img| img.positions.at(p));
+                    for (row, v) in mrope.iter_mut().zip(at) {
+                        row.push(v);
+                    }
+                }
                 token_ids.push(t);
                 positions.push(p as i32);
                 seq_ends.push(end as i32);
@@ -289,7 +324,20 @@ impl StepBatch {
         } else {
             None
         };
+        let images = if image_rows.is_empty() {
+            None
+        } else {
+            let mut select: Vec<i32> = (0..t).collect();
+            for (k, &flat) in image_select.iter().enumerate() {
+                select[flat] = t + k as i32;
+            }
+            let rows = if image_rows.len() == 1 { image_rows.pop().unwrap() } else { mlx_rs::ops::concatenate(&image_rows, 0)? };
+            Some(ImageRows { rows, select: Array::from_slice(&select, &[t]) })
+        };
+        let mrope_positions = any_images.then(|| Array::from_slice(&mrope.concat(), &[3, t]));
         Ok(Self {
+            images,
+            mrope_positions,
             states,
             num_tokens: token_ids.len(),
             token_ids: Array::from_slice(&token_ids, &[t]),

@@ -31,6 +31,8 @@ pub struct RopeScaling {
     pub truncate: Option<bool>,
     pub mscale: Option<f32>,
     pub mscale_all_dim: Option<f32>,
+    /// Qwen2-VL's M-RoPE (pre-5 configs, type "mrope"): frequencies per position row (t, h, w).
+    pub mrope_section: Option<Vec<usize>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -462,7 +464,8 @@ mod tests {
             "vllm-metal-rs runs LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, \
              Gemma2ForCausalLM, Gemma3ForCausalLM, Phi3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM, SmolLM3ForCausalLM, Glm4MoeForCausalLM, GptOssForCausalLM, \
              Gemma4ForCausalLM, Gemma4ForConditionalGeneration, Qwen3NextForCausalLM, Qwen3_5ForCausalLM, \
-             Qwen3_5MoeForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration"
+             Qwen3_5MoeForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForConditionalGeneration, \
+             Qwen2VLForConditionalGeneration"
         ));
     }
 

@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod mlx_ext;
 pub mod models;
+pub mod multimodal;
 pub mod paged_attention;
 pub mod runner;
 pub mod sampler;

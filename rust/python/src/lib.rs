@@ -104,6 +104,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("EngineError", m.py().get_type::<EngineError>())?;
     m.add_class::<runner::PyModelRunner>()?;
     m.add_class::<runner::PyStepOutput>()?;
+    m.add_class::<runner::PyRequestImages>()?;
     m.add_class::<encoder::PyEncoderRunner>()?;
     m.add_class::<encoder::PyPoolingOutput>()?;
     m.add_function(wrap_pyfunction!(logging::init_logging, m)?)?;

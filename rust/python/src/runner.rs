@@ -1,9 +1,11 @@
 //! `ModelRunner`: the engine's runner as a Python class, one call per half-step.
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use engine::batch::SeqChunk;
+use engine::multimodal::{ImageGrid, RequestImages};
 use engine::mlx_ext::device::DeviceKind;
 use engine::encoder::head::ClassifyOptions;
 use engine::runner::{self, DecoderHead, DecoderPooling, GrammarBitmask, Logprobs, RunnerOptions, StepId, StepOutput};
@@ -68,6 +70,15 @@ fn step_output_to_py(py: Python<'_>, out: StepOutput) -> PyResult<PyStepOutput> 
         failed: failed.unbind(),
         pooled: out.pooled.into_iter().map(|v| v.map(|v| PyArray1::from_vec(py, v).unbind())).collect(),
     })
+}
+
+/// A request's images, prepared once (`ModelRunner.prepare_images`): the vision tower's rows and
+/// the prompt's M-RoPE positions.
+#[pyclass(name = "RequestImages", module = "vllm_metal_rs._core", frozen)]
+pub struct PyRequestImages {
+    inner: Arc<Mutex<RequestImages>>,
+    #[pyo3(get)]
+    num_placeholders: usize,
 }
 
 /// The Rust model runner: weights, paged KV cache, per-request state, sampling.
@@ -385,16 +396,31 @@ impl PyModelRunner {
         step_output_to_py(py, out)
     }
 
-    /// Logits `[T, vocab]` (float32) of every token of explicit `(req_id, tokens, start, block_ids)` chunks.
-    fn step_logits<'py>(&self, py: Python<'py>, batch: Vec<(String, Vec<i32>, usize, Vec<i32>)>) -> PyResult<Bound<'py, PyAny>> {
+    /// Logits `[T, vocab]` (float32) of every token of explicit `(req_id, tokens, start, block_ids)`
+    /// chunks; `images` maps a request id to its `prepare_images` (its placeholders in a chunk take
+    /// the tower's rows, its tokens their M-RoPE positions).
+    #[pyo3(signature = (batch, images = None))]
+    fn step_logits<'py>(
+        &self,
+        py: Python<'py>,
+        batch: Vec<(String, Vec<i32>, usize, Vec<i32>)>,
+        images: Option<HashMap<String, Py<PyRequestImages>>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let images = images.unwrap_or_default();
+        let per_chunk: Vec<Option<Arc<Mutex<RequestImages>>>> =
+            batch.iter().map(|(id, ..)| images.get(id).map(|i| i.get().inner.clone())).collect();
         let logits = py
             .detach(|| {
+                let guards: Vec<Option<std::sync::MutexGuard<'_, RequestImages>>> =
+                    per_chunk.iter().map(|i| i.as_ref().map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))).collect();
                 let chunks: Vec<SeqChunk> = batch
                     .iter()
-                    .map(|(_, tokens, start, blocks)| SeqChunk {
+                    .zip(&guards)
+                    .map(|((_, tokens, start, blocks), img)| SeqChunk {
                         start: *start,
                         tokens,
                         block_ids: std::slice::from_ref(blocks),
+                        images: img.as_deref(),
                     })
                     .collect();
                 self.lock().step_logits(&chunks)
@@ -407,6 +433,34 @@ impl PyModelRunner {
     /// first request does not pay MLX's first-use work; leaves no request, draw or timing behind.
     fn warm_up(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.lock().warm_up()).map_err(engine_err)
+    }
+
+    /// A request's images for `step_logits`: `prompt` (its token ids, with each image's run of
+    /// placeholder tokens), `pixel_values` `[patches, patch features]` float32 and
+    /// `image_grid_thw` as transformers' image processor gives them. Runs the vision tower once.
+    fn prepare_images(
+        &self,
+        py: Python<'_>,
+        prompt: Vec<i32>,
+        pixel_values: numpy::PyReadonlyArray2<'_, f32>,
+        image_grid_thw: Vec<[i64; 3]>,
+    ) -> PyResult<PyRequestImages> {
+        let view = pixel_values.as_array();
+        let shape = [view.shape()[0] as i32, view.shape()[1] as i32];
+        let data: Vec<f32> = view.iter().copied().collect();
+        let grids = image_grid_thw
+            .iter()
+            .map(|&[t, h, w]| {
+                let ok = t > 0 && h > 0 && w > 0;
+                ok.then(|| ImageGrid { t: t as usize, h: h as usize, w: w as usize })
+                    .ok_or_else(|| pyo3::exceptions::PyValueError::new_err(format!("image_grid_thw row {:?} has a non-positive entry", [t, h, w])))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let prepared = py
+            .detach(|| self.lock().prepare_images(&prompt, &mlx_rs::Array::from_slice(&data, &shape), &grids))
+            .map_err(engine_err)?;
+        let num_placeholders = prepared.positions.placeholders.len();
+        Ok(PyRequestImages { inner: Arc::new(Mutex::new(prepared)), num_placeholders })
     }
 
     /// Engine-alone generation (no vLLM): all prompts batched; greedy when temperature == 0.

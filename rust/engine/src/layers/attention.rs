@@ -64,8 +64,8 @@ impl Attention {
             k = n.forward(&k)?;
         }
         if let Some(rope) = &self.rope {
-            q = rope.forward(&q, &batch.positions, &batch.seq_ends)?;
-            k = rope.forward(&k, &batch.positions, &batch.seq_ends)?;
+            q = rope.at(&q, batch)?;
+            k = rope.at(&k, batch)?;
         }
         let g = cache.layer_group[layer];
         let slots = batch.slots.get(g).ok_or_else(|| anyhow::anyhow!("batch has no block tables of KV group {g}"))?;

@@ -21,6 +21,9 @@ pub struct Rope {
     pub long: Option<LongRope>,
     /// Longrope's attention factor (scales cos and sin, i.e. the rotated features).
     pub mscale: f32,
+    /// M-RoPE (Qwen2-VL): frequencies read the step's `[3, T]` positions (t, h, w) by section
+    /// instead of one position per token; the fields above are then unused.
+    pub sections: Option<SectionedRope>,
 }
 
 pub struct LongRope {
@@ -48,6 +51,7 @@ impl Rope {
             freqs,
             long: None,
             mscale: 1.0,
+            sections: None,
         };
         let kind = scaling.and_then(|s| s.rope_type.as_deref()).unwrap_or("default");
         match (kind, scaling) {
@@ -90,6 +94,7 @@ impl Rope {
                         original_max_position_embeddings: orig as i32,
                     }),
                     mscale,
+                    sections: None,
                 })
             }
             ("llama3", Some(s)) => {
@@ -167,6 +172,19 @@ impl Rope {
             freqs: Some(Array::from_slice(&periods, &[half])),
             long: None,
             mscale: 1.0,
+            sections: None,
+        }
+    }
+
+    /// Rotate `x` `[T, heads, head_dim]` at the step's positions: its M-RoPE table when the rope
+    /// has sections (a step without one, all text, has t = h = w = the position), else `forward`.
+    pub fn at(&self, x: &Array, batch: &crate::batch::StepBatch) -> Result<Array> {
+        match &self.sections {
+            None => self.forward(x, &batch.positions, &batch.seq_ends),
+            Some(s) => match &batch.mrope_positions {
+                Some(p) => s.forward(x, p),
+                None => s.forward(x, &ops::broadcast_to(batch.positions.reshape(&[1, -1])?, &[3, batch.num_tokens as i32])?),
+            },
         }
     }
 
@@ -199,6 +217,56 @@ impl Rope {
             y = y.multiply(scale)?;
         }
         Ok(y.reshape(&shape)?)
+    }
+}
+
+/// A rotary embedding whose frequencies read different rows of a position table: Qwen2-VL's
+/// M-RoPE (text: rows t, h, w, each over its `mrope_section` of the frequencies) and its vision
+/// tower's 2D RoPE (rows h, w). Halves rotate as transformers' `rotate_half` does: features
+/// `i` and `i + dims / 2` turn together by frequency `i`.
+pub struct SectionedRope {
+    /// `[dims / 2]` float32 inverse frequencies.
+    inv_freq: Array,
+    /// `[dims / 2]` int32: the position row each frequency reads.
+    rows: Array,
+    pub dims: i32,
+}
+
+impl SectionedRope {
+    /// `inv_freq[i]` turns by the positions of row `rows[i]`.
+    pub fn new(inv_freq: &[f32], rows: &[i32]) -> Result<Self> {
+        anyhow::ensure!(inv_freq.len() == rows.len(), "{} frequencies but {} position rows", inv_freq.len(), rows.len());
+        let half = inv_freq.len() as i32;
+        Ok(Self { inv_freq: Array::from_slice(inv_freq, &[half]), rows: Array::from_slice(rows, &[half]), dims: 2 * half })
+    }
+
+    /// transformers' M-RoPE of a text stack: `head_dim / 2` default frequencies of `theta`,
+    /// consecutive runs of `sections[j]` of them read row j (t, h, w).
+    pub fn mrope(head_dim: usize, theta: f32, sections: &[usize]) -> Result<Self> {
+        let half = head_dim / 2;
+        anyhow::ensure!(
+            sections.iter().sum::<usize>() == half,
+            "mrope_section {sections:?} does not cover head_dim / 2 = {half} frequencies"
+        );
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1.0 / theta.powf((2 * i) as f32 / head_dim as f32)).collect();
+        let rows: Vec<i32> = sections.iter().enumerate().flat_map(|(j, &n)| std::iter::repeat_n(j as i32, n)).collect();
+        Self::new(&inv_freq, &rows)
+    }
+
+    /// `x`: `[T, heads, dims]`; `positions`: `[rows, T]` int32. Computed in `x`'s dtype with cos
+    /// and sin cast to it, as transformers does.
+    pub fn forward(&self, x: &Array, positions: &Array) -> Result<Array> {
+        let t = x.shape()[0];
+        let half = self.dims / 2;
+        anyhow::ensure!(x.shape()[2] == self.dims, "rotary dims {} but heads of {}", self.dims, x.shape()[2]);
+        let pos = positions.take_axis(&self.rows, 0)?.transpose()?.as_dtype(mlx_rs::Dtype::Float32)?;
+        let angles = pos.multiply(&self.inv_freq)?.reshape(&[t, 1, half])?;
+        let (cos, sin) = (ops::cos(&angles)?.as_dtype(x.dtype())?, ops::sin(&angles)?.as_dtype(x.dtype())?);
+        let parts = ops::split_equal(x, 2, -1)?;
+        let (x1, x2) = (&parts[0], &parts[1]);
+        let y1 = x1.multiply(&cos)?.subtract(x2.multiply(&sin)?)?;
+        let y2 = x2.multiply(&cos)?.add(x1.multiply(&sin)?)?;
+        Ok(ops::concatenate(&[y1, y2], -1)?)
     }
 }
 

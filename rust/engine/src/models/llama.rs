@@ -153,6 +153,15 @@ pub fn dense_mlp(config: &ModelConfig, w: &mut Weights, prefix: &str) -> Result<
 }
 
 impl Model {
+    /// The blocks over given input embeddings `[T, hidden]` (a multimodal model's, with image
+    /// rows at its placeholders).
+    pub fn forward_embeddings(&self, mut h: Array, batch: &StepBatch, cache: &mut PagedKvCache) -> Result<Array> {
+        for (i, layer) in self.layers.iter().enumerate() {
+            h = layer.forward(&h, batch, cache, i)?;
+        }
+        Ok(h)
+    }
+
     pub fn load(config: &ModelConfig, w: &mut Weights) -> Result<Self> {
         Self::load_with(
             config,
@@ -225,11 +234,7 @@ pub fn embeddings(config: &ModelConfig, w: &mut Weights, tying: HeadTying) -> Re
 
 impl CausalLm for Model {
     fn forward(&self, batch: &StepBatch, cache: &mut PagedKvCache) -> Result<Array> {
-        let mut h = self.embed_tokens.rows(&batch.token_ids)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            h = layer.forward(&h, batch, cache, i)?;
-        }
-        Ok(h)
+        self.forward_embeddings(self.embed_tokens.rows(&batch.token_ids)?, batch, cache)
     }
 
     fn final_norm(&self, hidden: &Array) -> Result<Array> {

@@ -12,6 +12,8 @@ pub mod mistral;
 pub mod mixtral;
 pub mod phi3;
 pub mod qwen2;
+pub mod qwen2_vl;
+pub mod qwen2_vl_vision;
 pub mod qwen3;
 pub mod qwen3_next;
 pub mod smollm3;
@@ -24,6 +26,7 @@ use crate::batch::StepBatch;
 use crate::config::ModelConfig;
 use crate::kv_cache::{KvShape, PagedKvCache, StateGeometry};
 use crate::layers::attention::Attention;
+use crate::multimodal::{ImageGrid, ImageLayout};
 use crate::layers::linear::Linear;
 use crate::layers::norm::RmsNorm;
 use crate::paged_attention::AttentionFeatures;
@@ -45,6 +48,15 @@ pub trait CausalLm: Send {
     /// The recurrent state of its linear-attention layers, if it has any.
     fn state_geometry(&self) -> Option<StateGeometry> {
         None
+    }
+    /// How images sit in a prompt, for a model with a vision tower.
+    fn image_layout(&self) -> Option<ImageLayout> {
+        None
+    }
+    /// The vision tower's rows for `[patches, patch features]` pixel values of images with these
+    /// grids, one row per placeholder token, in order.
+    fn embed_images(&self, _pixel_values: &Array, _grids: &[ImageGrid]) -> Result<Array> {
+        bail!("this model has no vision tower")
     }
 }
 
@@ -143,6 +155,7 @@ pub static FAMILIES: &[Family] = &[
     gemma4::GEMMA4,
     qwen3_next::QWEN3_NEXT,
     qwen3_next::QWEN3_5,
+    qwen2_vl::QWEN2_VL,
 ];
 
 /// The family of a config architecture.

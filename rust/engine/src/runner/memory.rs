@@ -107,7 +107,7 @@ impl ModelRunner {
             let cache = PagedKvCache::new(vec![shape], blocks, self.block_size, self.dtype)?;
             let tokens = vec![0i32; num_tokens];
             let block_ids = [(0..blocks as i32).collect::<Vec<i32>>()];
-            let batch = self.build_batch(&[SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids }])?;
+            let batch = self.build_batch(&[SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids, images: None }])?;
             let q = ops::zeros_dtype(&[num_tokens as i32, heads, head_dim as i32], self.dtype)?;
             let sinks = self.model.attention_features().sinks.then(|| ops::zeros_dtype(&[heads], self.dtype)).transpose()?;
             eval([&q].into_iter().chain(sinks.as_ref()))?;
@@ -151,7 +151,7 @@ impl ModelRunner {
             let tokens = vec![0i32; num_tokens];
             let block_ids: Vec<i32> = (0..blocks as i32).collect();
             let block_ids = [block_ids];
-            let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids };
+            let chunk = SeqChunk { start: 0, tokens: &tokens, block_ids: &block_ids, images: None };
             let batch = self.build_batch(&[chunk])?;
             let cache = self.cache.as_mut().unwrap();
             let hidden = self.model.forward(&batch, cache)?;

@@ -34,6 +34,7 @@ pub use pooling::{DecoderHead, DecoderPooling};
 pub use schedule::{CachedRequest, GrammarBitmask, NewRequest, SchedulerStep};
 
 use crate::batch::{KvGroups, SeqChunk, StepBatch};
+use crate::multimodal::{ImageGrid, MropePositions, RequestImages};
 use crate::config::ModelConfig;
 use crate::dtype::{compute_dtype, dtype_name};
 use crate::kv_cache::{KvShape, PagedKvCache, StateGeometry};
@@ -515,6 +516,23 @@ impl ModelRunner {
         }
         out.prompt_logprobs = logprobs::accumulate(f.prompt_chunks, &mut self.table)?;
         Ok(out)
+    }
+
+    /// A request's images for the steps that run it (`SeqChunk::images`): the vision tower runs
+    /// once here over `[patches, patch features]` pixel values, and the prompt's M-RoPE positions
+    /// are laid out from its placeholders.
+    pub fn prepare_images(&self, prompt: &[i32], pixel_values: &Array, grids: &[ImageGrid]) -> Result<RequestImages> {
+        let layout = self.model.image_layout().with_context(|| {
+            format!("{} takes no images", self.config.architectures.first().map(String::as_str).unwrap_or("this model"))
+        })?;
+        let positions = MropePositions::new(&layout, prompt, grids)?;
+        let embeds = catching(|| {
+            let e = self.model.embed_images(pixel_values, grids)?;
+            e.eval()?;
+            Ok(e)
+        })
+        .context("running the vision tower")?;
+        RequestImages::new(positions, embeds)
     }
 
     pub fn step_logits(&mut self, chunks: &[SeqChunk]) -> Result<Array> {

@@ -108,7 +108,7 @@ impl StepPlan {
             .map(|&i| {
                 let (id, n) = &self.scheduled[i];
                 let s = table.state(id)?;
-                Ok(SeqChunk { start: s.num_computed, tokens: &s.tokens[s.num_computed..s.num_computed + n], block_ids: &s.block_ids })
+                Ok(SeqChunk { start: s.num_computed, tokens: &s.tokens[s.num_computed..s.num_computed + n], block_ids: &s.block_ids, images: None })
             })
             .collect()
     }
