@@ -141,7 +141,7 @@ def test_env_defaults(monkeypatch):
     for name in OUR_VARS:
         monkeypatch.delenv(name, raising=False)
     has_gpu = mx.is_available(mx.gpu)
-    assert envs.memory_fraction() == (0.5 if has_gpu else 0.2)
+    assert envs.memory_fraction() == (0.5 if has_gpu else 0.3)
     assert envs.block_size() == 16
     assert envs.debug() is False
     assert envs.mlx_device() == ("gpu" if has_gpu else "cpu")
