@@ -17,8 +17,10 @@ import reference as R
 BLOCK_SIZE = 16
 MIB = 1 << 20
 #: The bound may exceed the measured peak by this factor (plus a MiB of allocator slack: tiny
-#: models allocate a few MiB at most).
-LOOSENESS = 2.0
+#: models allocate a few MiB at most). Attention scores count twice in the bound (a second
+#: ModelRunner of the same tiny checkpoint in one process measured 1.7x the first's peak), and
+#: dominate tiny models' forwards at thousands of tokens.
+LOOSENESS = 2.5
 
 
 def _check(runner, num_tokens: int) -> tuple[int, int]:
@@ -38,7 +40,7 @@ def _check(runner, num_tokens: int) -> tuple[int, int]:
 @pytest.mark.parametrize("family", ["gqa_untied", *R.FAMILY_VARIANTS])
 def test_activation_bound_holds_on_tiny_families(core, tiny_models, family):
     runner = core.ModelRunner(str(tiny_models.path(family)), block_size=BLOCK_SIZE, device="cpu")
-    for n in (40, 300, 2048):
+    for n in (40, 300, 2048, 4096):
         _check(runner, n)
 
 
